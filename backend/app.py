@@ -1,0 +1,73 @@
+"""The Flask app factory: Label Studio's ML backend contract over headstart's services."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify, request
+from redis import Redis
+from redis.exceptions import RedisError
+from werkzeug.exceptions import HTTPException
+
+from backend.auth import basic_auth_ok
+from backend.core.embedding import set_torch_threads
+from backend.errors import HeadstartError
+from backend.redis_conn import connect
+from backend.routes import contract
+from backend.services import Services, build_services
+from backend.settings import Settings
+from backend.webhook import webhook
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+OPEN_ROUTES = ("/health",)
+
+
+def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
+               services: Services | None = None) -> Flask:
+    """Build the app. Without arguments, reads the environment (the gunicorn entry point)."""
+    settings = settings or Settings.from_env()
+    if services is None:
+        set_torch_threads(settings.torch_threads)
+        services = build_services(settings, redis if redis is not None else connect(settings.redis_url))
+    app = Flask("headstart")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.extensions["headstart"] = services
+    app.register_blueprint(contract)
+    app.register_blueprint(webhook)
+
+    @app.before_request
+    def require_basic_auth():
+        if request.path in OPEN_ROUTES:
+            return None
+        if not basic_auth_ok(request, settings.basic_auth_user, settings.basic_auth_pass):
+            response = jsonify(error="Unauthorized", message="This backend requires HTTP basic auth: "
+                               "set the same user and password in Label Studio's model settings.")
+            response.status_code = 401
+            response.headers["WWW-Authenticate"] = 'Basic realm="headstart"'
+            return response
+        return None
+
+    @app.errorhandler(HeadstartError)
+    def headstart_error(exc: HeadstartError):
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return jsonify(error=type(exc).__name__, message=str(exc)), exc.http_status
+
+    @app.errorhandler(RedisError)
+    def redis_error(exc: RedisError):
+        log.error("%s %s: Redis unavailable: %s", request.method, request.path, exc)
+        return jsonify(error="StoreUnavailable",
+                       message=f"Redis is unreachable ({exc}); retry when it is back."), 503
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return jsonify(error=exc.name, message=exc.description), exc.code
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("%s %s failed", request.method, request.path)
+        return jsonify(error="InternalError", message="headstart hit an unexpected error; the "
+                       "backend log has the details."), 500
+
+    return app

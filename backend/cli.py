@@ -1,0 +1,93 @@
+"""The `headstart` command: the only place besides the app factory that reads the environment."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+
+from backend.errors import HeadstartError
+from backend.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="headstart", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start the ML backend under gunicorn")
+    serve.add_argument("--port", type=int, help="port (default: PORT, 9090)")
+    serve.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
+
+    work = commands.add_parser("worker", help="start an RQ worker (training, embedding, re-prediction)")
+    work.add_argument("--queues", nargs="+", help="queues to listen on (default: all headstart queues)")
+    work.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+    work.add_argument("--name", help="worker name (default: RQ's)")
+
+    up = commands.add_parser("up", help="backend + one worker on this host (embedded Redis if needed)")
+    up.add_argument("--port", type=int, help="port (default: PORT, 9090)")
+    up.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
+
+    commands.add_parser("backbones", help="list the available backbones")
+
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return COMMANDS[args.command](settings, args)
+    except HeadstartError as exc:
+        print(f"headstart: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(settings: Settings, args) -> int:
+    from backend.redis_conn import ensure_redis
+    from backend.server import GunicornServer
+
+    settings = settings.replace(redis_url=ensure_redis(settings.redis_url))
+    port = args.port or settings.port
+    GunicornServer(settings, bind=f"{args.host}:{port}").run()
+    return 0
+
+
+def _worker(settings: Settings, args) -> int:
+    from backend.redis_conn import connect, ensure_redis
+    from worker.process import build_worker
+    from worker.queueing import QUEUE_NAMES
+
+    url = ensure_redis(settings.redis_url) if settings.redis_url else settings.redis_url
+    worker = build_worker(settings, connect(url), queues=tuple(args.queues or QUEUE_NAMES), name=args.name)
+    worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level.upper())
+    return 0
+
+
+def _up(settings: Settings, args) -> int:
+    from backend.redis_conn import ensure_redis
+
+    url = ensure_redis(settings.redis_url)
+    env = {**os.environ, "REDIS_URL": url}
+    worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env)
+    try:
+        return _serve(settings.replace(redis_url=url), args)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+
+
+def _backbones(settings: Settings, args) -> int:
+    from backend.core.backbones import REGISTRY
+
+    for name, spec in REGISTRY.items():
+        marker = " (default)" if name == settings.backbone else ""
+        print(f"{name:20s} {spec.feature_dim:5d}-d  {spec.weights}{marker}")
+    return 0
+
+
+COMMANDS = {"serve": _serve, "worker": _worker, "up": _up, "backbones": _backbones}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Turn decoded images into L2-normalized feature vectors with a frozen backbone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from backend.core.backbones import BackboneSpec, backbone_key, count_parameters, get_spec, load_backbone
+
+EMBED_BATCH_SIZE = 32
+
+
+def resolve_device(requested: str) -> torch.device:
+    """`auto` means CUDA when present, else CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@dataclass
+class Embedder:
+    """A loaded backbone plus the preprocessing its weights prescribe. Build with `load_embedder`."""
+
+    spec: BackboneSpec
+    key: str
+    model: nn.Module
+    device: torch.device
+
+    @property
+    def feature_dim(self) -> int:
+        return self.spec.feature_dim
+
+    @property
+    def parameter_count(self) -> int:
+        return count_parameters(self.model)
+
+    @property
+    def resize_size(self) -> int:
+        """The shorter side the preprocessing resizes to (used by the JPEG fast path)."""
+        return int(self.transforms.resize_size[0])
+
+    @property
+    def transforms(self):
+        return self.spec.weights.transforms()
+
+    def preprocessing(self) -> dict:
+        """A JSON description of the preprocessing, saved next to every head."""
+        transforms = self.transforms
+        return {
+            "resize_size": list(transforms.resize_size),
+            "crop_size": list(transforms.crop_size),
+            "mean": list(transforms.mean),
+            "std": list(transforms.std),
+            "interpolation": transforms.interpolation.value,
+            "l2_normalize": True,
+        }
+
+    @torch.no_grad()
+    def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Features for `images`, shape (len(images), feature_dim), float32 on CPU."""
+        if not images:
+            return torch.empty(0, self.feature_dim)
+        transforms = self.transforms
+        outputs = []
+        for start in range(0, len(images), EMBED_BATCH_SIZE):
+            batch = torch.stack([transforms(image) for image in images[start:start + EMBED_BATCH_SIZE]])
+            batch = batch.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+                features = self.model(batch)
+            outputs.append(features.float().cpu())
+        return nn.functional.normalize(torch.cat(outputs), dim=1)
+
+
+def load_embedder(name: str, *, weights_file: str = "", device: str = "cpu") -> Embedder:
+    spec = get_spec(name)
+    target = resolve_device(device)
+    model = load_backbone(name, weights_file).to(target)
+    return Embedder(spec=spec, key=backbone_key(name, weights_file), model=model, device=target)
+
+
+def set_torch_threads(count: int) -> None:
+    """Pin torch's CPU thread pools. Call once per process, at its start."""
+    torch.set_num_threads(max(1, count))
+    try:
+        torch.set_num_interop_threads(max(1, count))
+    except RuntimeError:
+        pass  # already set once in this process; the intra-op setting above still applies

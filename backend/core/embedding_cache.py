@@ -1,0 +1,65 @@
+"""Embeddings cached in Redis, keyed by (backbone identity, sha256 of the image bytes).
+
+A second map remembers which content a media URL had, so a retrain or a repeated prediction
+does not even download the image again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable
+
+import torch
+from redis import Redis
+
+PREFIX = "headstart"
+
+
+def content_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class EmbeddingCache:
+    def __init__(self, redis: Redis, backbone_key: str):
+        self.redis = redis
+        self.backbone_key = backbone_key
+
+    def _key(self, digest: str) -> str:
+        return f"{PREFIX}:emb:{self.backbone_key}:{digest}"
+
+    def get_many(self, digests: Iterable[str]) -> dict[str, torch.Tensor]:
+        digests = list(dict.fromkeys(digests))
+        if not digests:
+            return {}
+        blobs = self.redis.mget([self._key(digest) for digest in digests])
+        return {
+            digest: torch.frombuffer(bytearray(blob), dtype=torch.float32)
+            for digest, blob in zip(digests, blobs)
+            if blob is not None
+        }
+
+    def put_many(self, features: dict[str, torch.Tensor]) -> None:
+        if features:
+            self.redis.mset({
+                self._key(digest): vector.detach().to(torch.float32).contiguous().numpy().tobytes()
+                for digest, vector in features.items()
+            })
+
+
+class MediaDigests:
+    """Which content digest each media URL of a project had when last fetched."""
+
+    def __init__(self, redis: Redis, project: str):
+        self.redis = redis
+        self.key = f"{PREFIX}:media:{project}"
+
+    def get_many(self, urls: Iterable[str]) -> dict[str, str]:
+        urls = list(dict.fromkeys(urls))
+        if not urls:
+            return {}
+        digests = self.redis.hmget(self.key, urls)
+        return {url: digest.decode() for url, digest in zip(urls, digests) if digest is not None}
+
+    def put_many(self, digests: dict[str, str]) -> None:
+        if digests:
+            self.redis.hset(self.key, mapping=digests)

@@ -1,0 +1,123 @@
+"""Head versions in Redis: tensors as safetensors, metadata as JSON, a current pointer.
+
+Every gunicorn worker and RQ worker on any host reads the same keys, so they agree on the
+current version without a shared disk. A version's blob is written before any pointer names it,
+and the pointer moves with one SET, so no reader ever sees a half-written version.
+
+Keys, for project P and control C:
+  headstart:head:P:C:N        hash {tensors, meta}   version N (immutable once written)
+  headstart:head:P:C:next     counter                the last version number handed out
+  headstart:head:P:C:current  string N               the version being served
+  headstart:heads:P           set of C               the controls that have versions
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+from redis import Redis
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import nn
+
+from backend.core.heads import build_head
+
+PREFIX = "headstart:head"
+
+
+@dataclass(frozen=True)
+class HeadVersion:
+    """A stored head and everything needed to use it correctly."""
+
+    project: str
+    control: str
+    number: int
+    head: nn.Linear
+    meta: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def multi_label(self) -> bool:
+        return self.meta["multi_label"]
+
+    @property
+    def backbone_key(self) -> str:
+        return self.meta["backbone_key"]
+
+
+class ModelStore:
+    def __init__(self, redis: Redis):
+        self.redis = redis
+
+    def _key(self, project: str, control: str, suffix: str | int) -> str:
+        return f"{PREFIX}:{project}:{control}:{suffix}"
+
+    def save(self, project: str, control: str, head: nn.Linear, meta: dict) -> int:
+        """Write a new version (not yet served) and return its number."""
+        number = int(self.redis.incr(self._key(project, control, "next")))
+        meta = {**meta, "version": number, "project": project, "control": control,
+                "created_at": meta.get("created_at", time.time()), "status": meta.get("status", "candidate")}
+        tensors = save_tensors({name: value.detach().contiguous() for name, value in head.state_dict().items()})
+        pipe = self.redis.pipeline()
+        pipe.hset(self._key(project, control, number), mapping={"tensors": tensors, "meta": json.dumps(meta)})
+        pipe.sadd(f"headstart:heads:{project}", control)
+        pipe.execute()
+        return number
+
+    def update_meta(self, project: str, control: str, number: int, **changes) -> None:
+        key = self._key(project, control, number)
+        raw = self.redis.hget(key, "meta")
+        if raw is None:
+            raise KeyError(f"No version {number} of {project}/{control}")
+        self.redis.hset(key, "meta", json.dumps({**json.loads(raw), **changes}))
+
+    def promote(self, project: str, control: str, number: int, *, reason: str = "promoted") -> None:
+        """Make `number` the version every process serves."""
+        if not self.redis.exists(self._key(project, control, number)):
+            raise KeyError(f"No version {number} of {project}/{control}")
+        self.update_meta(project, control, number, status="promoted", status_reason=reason,
+                         promoted_at=time.time())
+        self.redis.set(self._key(project, control, "current"), number)
+
+    def current_number(self, project: str, control: str) -> int | None:
+        raw = self.redis.get(self._key(project, control, "current"))
+        return int(raw) if raw is not None else None
+
+    def current_numbers(self, project: str, controls: list[str]) -> dict[str, int | None]:
+        """Current version of each control, in one round trip."""
+        if not controls:
+            return {}
+        raw = self.redis.mget([self._key(project, control, "current") for control in controls])
+        return {control: int(value) if value is not None else None for control, value in zip(controls, raw)}
+
+    def load(self, project: str, control: str, number: int) -> HeadVersion:
+        tensors, meta = self.redis.hmget(self._key(project, control, number), ["tensors", "meta"])
+        if tensors is None or meta is None:
+            raise KeyError(f"No version {number} of {project}/{control}")
+        meta = json.loads(meta)
+        state = load_tensors(tensors)
+        head = build_head(meta["feature_dim"], len(meta["classes"]))
+        head.load_state_dict(state)
+        head.eval()
+        return HeadVersion(project=project, control=control, number=number, head=head, meta=meta)
+
+    def meta(self, project: str, control: str, number: int) -> dict | None:
+        raw = self.redis.hget(self._key(project, control, number), "meta")
+        return json.loads(raw) if raw is not None else None
+
+    def versions(self, project: str, control: str) -> list[dict]:
+        """Metadata of every version, oldest first."""
+        last = int(self.redis.get(self._key(project, control, "next")) or 0)
+        pipe = self.redis.pipeline()
+        for number in range(1, last + 1):
+            pipe.hget(self._key(project, control, number), "meta")
+        return [json.loads(raw) for raw in pipe.execute() if raw is not None]
+
+    def controls(self, project: str) -> list[str]:
+        return sorted(member.decode() for member in self.redis.smembers(f"headstart:heads:{project}"))

@@ -1,0 +1,80 @@
+"""What headstart can serve in a Label Studio labeling config: `Choices` bound to an `Image`.
+
+Parsing is the SDK's `LabelInterface`; this module only picks out the controls headstart trains
+a head for and builds prediction results in Label Studio's format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from label_studio_sdk.label_interface import LabelInterface
+from label_studio_sdk.label_interface.control_tags import ChoicesTag
+from label_studio_sdk.label_interface.object_tags import ImageTag
+
+from backend.errors import UnsupportedLabelConfig
+
+SUPPORTED = (
+    'headstart serves image classification: a <Choices> control whose toName is an <Image>, '
+    'e.g. <View><Image name="image" value="$image"/><Choices name="label" toName="image">'
+    '<Choice value="Cat"/><Choice value="Dog"/></Choices></View>. Add choice="multiple" for '
+    'multi-label.'
+)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One `Choices` control on one `Image`: a head is trained for each."""
+
+    control: str
+    to_name: str
+    data_key: str
+    classes: tuple[str, ...]
+    multi_label: bool
+
+    def result(self, choices: list[str]) -> dict:
+        return {"from_name": self.control, "to_name": self.to_name, "type": "choices",
+                "value": {"choices": list(choices)}}
+
+
+def parse_label_config(config: str) -> list[HeadSpec]:
+    """Every servable control of `config`, in document order. Raises if there is none."""
+    if not isinstance(config, str) or not config.strip():
+        raise UnsupportedLabelConfig(f"The labeling config is empty. {SUPPORTED}")
+    try:
+        interface = LabelInterface(config)
+    except Exception as exc:  # the SDK raises assorted XML and validation errors
+        raise UnsupportedLabelConfig(f"The labeling config cannot be parsed ({exc}). {SUPPORTED}") from None
+    specs = []
+    for control in interface.controls:
+        if not isinstance(control, ChoicesTag):
+            continue
+        images = [obj for obj in control.objects if isinstance(obj, ImageTag)]
+        if not images or not control.labels:
+            continue
+        image = images[0]
+        value = image.value or ""
+        if not value.startswith("$") or len(value) < 2:
+            continue
+        specs.append(HeadSpec(
+            control=control.name,
+            to_name=image.name,
+            data_key=value[1:],
+            classes=tuple(control.labels),
+            multi_label=str(control.attr.get("choice", "single")).lower() == "multiple",
+        ))
+    if not specs:
+        raise UnsupportedLabelConfig(f"Nothing in this labeling config can be served. {SUPPORTED}")
+    return specs
+
+
+def choices_in(result: list, spec: HeadSpec) -> list[str] | None:
+    """The choices an annotation's `result` makes for `spec`'s control, or None if it makes none."""
+    for region in result or []:
+        if not isinstance(region, dict) or region.get("from_name") != spec.control:
+            continue
+        value = region.get("value")
+        choices = value.get("choices") if isinstance(value, dict) else None
+        if isinstance(choices, list) and choices:
+            return [str(choice) for choice in choices]
+    return None

@@ -1,0 +1,156 @@
+"""Pre-labels for Label Studio tasks from the current head versions (the `predict` hook)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+from redis import Redis
+from redis.exceptions import RedisError
+
+from backend.core.heads import choose_classes, head_probabilities
+from backend.core.store import HeadVersion, ModelStore
+from backend.errors import BadRequest, HeadMismatch, MediaError
+from backend.features import EmbedderPool, FeatureSource, MediaItem
+from backend.labeling import HeadSpec, parse_label_config
+
+log = logging.getLogger(__name__)
+
+UNTRAINED_VERSION = "untrained"
+
+
+def project_id(project: object) -> str:
+    """Label Studio sends `project` as "<id>.<timestamp>" (or an int); the id is what we key on."""
+    text = str(project if project is not None else "").strip()
+    identifier = text.split(".", 1)[0]
+    if not identifier.isdigit():
+        raise BadRequest(f"'project' must look like \"7.1717000000\" or 7, got {text[:40]!r}.")
+    return identifier
+
+
+def model_version_of(specs: list[HeadSpec], heads: dict[str, HeadVersion]) -> str:
+    """The `model_version` Label Studio records: changes whenever any served head changes."""
+    served = [f"{spec.control}-v{heads[spec.control].number}" for spec in specs if spec.control in heads]
+    return "+".join(served) if served else UNTRAINED_VERSION
+
+
+def check_head_matches(spec: HeadSpec, head: HeadVersion) -> None:
+    if set(head.classes) != set(spec.classes) or head.multi_label != spec.multi_label:
+        raise HeadMismatch(
+            f"Head {spec.control}-v{head.number} was trained for classes {head.classes} "
+            f"({'multiple' if head.multi_label else 'single'} choice) but the labeling config now has "
+            f"{list(spec.classes)} ({'multiple' if spec.multi_label else 'single'} choice). It is not "
+            "used; a new head trains once the labels allow (press Start Training in Label Studio)."
+        )
+
+
+@dataclass
+class Served:
+    """The heads a request is answered with, and the model_version they add up to."""
+
+    specs: list[HeadSpec]
+    heads: dict[str, HeadVersion]
+
+    @property
+    def model_version(self) -> str:
+        return model_version_of(self.specs, self.heads)
+
+
+class Predictor:
+    def __init__(self, *, redis: Redis, store: ModelStore, features: FeatureSource,
+                 embedders: EmbedderPool, multi_label_threshold: float):
+        self.redis = redis
+        self.store = store
+        self.features = features
+        self.embedders = embedders
+        self.threshold = multi_label_threshold
+        self._lock = threading.Lock()
+        self._heads: dict[tuple[str, str, int], HeadVersion] = {}
+        self._last_current: dict[tuple[str, str], int | None] = {}
+
+    def served(self, project: str, label_config: str) -> Served:
+        """The usable current head of each servable control (a mismatching head is skipped)."""
+        specs = parse_label_config(label_config)
+        current = self._current_numbers(project, specs)
+        heads = {}
+        for spec in specs:
+            number = current.get(spec.control)
+            if number is None:
+                continue
+            head = self._head(project, spec.control, number)
+            try:
+                check_head_matches(spec, head)
+            except HeadMismatch as exc:
+                log.warning("project %s: %s", project, exc)
+                continue
+            heads[spec.control] = head
+        return Served(specs=specs, heads=heads)
+
+    def predict(self, tasks: list[dict], *, project: str, label_config: str) -> list[dict]:
+        """One prediction per task, in order. Tasks whose media fails get an empty result."""
+        served = self.served(project, label_config)
+        version = served.model_version
+        predictions = [{"model_version": version, "score": 0.0, "result": []} for _ in tasks]
+        if not served.heads:
+            return predictions
+        per_task_scores: list[list[float]] = [[] for _ in tasks]
+        for spec in served.specs:
+            head = served.heads.get(spec.control)
+            if head is None:
+                continue
+            embedder = self.embedders.for_key(head.meta["backbone"], head.backbone_key)
+            items = [MediaItem(task_id=_task_id(task), url=_media_url(task, spec)) for task in tasks]
+            features = self.features.features(project, items, embedder)
+            usable = [index for index, vector in enumerate(features) if isinstance(vector, torch.Tensor)]
+            for index, vector in enumerate(features):
+                if isinstance(vector, MediaError):
+                    log.warning("project %s task %s: no prediction: %s", project, items[index].task_id, vector)
+            if not usable:
+                continue
+            probabilities = head_probabilities(head.head, torch.stack([features[i] for i in usable]),
+                                               multi_label=head.multi_label)
+            for index, (choices, score) in zip(usable, choose_classes(
+                    probabilities, head.classes, multi_label=head.multi_label, threshold=self.threshold)):
+                predictions[index]["result"].append(spec.result(choices))
+                per_task_scores[index].append(score)
+        for prediction, scores in zip(predictions, per_task_scores):
+            prediction["score"] = round(min(scores), 6) if scores else 0.0
+        return predictions
+
+    def _current_numbers(self, project: str, specs: list[HeadSpec]) -> dict[str, int | None]:
+        """Current pointers from Redis; while Redis is away, the last ones this process saw."""
+        controls = [spec.control for spec in specs]
+        try:
+            current = self.store.current_numbers(project, controls)
+        except RedisError:
+            known = {c: self._last_current.get((project, c)) for c in controls}
+            if not any(number is not None for number in known.values()):
+                raise
+            log.warning("Redis unreachable; serving the last known versions of project %s", project)
+            return known
+        for control, number in current.items():
+            self._last_current[(project, control)] = number
+        return current
+
+    def _head(self, project: str, control: str, number: int) -> HeadVersion:
+        key = (project, control, number)
+        with self._lock:
+            cached = self._heads.get(key)
+        if cached is None:
+            cached = self.store.load(project, control, number)
+            with self._lock:
+                self._heads[key] = cached
+        return cached
+
+
+def _task_id(task: dict) -> int | None:
+    identifier = task.get("id") if isinstance(task, dict) else None
+    return identifier if isinstance(identifier, int) else None
+
+
+def _media_url(task: dict, spec: HeadSpec) -> str:
+    data = task.get("data") if isinstance(task, dict) else None
+    value = data.get(spec.data_key) if isinstance(data, dict) else None
+    return value if isinstance(value, str) else ""

@@ -1,0 +1,76 @@
+"""Connecting to Redis, and starting an embedded one for a single-host setup."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from backend.errors import ConfigurationError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+CONNECT_TIMEOUT_S = 2.0
+SOCKET_TIMEOUT_S = 10.0
+
+
+def connect(url: str) -> Redis:
+    """A client for `url` (default: the local Redis). Connects lazily."""
+    return Redis.from_url(url or LOCAL_REDIS_URL, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                          socket_timeout=SOCKET_TIMEOUT_S, health_check_interval=30)
+
+
+def ping(url: str) -> bool:
+    try:
+        return bool(connect(url).ping())
+    except RedisError:
+        return False
+
+
+def ensure_redis(url: str, *, data_dir: str = "") -> str:
+    """The Redis URL to use: `url` if given, else a local Redis, else an embedded redis-server.
+
+    The embedded server is a child process that stops when this process exits.
+    """
+    if url:
+        if not ping(url):
+            raise StoreUnavailable(f"REDIS_URL={url} does not answer. Start Redis there or fix REDIS_URL.")
+        return url
+    if ping(LOCAL_REDIS_URL):
+        return LOCAL_REDIS_URL
+    server = shutil.which("redis-server")
+    if server is None:
+        raise ConfigurationError(
+            "No REDIS_URL is set, nothing answers on 127.0.0.1:6379 and redis-server is not installed. "
+            "Install Redis (apt-get install redis-server) or set REDIS_URL."
+        )
+    port = _free_port()
+    directory = data_dir or tempfile.mkdtemp(prefix="headstart-redis-")
+    process = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
+         "--appendonly", "yes", "--save", "60 1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    atexit.register(process.terminate)
+    embedded = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while not ping(embedded):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise StoreUnavailable(f"The embedded redis-server did not start (exit {process.poll()}).")
+        time.sleep(0.05)
+    log.info("started an embedded redis-server at %s (data in %s)", embedded, directory)
+    return embedded
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -1,0 +1,97 @@
+"""Label Studio's ML backend routes: /health, /setup, /predict, /versions, /metrics."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from redis.exceptions import RedisError
+
+from backend.errors import BadRequest
+from backend.predictor import project_id
+from backend.services import Services
+
+contract = Blueprint("contract", __name__)
+
+MODEL_CLASS = "headstart"
+
+
+def services() -> Services:
+    return current_app.extensions["headstart"]
+
+
+def json_body() -> dict:
+    """The request's JSON object, or a 400 that says what was wrong."""
+    body = request.get_json(silent=True)
+    if body is None:
+        raise BadRequest("The body must be JSON (Content-Type: application/json), as Label Studio sends.")
+    if not isinstance(body, dict):
+        raise BadRequest(f"The body must be a JSON object, got {type(body).__name__}.")
+    return body
+
+
+@contract.get("/")
+@contract.get("/health")
+def health():
+    """Label Studio gives this 1 s. `status` stays UP while predictions can still be served."""
+    try:
+        services().redis.ping()
+        redis_state = "ok"
+    except RedisError:
+        redis_state = "unreachable"
+    return jsonify(status="UP", model_class=MODEL_CLASS, redis=redis_state,
+                   health="ok" if redis_state == "ok" else "degraded")
+
+
+@contract.post("/setup")
+def setup():
+    body = json_body()
+    project = project_id(body.get("project"))
+    schema = body.get("schema")
+    if not isinstance(schema, str):
+        raise BadRequest("'schema' (the labeling config XML) is missing from /setup.")
+    hub = services()
+    served = hub.predictor.served(project, schema)
+    hub.projects.remember(project, schema)
+    return jsonify(model_version=served.model_version)
+
+
+@contract.post("/predict")
+def predict():
+    started = time.perf_counter()
+    body = json_body()
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list) or not all(isinstance(task, dict) for task in tasks):
+        raise BadRequest("'tasks' must be a list of task objects.")
+    hub = services()
+    project = project_id(body.get("project") if body.get("project") is not None else _first_project(tasks))
+    label_config = body.get("label_config") or hub.projects.label_config(project)
+    if not isinstance(label_config, str):
+        raise BadRequest("'label_config' is missing and this project has not been set up yet.")
+    results = hub.predictor.predict(tasks, project=project, label_config=label_config)
+    hub.metrics.add("headstart_predict_requests_total")
+    hub.metrics.add("headstart_predictions_total", len(tasks))
+    hub.metrics.add("headstart_predict_seconds_sum", time.perf_counter() - started)
+    return jsonify(results=results)
+
+
+def _first_project(tasks: list[dict]):
+    return tasks[0].get("project") if tasks else None
+
+
+@contract.get("/versions")
+def versions():
+    hub = services()
+    requested = request.args.get("project")
+    projects = [project_id(requested)] if requested else hub.projects.all()
+    names = []
+    for project in projects:
+        for control in hub.store.controls(project):
+            names += [f"{control}-v{meta['version']}" for meta in hub.store.versions(project, control)
+                      if meta.get("status") == "promoted"]
+    return jsonify(versions=names)
+
+
+@contract.get("/metrics")
+def metrics():
+    return Response(services().metrics.render(), mimetype="text/plain; version=0.0.4")

@@ -1,0 +1,141 @@
+"""Every setting headstart reads, in one place.
+
+Only the edges (the app factory, the worker start, the CLI) call `Settings.from_env`; everything
+else receives the frozen `Settings` object. `SETTINGS` below is the single table of environment
+variables, their defaults and their meaning: the README's settings table is checked against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from backend.errors import ConfigurationError
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
+def _host_list(raw: str) -> tuple[str, ...]:
+    return tuple(host.strip().lower() for host in raw.split(",") if host.strip())
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    field: str
+    default: str
+    parse: Callable[[str], object]
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("REDIS_URL", "redis_url", "", str,
+            "Redis for embeddings, heads, labels and queues. Empty: use 127.0.0.1:6379 if a Redis "
+            "answers there, else start an embedded redis-server (`headstart serve` only)."),
+    Setting("LABEL_STUDIO_URL", "label_studio_url", "", str,
+            "Label Studio base URL with scheme, e.g. http://localhost:8080. Needed for media "
+            "uploaded to Label Studio, label sync and pushing predictions."),
+    Setting("LABEL_STUDIO_API_KEY", "label_studio_api_key", "", str,
+            "Personal access token (recommended) or legacy token of a Label Studio user."),
+    Setting("BASIC_AUTH_USER", "basic_auth_user", "", str,
+            "With BASIC_AUTH_PASS: require HTTP basic auth on every route except /health."),
+    Setting("BASIC_AUTH_PASS", "basic_auth_pass", "", str, "Password for BASIC_AUTH_USER."),
+    Setting("BACKBONE", "backbone", "mobilenet_v2", str,
+            "Frozen feature extractor for new heads (see `headstart backbones`)."),
+    Setting("BACKBONE_WEIGHTS_FILE", "backbone_weights_file", "", str,
+            "Load the backbone's state dict from this local file instead of torchvision's "
+            "download (torch hub cache)."),
+    Setting("TORCH_THREADS", "torch_threads", "1", int,
+            "Torch CPU threads per process. 1 holds up best when gunicorn workers and an RQ "
+            "worker share a host."),
+    Setting("WORKERS", "workers", "2", int, "gunicorn worker processes for `headstart serve`."),
+    Setting("THREADS", "threads", "4", int, "Threads per gunicorn worker."),
+    Setting("PORT", "port", "9090", int, "Port for `headstart serve`."),
+    Setting("MODEL_DIR", "model_dir", "", str,
+            "Scratch directory for downloaded media. Empty: a temporary directory. Heads are "
+            "kept in Redis, not here, so workers on other hosts need no shared disk."),
+    Setting("LOCAL_FILES_DOCUMENT_ROOT", "local_files_document_root", "", str,
+            "Read Label Studio local-files media straight from this directory (the same root "
+            "Label Studio uses) instead of downloading it."),
+    Setting("MEDIA_MAX_BYTES", "media_max_bytes", "33554432", int,
+            "Largest media file accepted, in bytes."),
+    Setting("MEDIA_MAX_PIXELS", "media_max_pixels", "89478485", int,
+            "Largest decoded image accepted, in pixels (width x height)."),
+    Setting("MEDIA_TIMEOUT_S", "media_timeout_s", "10", float,
+            "Seconds allowed to fetch one media file."),
+    Setting("MEDIA_ALLOWED_HOSTS", "media_allowed_hosts", "", _host_list,
+            "Comma-separated extra hosts media may be fetched from, besides LABEL_STUDIO_URL's."),
+    Setting("MULTI_LABEL_THRESHOLD", "multi_label_threshold", "0.5", float,
+            "Probability above which a class is predicted for choice=\"multiple\" controls."),
+    Setting("MIN_LABELS_PER_CLASS", "min_labels_per_class", "1", int,
+            "Labeled tasks each class needs before a head is trained."),
+    Setting("TRAIN_DEBOUNCE_S", "train_debounce_s", "0", float,
+            "Seconds a training job waits after being queued so a burst of submits trains once."),
+    Setting("REPREDICT_UNLABELED", "repredict_unlabeled", "true", _bool,
+            "After a promotion, predict every unlabeled task and write the predictions into "
+            "Label Studio."),
+    Setting("JOB_TIMEOUT_S", "job_timeout_s", "1800", int, "RQ timeout for one job, in seconds."),
+    Setting("JOB_RETRIES", "job_retries", "3", int, "RQ retries for a failing job (with backoff)."),
+    Setting("DEVICE", "device", "auto", str,
+            "Torch device for embedding and training on workers: auto (CUDA when present), cpu, cuda."),
+    Setting("ADMIN_TOKEN", "admin_token", "", str,
+            "Token for admin routes. Empty: admin routes are refused."),
+    Setting("LOG_LEVEL", "log_level", "INFO", str, "Python logging level."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = ""
+    label_studio_url: str = ""
+    label_studio_api_key: str = ""
+    basic_auth_user: str = ""
+    basic_auth_pass: str = ""
+    backbone: str = "mobilenet_v2"
+    backbone_weights_file: str = ""
+    torch_threads: int = 1
+    workers: int = 2
+    threads: int = 4
+    port: int = 9090
+    model_dir: str = ""
+    local_files_document_root: str = ""
+    media_max_bytes: int = 32 * 1024 * 1024
+    media_max_pixels: int = 89_478_485
+    media_timeout_s: float = 10.0
+    media_allowed_hosts: tuple[str, ...] = ()
+    multi_label_threshold: float = 0.5
+    min_labels_per_class: int = 1
+    train_debounce_s: float = 0.0
+    repredict_unlabeled: bool = True
+    job_timeout_s: int = 1800
+    job_retries: int = 3
+    device: str = "auto"
+    admin_token: str = ""
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Read every setting from `environ` (default: the process environment)."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for setting in SETTINGS:
+            raw = environ.get(setting.env, setting.default)
+            try:
+                values[setting.field] = setting.parse(raw)
+            except ValueError as exc:
+                raise ConfigurationError(
+                    f"{setting.env}={raw!r} is not valid ({exc}). {setting.help}"
+                ) from None
+        return cls(**values)
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,83 @@
+"""Fixtures: a real Redis (a flushed database), real weights, real images, apps built by the factory."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import redis as redis_lib
+import torch
+
+from backend.app import create_app
+from backend.features import EmbedderPool
+from backend.services import build_services
+from backend.settings import Settings
+from tests.helpers import RedisServer, install_offline_weights
+
+TEST_DB = int(os.environ.get("HEADSTART_TEST_REDIS_DB", "13"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_weights():
+    return install_offline_weights()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """HEADSTART_TEST_REDIS_URL, else the local Redis on 6379, else a redis-server we start."""
+    explicit = os.environ.get("HEADSTART_TEST_REDIS_URL")
+    if explicit:
+        yield explicit
+        return
+    local = f"redis://127.0.0.1:6379/{TEST_DB}"
+    try:
+        redis_lib.Redis.from_url(local, socket_connect_timeout=1).ping()
+        yield local
+        return
+    except redis_lib.exceptions.ConnectionError:
+        pass
+    server = RedisServer(appendonly=False).start()
+    yield server.url.rsplit("/", 1)[0] + f"/{TEST_DB}"
+    server.cleanup()
+
+
+@pytest.fixture
+def redis(redis_url):
+    connection = redis_lib.Redis.from_url(redis_url)
+    connection.flushdb()
+    yield connection
+    connection.flushdb()
+    connection.close()
+
+
+@pytest.fixture(autouse=True)
+def fixed_seeds():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def settings(redis_url, tmp_path):
+    return Settings(redis_url=redis_url, model_dir=str(tmp_path), job_retries=0, repredict_unlabeled=False)
+
+
+@pytest.fixture(scope="session")
+def embedders():
+    """One MobileNetV2 per test session (loading is the slow part, not what the tests test)."""
+    return EmbedderPool(default_name="mobilenet_v2")
+
+
+@pytest.fixture
+def services(settings, redis, embedders):
+    return build_services(settings, redis, embedders=embedders)
+
+
+@pytest.fixture
+def app(settings, redis, services):
+    return create_app(settings, services=services)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()

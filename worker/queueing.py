@@ -1,0 +1,111 @@
+"""Queues, and coalescing of training requests: at most one training queued and one running per project.
+
+Every request marks the project dirty. A job is enqueued only if none is queued for the project.
+A starting job takes the project's run lock and clears the dirty mark before it reads any label;
+when it finishes it re-queues once if new requests arrived meanwhile. So a burst of submits gives a
+handful of trainings, and the last submit is always read by a training that starts after it.
+"""
+
+from __future__ import annotations
+
+from redis import Redis
+from rq import Queue, Retry
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from backend.settings import Settings
+
+TRAIN_QUEUE = "headstart-train"
+EMBED_QUEUE = "headstart-embed"
+QUEUE_NAMES = (TRAIN_QUEUE, EMBED_QUEUE)
+RETRY_INTERVALS_S = [5, 30, 120]
+FAILED_JOB_TTL_S = 7 * 24 * 3600
+RESULT_TTL_S = 24 * 3600
+
+TRAIN_JOB = "worker.jobs.train_project"
+REPREDICT_JOB = "worker.jobs.predict_unlabeled"
+EMBED_JOB = "worker.jobs.embed_tasks"
+
+
+def queue(name: str, redis: Redis) -> Queue:
+    return Queue(name, connection=redis, serializer=JSONSerializer)
+
+
+def _key(project: str, suffix: str) -> str:
+    return f"headstart:train:{project}:{suffix}"
+
+
+class TrainingScheduler:
+    def __init__(self, redis: Redis, settings: Settings):
+        self.redis = redis
+        self.settings = settings
+
+    def request(self, project: str, *, reason: str) -> str:
+        """Ask for a training of `project`. Returns "queued" or "coalesced"."""
+        self.redis.set(_key(project, "dirty"), reason)
+        if not self.redis.set(_key(project, "queued"), "pending", nx=True, ex=self.settings.job_timeout_s * 2):
+            if self._queued_job_alive(project):
+                return "coalesced"
+            self.redis.set(_key(project, "queued"), "pending", ex=self.settings.job_timeout_s * 2)
+        job = queue(TRAIN_QUEUE, self.redis).enqueue(
+            TRAIN_JOB, args=(project,), job_timeout=self.settings.job_timeout_s,
+            retry=self._retry(), failure_ttl=FAILED_JOB_TTL_S, result_ttl=RESULT_TTL_S,
+            description=f"train project {project} ({reason})", meta={"project": project, "reason": reason},
+        )
+        self.redis.set(_key(project, "queued"), job.id, ex=self.settings.job_timeout_s * 2)
+        return "queued"
+
+    def _queued_job_alive(self, project: str) -> bool:
+        """False when the queued marker names a job that is gone or already over (e.g. lost with Redis data)."""
+        marker = self.redis.get(_key(project, "queued"))
+        if marker is None or marker == b"pending":
+            return marker is not None
+        job = _fetch(marker.decode(), self.redis)
+        return job is not None and job.get_status(refresh=False) in (
+            JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
+
+    def begin(self, project: str, job_id: str) -> bool:
+        """Called by a starting training job: take the run lock. False if another job holds it."""
+        self.redis.delete(_key(project, "queued"))
+        lock = _key(project, "running")
+        if not self.redis.set(lock, job_id, nx=True, ex=self.settings.job_timeout_s + 60):
+            holder = self.redis.get(lock)
+            holder_job = _fetch(holder.decode(), self.redis) if holder else None
+            if holder_job is not None and holder_job.get_status(refresh=False) == JobStatus.STARTED \
+                    and holder.decode() != job_id:
+                return False
+            self.redis.set(lock, job_id, ex=self.settings.job_timeout_s + 60)  # the holder died
+        self.redis.delete(_key(project, "dirty"))
+        return True
+
+    def finish(self, project: str, job_id: str) -> bool:
+        """Release the run lock; re-queue once if requests arrived meanwhile. True if re-queued."""
+        lock = _key(project, "running")
+        holder = self.redis.get(lock)
+        if holder is not None and holder.decode() == job_id:
+            self.redis.delete(lock)
+        reason = self.redis.get(_key(project, "dirty"))
+        if reason is None:
+            return False
+        self.request(project, reason=f"changed during training: {reason.decode()}")
+        return True
+
+    def _retry(self) -> Retry | None:
+        retries = self.settings.job_retries
+        return Retry(max=retries, interval=RETRY_INTERVALS_S[:retries]) if retries > 0 else None
+
+
+def _fetch(job_id: str, redis: Redis) -> Job | None:
+    try:
+        return Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    except Exception:  # NoSuchJobError, or a job hash from another serializer
+        return None
+
+
+def enqueue_repredict(redis: Redis, settings: Settings, project: str, model_version: str) -> Job:
+    return queue(EMBED_QUEUE, redis).enqueue(
+        REPREDICT_JOB, args=(project, model_version), job_timeout=settings.job_timeout_s,
+        retry=Retry(max=2, interval=[10, 60]), failure_ttl=FAILED_JOB_TTL_S, result_ttl=RESULT_TTL_S,
+        description=f"pre-label unlabeled tasks of project {project} with {model_version}",
+        meta={"project": project},
+    )

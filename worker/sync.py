@@ -1,0 +1,53 @@
+"""Rebuild a project's label mirror (and its labeling config) from Label Studio's API."""
+
+from __future__ import annotations
+
+import logging
+
+from label_studio_sdk.client import LabelStudio
+
+from backend.errors import LabelStudioUnavailable
+from backend.label_store import LabelStore, annotation_record
+from backend.projects import ProjectRegistry
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 500
+
+
+def _plain(value):
+    return value.model_dump() if hasattr(value, "model_dump") else value
+
+
+def sync_project(client: LabelStudio, labels: LabelStore, projects: ProjectRegistry, project: str) -> int:
+    """Replace the mirror with every annotation Label Studio has; returns how many were read."""
+    try:
+        config = client.projects.get(id=int(project)).label_config
+        records = {}
+        for task in client.tasks.list(project=int(project), fields="all", only_annotated=True, page_size=PAGE_SIZE):
+            task = _plain(task)
+            for annotation in task.get("annotations") or []:
+                annotation = _plain(annotation)
+                if isinstance(annotation, dict) and isinstance(annotation.get("id"), int):
+                    records[annotation["id"]] = annotation_record({**annotation, "task": task["id"]}, task)
+    except Exception as exc:
+        raise LabelStudioUnavailable(
+            f"Could not read project {project} from Label Studio ({type(exc).__name__}: {exc}). "
+            "Check LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY and that the user can see the project."
+        ) from None
+    if config:
+        projects.remember(project, config)
+    labels.replace_all(project, records)
+    log.info("project %s: synced %d annotations from Label Studio", project, len(records))
+    return len(records)
+
+
+def unlabeled_tasks(client: LabelStudio, project: str) -> list[dict]:
+    """Every task of the project without an annotation, as plain dicts."""
+    try:
+        tasks = [_plain(task) for task in client.tasks.list(project=int(project), fields="all", page_size=PAGE_SIZE)]
+    except Exception as exc:
+        raise LabelStudioUnavailable(
+            f"Could not list tasks of project {project} ({type(exc).__name__}: {exc})."
+        ) from None
+    return [task for task in tasks if not task.get("annotations") and not task.get("total_annotations")]
