@@ -17,7 +17,7 @@ from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from backend.core.embedding import resolve_device, set_torch_threads
-from backend.services import build_services
+from backend.services import Services, build_services
 from backend.settings import Settings
 from worker import context
 from worker.queueing import QUEUE_NAMES, queue
@@ -43,11 +43,11 @@ class HeadstartWorker(SimpleWorker):
 
 
 def build_worker(settings: Settings, redis: Redis, *, queues: tuple[str, ...] = QUEUE_NAMES,
-                 name: str | None = None) -> HeadstartWorker:
+                 name: str | None = None, services: Services | None = None) -> HeadstartWorker:
     """Load the backbone, install the job context and return a worker ready to `work()`."""
     set_torch_threads(settings.torch_threads)
     device = resolve_device(settings.device)
-    services = build_services(settings, redis, device=str(device))
+    services = services or build_services(settings, redis, device=str(device))
     embedder = services.embedders.get()
     context.install(services)
     worker = HeadstartWorker([queue(name_, redis) for name_ in queues], connection=redis,

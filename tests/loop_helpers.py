@@ -1,0 +1,48 @@
+"""Building Label Studio-shaped webhook payloads and running burst workers for the training-loop tests."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+from backend.settings import Settings
+from tests.helpers import CONFIG_2, HYMENOPTERA, LS_REQUESTS
+from worker import context
+from worker.process import build_worker
+
+_TEMPLATE = json.loads((LS_REQUESTS / "webhook-ANNOTATION_CREATED.json").read_text())["body"]
+
+
+def local_url(path) -> str:
+    return f"/data/local-files/?d={path.relative_to(HYMENOPTERA).as_posix()}"
+
+
+def annotation_event(*, project: int, task_id: int, annotation_id: int, url: str, choice: str,
+                     action: str = "ANNOTATION_CREATED", config: str = CONFIG_2, updated_at: str = "") -> dict:
+    """An ANNOTATION_CREATED/UPDATED body shaped exactly like the recorded one."""
+    body = copy.deepcopy(_TEMPLATE)
+    body["action"] = action
+    body["project"]["id"] = project
+    body["project"]["label_config"] = config
+    body["annotation"].update(id=annotation_id, task=task_id, project=project,
+                              updated_at=updated_at or f"2026-11-27T12:{annotation_id // 60 % 60:02d}:{annotation_id % 60:02d}Z")
+    body["annotation"]["result"][0]["value"]["choices"] = [choice]
+    body["task"].update(id=task_id, project=project, data={"image": url})
+    return body
+
+
+def deleted_event(*, project: int, annotation_ids: list[int]) -> dict:
+    body = json.loads((LS_REQUESTS / "webhook-ANNOTATIONS_DELETED.json").read_text())["body"]
+    body["project"]["id"] = project
+    body["project"]["label_config"] = CONFIG_2
+    body["annotations"] = [{"id": i} for i in annotation_ids]
+    return body
+
+
+def run_burst_worker(settings: Settings, redis, services) -> None:
+    """Run every queued job in-process with the production worker class, then uninstall its context."""
+    worker = build_worker(settings, redis, services=services)
+    try:
+        worker.work(burst=True, with_scheduler=False)
+    finally:
+        context.uninstall()

@@ -1,0 +1,175 @@
+"""The training loop end to end inside one process: webhook → RQ job (burst worker) → promoted head → /predict.
+
+Label Studio's API is not configured here (the mirror is fed by webhooks only); tests/e2e drives the
+same loop against a real Label Studio, including resynchronisation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
+from torchvision import models
+
+from backend.app import create_app
+from backend.core.store import ModelStore
+from backend.services import build_services
+from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
+from tests.loop_helpers import annotation_event, deleted_event, local_url, run_burst_worker
+from worker.queueing import TRAIN_QUEUE, queue
+
+PROJECT = 7
+
+
+@pytest.fixture
+def loop_settings(settings):
+    return settings.replace(local_files_document_root=str(HYMENOPTERA))
+
+
+@pytest.fixture
+def services(loop_settings, redis, embedders):
+    return build_services(loop_settings, redis, embedders=embedders)
+
+
+@pytest.fixture
+def client(loop_settings, services):
+    return create_app(loop_settings, services=services).test_client()
+
+
+@pytest.fixture(scope="module")
+def images():
+    train, val = dataset_images(HYMENOPTERA, "train"), dataset_images(HYMENOPTERA, "val")
+    ids = {path: index + 1 for index, (path, _) in enumerate(train + val)}
+    return train, val, ids
+
+
+def first_per_class(train, count):
+    return [item for cls in ("ants", "bees") for item in [i for i in train if i[1] == cls][:count]]
+
+
+def annotate(client, items, ids, *, start_annotation: int = 1000):
+    for offset, (path, cls) in enumerate(items):
+        response = client.post("/webhook", json=annotation_event(
+            project=PROJECT, task_id=ids[path], annotation_id=start_annotation + ids[path] + offset * 0,
+            url=local_url(path), choice=cls))
+        assert response.status_code == 200, response.json
+
+
+def val_accuracy(client, val, ids) -> tuple[float, str]:
+    tasks = [{"id": ids[path], "data": {"image": local_url(path)}} for path, _ in val]
+    results = client.post("/predict", json={"tasks": tasks, "project": f"{PROJECT}.1", "label_config": CONFIG_2}).json["results"]
+    correct = sum(bool(r["result"]) and r["result"][0]["value"]["choices"] == [cls] for r, (_, cls) in zip(results, val))
+    return correct / len(val), results[0]["model_version"]
+
+
+def current_meta(redis) -> dict:
+    store = ModelStore(redis)
+    return store.meta(str(PROJECT), "label", store.current_number(str(PROJECT), "label"))
+
+
+def test_annotations_turn_into_a_better_served_version(client, loop_settings, redis, services, images):
+    train, val, ids = images
+    assert client.post("/setup", json={"project": f"{PROJECT}.1", "schema": CONFIG_2}).json["model_version"] == "untrained"
+
+    annotate(client, first_per_class(train, 1), ids)
+    run_burst_worker(loop_settings, redis, services)
+    first_accuracy, first_version = val_accuracy(client, val, ids)
+    assert first_version == "label-v1"
+
+    annotate(client, first_per_class(train, 10), ids)
+    run_burst_worker(loop_settings, redis, services)
+    second_accuracy, second_version = val_accuracy(client, val, ids)
+    assert second_version == "label-v2"
+    assert client.post("/setup", json={"project": f"{PROJECT}.1", "schema": CONFIG_2}).json["model_version"] == "label-v2"
+    print(f"\nval accuracy: 1 label/class {first_accuracy:.3f} → 10 labels/class {second_accuracy:.3f}")
+    assert second_accuracy > first_accuracy
+    assert current_meta(redis)["label_count"] == 20
+
+
+def test_a_deleted_annotation_is_not_in_the_next_version(client, loop_settings, redis, services, images):
+    train, _, ids = images
+    items = first_per_class(train, 3)
+    annotate(client, items, ids)
+    run_burst_worker(loop_settings, redis, services)
+    gone_path = items[0][0]
+    assert str(ids[gone_path]) in current_meta(redis)["trained_on"]
+
+    response = client.post("/webhook", json=deleted_event(project=PROJECT, annotation_ids=[1000 + ids[gone_path]]))
+    assert response.status_code == 200
+    run_burst_worker(loop_settings, redis, services)
+    meta = current_meta(redis)
+    assert meta["version"] == 2 and str(ids[gone_path]) not in meta["trained_on"]
+    assert meta["label_count"] == len(items) - 1
+
+
+def test_an_updated_annotation_replaces_its_label(client, loop_settings, redis, services, images):
+    train, _, ids = images
+    items = first_per_class(train, 3)
+    annotate(client, items, ids)
+    path = items[0][0]
+    client.post("/webhook", json=annotation_event(project=PROJECT, task_id=ids[path], annotation_id=1000 + ids[path],
+                                                  url=local_url(path), choice="bees", action="ANNOTATION_UPDATED"))
+    run_burst_worker(loop_settings, redis, services)
+    assert current_meta(redis)["trained_on"][str(ids[path])] == ["bees"]
+
+
+def test_a_worse_backbone_is_not_promoted(client, loop_settings, redis, services, images, embedders, tmp_path):
+    train, _, ids = images
+    annotate(client, first_per_class(train, 8), ids)
+    run_burst_worker(loop_settings, redis, services)
+    assert ModelStore(redis).current_number(str(PROJECT), "label") == 1
+
+    # An untrained network is the extreme case of a backbone that transfers badly to this data.
+    random_weights = tmp_path / "random-mobilenet.pth"
+    torch.manual_seed(1)
+    torch.save(models.mobilenet_v2(weights=None).state_dict(), random_weights)
+    worse = loop_settings.replace(backbone_weights_file=str(random_weights))
+    worse_services = build_services(worse, redis, embedders=type(embedders)(
+        default_name="mobilenet_v2", weights_file=str(random_weights)))
+    worse_client = create_app(worse, services=worse_services).test_client()
+    assert worse_client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT, "label_config": CONFIG_2}}).status_code == 200
+    run_burst_worker(worse, redis, worse_services)
+
+    store = ModelStore(redis)
+    assert store.current_number(str(PROJECT), "label") == 1
+    rejected = store.meta(str(PROJECT), "label", 2)
+    print(f"\nworse backbone: {rejected['status_reason']}")
+    assert rejected["status"] == "rejected"
+    assert rejected["promotion"]["candidate_score"] < rejected["promotion"]["current_score"]
+
+
+def test_a_failing_job_lands_in_the_failed_registry_and_the_old_version_keeps_serving(
+        client, loop_settings, redis, services, images):
+    train, val, ids = images
+    annotate(client, first_per_class(train, 3), ids)
+    run_burst_worker(loop_settings, redis, services)
+    before, version = val_accuracy(client, val[:10], ids)
+
+    # Label Studio is configured but unreachable: the resync that START_TRAINING asks for must fail loudly.
+    unreachable = loop_settings.replace(label_studio_url="http://127.0.0.1:9", label_studio_api_key="0" * 40)
+    broken_services = build_services(unreachable, redis, embedders=services.embedders)
+    broken_client = create_app(unreachable, services=broken_services).test_client()
+    broken_client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT, "label_config": CONFIG_2}})
+    run_burst_worker(unreachable, redis, broken_services)
+
+    failed = FailedJobRegistry(queue=queue(TRAIN_QUEUE, redis))
+    (job_id,) = failed.get_job_ids()
+    job = queue(TRAIN_QUEUE, redis).fetch_job(job_id)
+    assert "LabelStudioUnavailable" in job.latest_result().exc_string
+    assert "Check LABEL_STUDIO_URL" in job.latest_result().exc_string
+    after, version_after = val_accuracy(client, val[:10], ids)
+    assert (after, version_after) == (before, version)
+
+
+def test_events_while_nothing_can_train_are_kept_for_later(client, loop_settings, redis, services, images):
+    train, _, ids = images
+    annotate(client, first_per_class(train, 1)[:1], ids)  # one class only: no head possible
+    run_burst_worker(loop_settings, redis, services)
+    finished = FinishedJobRegistry(queue=queue(TRAIN_QUEUE, redis))
+    (job_id,) = finished.get_job_ids()
+    summary = queue(TRAIN_QUEUE, redis).fetch_job(job_id).return_value()
+    assert summary["controls"]["label"]["status"] == "skipped"
+    assert "two classes" in summary["controls"]["label"]["reason"]
+    annotate(client, first_per_class(train, 1), ids)
+    run_burst_worker(loop_settings, redis, services)
+    assert ModelStore(redis).current_number(str(PROJECT), "label") == 1
