@@ -78,8 +78,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Probability above which a class is predicted for choice=\"multiple\" controls."),
     Setting("MIN_LABELS_PER_CLASS", "min_labels_per_class", "1", int,
             "Labeled tasks each class needs before a head is trained."),
-    Setting("TRAIN_DEBOUNCE_S", "train_debounce_s", "0", float,
-            "Seconds a training job waits after being queued so a burst of submits trains once."),
+    Setting("TRAIN_MIN_INTERVAL_S", "train_min_interval_s", "1", float,
+            "Least seconds between the starts of two trainings of one project. The first submit after a "
+            "quiet spell trains at once; a burst of submits coalesces into about one training per interval."),
     Setting("REPREDICT_UNLABELED", "repredict_unlabeled", "true", _bool,
             "After a promotion, predict every unlabeled task and write the predictions into "
             "Label Studio."),
@@ -114,7 +115,7 @@ class Settings:
     media_allowed_hosts: tuple[str, ...] = ()
     multi_label_threshold: float = 0.5
     min_labels_per_class: int = 1
-    train_debounce_s: float = 0.0
+    train_min_interval_s: float = 1.0
     repredict_unlabeled: bool = True
     job_timeout_s: int = 1800
     job_retries: int = 3

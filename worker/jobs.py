@@ -34,8 +34,7 @@ def train_project(project: str) -> dict:
     job = get_current_job()
     job_id = job.id if job is not None else f"direct-{uuid.uuid4().hex}"
     scheduler = TrainingScheduler(hub.redis, hub.settings)
-    if hub.settings.train_debounce_s > 0:
-        time.sleep(hub.settings.train_debounce_s)
+    time.sleep(scheduler.seconds_until_next_start(project))
     if not scheduler.begin(project, job_id):
         return {"project": project, "status": "deferred: another training of this project is running"}
     started = time.perf_counter()

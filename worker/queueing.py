@@ -8,6 +8,8 @@ handful of trainings, and the last submit is always read by a training that star
 
 from __future__ import annotations
 
+import time
+
 from redis import Redis
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
@@ -64,6 +66,18 @@ class TrainingScheduler:
         return job is not None and job.get_status(refresh=False) in (
             JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
 
+    def seconds_until_next_start(self, project: str) -> float:
+        """How long a starting job waits so trainings of a project start at most once per interval.
+
+        It waits before taking the run lock, while still counted as queued, so requests arriving
+        meanwhile coalesce into it.
+        """
+        last = self.redis.get(_key(project, "last_start"))
+        if last is None:
+            return 0.0
+        return max(0.0, min(self.settings.train_min_interval_s,
+                            float(last) + self.settings.train_min_interval_s - time.time()))
+
     def begin(self, project: str, job_id: str) -> bool:
         """Called by a starting training job: take the run lock. False if another job holds it."""
         self.redis.delete(_key(project, "queued"))
@@ -76,6 +90,7 @@ class TrainingScheduler:
                 return False
             self.redis.set(lock, job_id, ex=self.settings.job_timeout_s + 60)  # the holder died
         self.redis.delete(_key(project, "dirty"))
+        self.redis.set(_key(project, "last_start"), time.time(), ex=3600)
         return True
 
     def finish(self, project: str, job_id: str) -> bool:

@@ -1,0 +1,109 @@
+"""Coalescing: a burst of submits gives a handful of trainings, and the last one is always served."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from rq import Worker
+from rq.registry import FinishedJobRegistry, StartedJobRegistry
+
+from backend.app import create_app
+from backend.core.store import ModelStore
+from backend.services import build_services
+from tests.helpers import HYMENOPTERA, REPO, dataset_images
+from tests.loop_helpers import annotation_event, local_url
+from worker.queueing import TRAIN_QUEUE, TrainingScheduler, queue
+
+PROJECT = 9
+
+
+@pytest.fixture
+def loop_settings(settings):
+    return settings.replace(local_files_document_root=str(HYMENOPTERA))
+
+
+def test_requests_coalesce_while_a_job_is_queued(redis, loop_settings):
+    scheduler = TrainingScheduler(redis, loop_settings)
+    outcomes = [scheduler.request("3", reason="ANNOTATION_CREATED") for _ in range(20)]
+    assert outcomes[0] == "queued" and set(outcomes[1:]) == {"coalesced"}
+    assert queue(TRAIN_QUEUE, redis).count == 1
+
+
+def test_a_request_during_a_run_queues_exactly_one_follow_up(redis, loop_settings):
+    scheduler = TrainingScheduler(redis, loop_settings)
+    scheduler.request("3", reason="first")
+    (job_id,) = queue(TRAIN_QUEUE, redis).job_ids
+    queue(TRAIN_QUEUE, redis).remove(job_id)
+    assert scheduler.begin("3", job_id)
+    assert [scheduler.request("3", reason="during") for _ in range(5)] == ["queued"] + ["coalesced"] * 4
+    assert scheduler.finish("3", job_id) is True  # dirty → re-request, coalesced into the queued one
+    assert queue(TRAIN_QUEUE, redis).count == 1
+
+
+def test_a_second_job_defers_while_the_first_one_runs(redis, loop_settings):
+    scheduler = TrainingScheduler(redis, loop_settings)
+    scheduler.request("3", reason="x")
+    (first,) = queue(TRAIN_QUEUE, redis).jobs
+    first.set_status("started")
+    assert scheduler.begin("3", first.id)
+    assert scheduler.begin("3", "some-other-job") is False
+
+
+def wait_until_idle(redis, *, deadline_s: float) -> None:
+    train = queue(TRAIN_QUEUE, redis)
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        busy = (train.count or StartedJobRegistry(queue=train).count
+                or redis.exists(f"headstart:train:{PROJECT}:queued", f"headstart:train:{PROJECT}:running"))
+        if not busy:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the worker did not finish the queued trainings in time")
+
+
+def wait_for_worker(redis, process) -> None:
+    deadline = time.monotonic() + 120
+    while not Worker.all(connection=redis):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"the worker process did not start (exit {process.poll()})")
+        time.sleep(0.1)
+
+
+def test_a_burst_of_100_submits_trains_a_handful_of_times_and_serves_the_last(redis, redis_url, loop_settings,
+                                                                             embedders, tmp_path):
+    services = build_services(loop_settings, redis, embedders=embedders)
+    client = create_app(loop_settings, services=services).test_client()
+    train = dataset_images(HYMENOPTERA, "train")
+    items = [item for cls in ("ants", "bees") for item in [i for i in train if i[1] == cls][:10]]
+    log = open(tmp_path / "worker.log", "w")
+    env = {**os.environ, "REDIS_URL": redis_url, "LOCAL_FILES_DOCUMENT_ROOT": str(HYMENOPTERA),
+           "JOB_RETRIES": "0", "REPREDICT_UNLABELED": "false", "LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": ""}
+    worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker", "--name", f"burst-{os.getpid()}"],
+                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_worker(redis, worker)
+        last = None
+        for event in range(100):
+            path, cls = items[event % len(items)]
+            choice = cls if event < 99 else ("bees" if cls == "ants" else "ants")  # the last submit flips a label
+            last = (event % len(items) + 1, choice)
+            response = client.post("/webhook", json=annotation_event(
+                project=PROJECT, task_id=last[0], annotation_id=500 + last[0], url=local_url(path), choice=choice,
+                action="ANNOTATION_CREATED" if event < len(items) else "ANNOTATION_UPDATED"))
+            assert response.status_code == 200
+            time.sleep(0.02)
+        wait_until_idle(redis, deadline_s=180)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        log.close()
+    trainings = FinishedJobRegistry(queue=queue(TRAIN_QUEUE, redis)).count
+    store = ModelStore(redis)
+    meta = store.meta(str(PROJECT), "label", store.current_number(str(PROJECT), "label"))
+    print(f"\n100 submits → {trainings} training jobs; served version v{meta['version']}")
+    assert 1 <= trainings <= 10, (tmp_path / "worker.log").read_text()[-3000:]
+    assert meta["trained_on"][str(last[0])] == [last[1]]
