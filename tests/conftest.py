@@ -81,3 +81,16 @@ def app(settings, redis, services):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def hymenoptera_features(embedders):
+    """Real MobileNetV2 features of 20 ants and 20 bees (train split) and their labels."""
+    from backend.core.images import decode_image
+    from tests.helpers import HYMENOPTERA, dataset_images
+
+    train = dataset_images(HYMENOPTERA, "train")
+    picked = [item for cls in ("ants", "bees") for item in [i for i in train if i[1] == cls][:20]]
+    embedder = embedders.get()
+    images = [decode_image(path.read_bytes(), max_pixels=10**9, min_side=embedder.resize_size) for path, _ in picked]
+    return embedder.embed(images), [cls for _, cls in picked]

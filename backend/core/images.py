@@ -40,7 +40,10 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int = 0) -> Image.Im
             return image.convert("RGB")
     except MediaError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise MediaError(f"Image has too many pixels to decode safely ({exc}); "
+                         f"the limit is MEDIA_MAX_PIXELS={max_pixels}.") from None
+    except UnidentifiedImageError as exc:
         raise MediaError(f"Not a decodable image: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise MediaError(f"The image is broken or truncated: {exc}") from None

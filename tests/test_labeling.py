@@ -1,0 +1,46 @@
+"""Which labeling configs headstart serves, parsed by the SDK's LabelInterface."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend.errors import UnsupportedLabelConfig
+from backend.labeling import choices_in, parse_label_config
+
+TWO_CONTROLS = ('<View><Image name="photo" value="$img"/>'
+                '<Choices name="species" toName="photo"><Choice value="ant"/><Choice value="bee"/></Choices>'
+                '<Choices name="tags" toName="photo" choice="multiple"><Choice value="blurry"/><Choice value="dark"/>'
+                '<Choice value="close-up"/></Choices></View>')
+
+
+def test_every_choices_on_an_image_gets_a_head():
+    species, tags = parse_label_config(TWO_CONTROLS)
+    assert (species.control, species.to_name, species.data_key) == ("species", "photo", "img")
+    assert species.classes == ("ant", "bee") and not species.multi_label
+    assert tags.classes == ("blurry", "dark", "close-up") and tags.multi_label
+
+
+def test_results_are_in_label_studio_format():
+    species, _ = parse_label_config(TWO_CONTROLS)
+    assert species.result(["bee"]) == {"from_name": "species", "to_name": "photo", "type": "choices",
+                                       "value": {"choices": ["bee"]}}
+
+
+@pytest.mark.parametrize("config", [
+    "",
+    "<View",
+    '<View><Text name="t" value="$t"/><Choices name="c" toName="t"><Choice value="a"/></Choices></View>',
+    '<View><Image name="i" value="$i"/><RectangleLabels name="r" toName="i"><Label value="a"/></RectangleLabels></View>',
+])
+def test_configs_without_image_choices_are_refused_with_an_example(config):
+    with pytest.raises(UnsupportedLabelConfig, match="<Choices> control whose toName is an <Image>"):
+        parse_label_config(config)
+
+
+def test_choices_are_read_from_the_matching_control_only():
+    species, tags = parse_label_config(TWO_CONTROLS)
+    result = [{"from_name": "tags", "value": {"choices": ["dark", "blurry"]}},
+              {"from_name": "species", "value": {"choices": ["ant"]}}]
+    assert choices_in(result, species) == ["ant"]
+    assert choices_in(result, tags) == ["dark", "blurry"]
+    assert choices_in([{"from_name": "species", "value": {}}], species) is None
