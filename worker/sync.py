@@ -19,13 +19,27 @@ def _plain(value):
     return value.model_dump() if hasattr(value, "model_dump") else value
 
 
+def _all_tasks(client: LabelStudio, project: str, *, only_annotated: bool) -> list[dict]:
+    """Every task page by page, stopping at the reported total (past it Label Studio may answer 404)."""
+    tasks: list[dict] = []
+    page = 1
+    while True:
+        pager = client.tasks.list(project=int(project), fields="all", only_annotated=only_annotated or None,
+                                  page=page, page_size=PAGE_SIZE)
+        batch = [_plain(task) for task in pager.items or []]
+        tasks += batch
+        total = getattr(pager.response, "total", None)
+        if not batch or (total is not None and len(tasks) >= total):
+            return tasks
+        page += 1
+
+
 def sync_project(client: LabelStudio, labels: LabelStore, projects: ProjectRegistry, project: str) -> int:
     """Replace the mirror with every annotation Label Studio has; returns how many were read."""
     try:
         config = client.projects.get(id=int(project)).label_config
         records = {}
-        for task in client.tasks.list(project=int(project), fields="all", only_annotated=True, page_size=PAGE_SIZE):
-            task = _plain(task)
+        for task in _all_tasks(client, project, only_annotated=True):
             for annotation in task.get("annotations") or []:
                 annotation = _plain(annotation)
                 if isinstance(annotation, dict) and isinstance(annotation.get("id"), int):
@@ -45,7 +59,7 @@ def sync_project(client: LabelStudio, labels: LabelStore, projects: ProjectRegis
 def unlabeled_tasks(client: LabelStudio, project: str) -> list[dict]:
     """Every task of the project without an annotation, as plain dicts."""
     try:
-        tasks = [_plain(task) for task in client.tasks.list(project=int(project), fields="all", page_size=PAGE_SIZE)]
+        tasks = _all_tasks(client, project, only_annotated=False)
     except Exception as exc:
         raise LabelStudioUnavailable(
             f"Could not list tasks of project {project} ({type(exc).__name__}: {exc})."
