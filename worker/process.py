@@ -17,6 +17,7 @@ from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from backend.core.embedding import resolve_device, set_torch_threads
+from backend.core.training import fit_head
 from backend.services import Services, build_services
 from backend.settings import Settings
 from worker import context
@@ -30,6 +31,12 @@ def device_description(device: torch.device) -> dict:
         properties = torch.cuda.get_device_properties(device)
         return {"type": "cuda", "name": properties.name, "memory_bytes": properties.total_memory}
     return {"type": device.type, "name": device.type, "memory_bytes": None}
+
+
+def warm_up(feature_dim: int) -> None:
+    """Run one tiny fit so the first real retrain does not pay torch's one-off start-up costs."""
+    features = torch.nn.functional.normalize(torch.randn(4, feature_dim), dim=1)
+    fit_head(features, torch.tensor([0, 1, 0, 1]), num_classes=2, multi_label=False)
 
 
 class HeadstartWorker(SimpleWorker):
@@ -49,6 +56,7 @@ def build_worker(settings: Settings, redis: Redis, *, queues: tuple[str, ...] = 
     device = resolve_device(settings.device)
     services = services or build_services(settings, redis, device=str(device))
     embedder = services.embedders.get()
+    warm_up(embedder.feature_dim)
     context.install(services)
     worker = HeadstartWorker([queue(name_, redis) for name_ in queues], connection=redis,
                              serializer=JSONSerializer, name=name)
