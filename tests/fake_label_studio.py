@@ -6,12 +6,13 @@ drives the same code paths against a real Label Studio. Loopback only.
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from dataclasses import dataclass, field
 
 import jwt
-from flask import Flask, abort, jsonify, request
+from flask import Flask, abort, jsonify, redirect, request
 from werkzeug.serving import make_server
 
 SECRET = "fake-label-studio-signing-key-for-tests"
@@ -92,6 +93,12 @@ class FakeLabelStudio:
         def import_predictions(project):
             self.imported_predictions += request.json
             return jsonify(created=len(request.json)), 201
+
+        @app.get("/tasks/<int:task>/presign/")
+        def presign(task):
+            # Label Studio answers with a redirect to a short-lived signed URL of the cloud object.
+            uri = base64.urlsafe_b64decode(request.args["fileuri"]).decode()
+            return redirect(f"/storage-data/uploaded/?filepath={uri.split('://', 1)[1]}", code=303)
 
         @app.get("/storage-data/uploaded/")
         def uploaded():

@@ -20,12 +20,13 @@ from worker.queueing import EMBED_QUEUE, queue
 PROJECT = 5
 
 
-def task(task_id: int, filepath: str, choice: str | None) -> dict:
+def task(task_id: int, filepath: str, choice: str | None, *, cloud: bool = False) -> dict:
     annotations = [] if choice is None else [{
         "id": 100 + task_id, "task": task_id, "was_cancelled": False, "ground_truth": False,
         "updated_at": "2026-11-27T12:00:00Z",
         "result": [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [choice]}}]}]
-    return {"id": task_id, "data": {"image": f"/data/upload/{PROJECT}/{filepath}"}, "annotations": annotations,
+    url = f"s3://upload/{PROJECT}/{filepath}" if cloud else f"/data/upload/{PROJECT}/{filepath}"
+    return {"id": task_id, "data": {"image": url}, "annotations": annotations,
             "predictions": [], "total_annotations": len(annotations), "project": PROJECT}
 
 
@@ -37,7 +38,8 @@ def label_studio(request):
     for index, (path, cls) in enumerate(picked, start=1):
         name = f"{index}-{path.name}"
         fake.files[f"upload/{PROJECT}/{name}"] = path.read_bytes()
-        fake.tasks.append(task(index, name, cls if index % 6 < 4 else None))  # 8 labeled, 4 not
+        # 8 labeled, 4 not; every third task's image lives in cloud storage (presigned through the task)
+        fake.tasks.append(task(index, name, cls if index % 6 < 4 else None, cloud=index % 3 == 0))
     fake.start()
     fake.auth_kind = request.param
     yield fake
