@@ -35,7 +35,7 @@ def ping(url: str) -> bool:
         return False
 
 
-def ensure_redis(url: str, *, data_dir: str = "") -> str:
+def ensure_redis(url: str, *, local_url: str = LOCAL_REDIS_URL) -> str:
     """The Redis URL to use: `url` if given, else a local Redis, else an embedded redis-server.
 
     The embedded server is a child process that stops when this process exits.
@@ -44,30 +44,50 @@ def ensure_redis(url: str, *, data_dir: str = "") -> str:
         if not ping(url):
             raise StoreUnavailable(f"REDIS_URL={url} does not answer. Start Redis there or fix REDIS_URL.")
         return url
-    if ping(LOCAL_REDIS_URL):
-        return LOCAL_REDIS_URL
-    server = shutil.which("redis-server")
-    if server is None:
-        raise ConfigurationError(
-            "No REDIS_URL is set, nothing answers on 127.0.0.1:6379 and redis-server is not installed. "
-            "Install Redis (apt-get install redis-server) or set REDIS_URL."
+    if ping(local_url):
+        return local_url
+    embedded = EmbeddedRedis().start()
+    atexit.register(embedded.stop)
+    return embedded.url
+
+
+class EmbeddedRedis:
+    """A redis-server child process on a free loopback port, with append-only persistence."""
+
+    def __init__(self, data_dir: str = ""):
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="headstart-redis-")
+        self.port = _free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "EmbeddedRedis":
+        server = shutil.which("redis-server")
+        if server is None:
+            raise ConfigurationError(
+                "No REDIS_URL is set, nothing answers on 127.0.0.1:6379 and redis-server is not installed. "
+                "Install Redis (apt-get install redis-server) or set REDIS_URL."
+            )
+        self.process = subprocess.Popen(
+            [server, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.data_dir,
+             "--appendonly", "yes", "--save", "60 1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
-    port = _free_port()
-    directory = data_dir or tempfile.mkdtemp(prefix="headstart-redis-")
-    process = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
-         "--appendonly", "yes", "--save", "60 1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )
-    atexit.register(process.terminate)
-    embedded = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while not ping(embedded):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise StoreUnavailable(f"The embedded redis-server did not start (exit {process.poll()}).")
-        time.sleep(0.05)
-    log.info("started an embedded redis-server at %s (data in %s)", embedded, directory)
-    return embedded
+        deadline = time.monotonic() + 10
+        while not ping(self.url):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise StoreUnavailable(f"The embedded redis-server did not start (exit {self.process.poll()}).")
+            time.sleep(0.05)
+        log.info("started an embedded redis-server at %s (data in %s)", self.url, self.data_dir)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
 
 
 def _free_port() -> int:
