@@ -10,6 +10,7 @@ control, among the annotations that make a choice for that control.
 Keys, for project P:
   headstart:labels:P          hash annotation id → JSON {task, data, result, ground_truth, cancelled, updated_at}
   headstart:labels:P:stale    set when the mirror must be rebuilt from Label Studio before training
+  headstart:labels:P:changes  counter of webhook writes (a resync that overlaps one stays stale)
 """
 
 from __future__ import annotations
@@ -62,31 +63,53 @@ class LabelStore:
 
     def put(self, project: str, annotation: dict, task: dict) -> None:
         record = annotation_record(annotation, task)
-        self.redis.hset(self._key(project), str(annotation["id"]), json.dumps(record))
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self._key(project), str(annotation["id"]), json.dumps(record))
+        pipe.incr(self._key(project, "changes"))
+        pipe.execute()
 
     def delete(self, project: str, annotation_ids: list[int]) -> bool:
         """Forget these annotations. False when some were unknown (the mirror is then marked stale)."""
         if not annotation_ids:
             return True
-        removed = self.redis.hdel(self._key(project), *[str(i) for i in annotation_ids])
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(self._key(project), *[str(i) for i in annotation_ids])
+        pipe.incr(self._key(project, "changes"))
+        removed = pipe.execute()[0]
         if removed < len(annotation_ids):
             self.mark_stale(project)
             return False
         return True
 
-    def replace_all(self, project: str, records: dict[int, dict]) -> None:
-        """Swap in a full copy (from a resync) atomically, and mark the mirror trusted."""
-        staging = self._key(project, "staging")
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(staging)
-        if records:
-            pipe.hset(staging, mapping={str(i): json.dumps(r) for i, r in records.items()})
-            pipe.rename(staging, self._key(project))
-        else:
-            pipe.delete(self._key(project))
-        pipe.delete(self._key(project, "stale"))
-        pipe.set(self._key(project, "synced"), 1)
-        pipe.execute()
+    def change_count(self, project: str) -> int:
+        """How many webhook writes the mirror has had; a resync reads it before reading Label Studio."""
+        return int(self.redis.get(self._key(project, "changes")) or 0)
+
+    def replace_all(self, project: str, records: dict[int, dict], *, changes_before: int | None = None) -> None:
+        """Swap in a full copy (from a resync) atomically, and mark the mirror trusted.
+
+        If webhook writes arrived since `change_count` answered `changes_before`, the copy may
+        predate them: it is still swapped in, but the mirror stays stale, so the next training
+        (which those webhooks queued) resyncs instead of training without them forever.
+        """
+        staging, changes = self._key(project, "staging"), self._key(project, "changes")
+
+        def swap(pipe) -> None:
+            missed = changes_before is not None and int(pipe.get(changes) or 0) != changes_before
+            pipe.multi()
+            pipe.delete(staging)
+            if records:
+                pipe.hset(staging, mapping={str(i): json.dumps(r) for i, r in records.items()})
+                pipe.rename(staging, self._key(project))
+            else:
+                pipe.delete(self._key(project))
+            if missed:
+                pipe.set(self._key(project, "stale"), 1)
+            else:
+                pipe.delete(self._key(project, "stale"))
+            pipe.set(self._key(project, "synced"), 1)
+
+        self.redis.transaction(swap, changes)
 
     def mark_stale(self, project: str) -> None:
         self.redis.set(self._key(project, "stale"), 1)

@@ -36,6 +36,7 @@ def _all_tasks(client: LabelStudio, project: str, *, only_annotated: bool) -> li
 
 def sync_project(client: LabelStudio, labels: LabelStore, projects: ProjectRegistry, project: str) -> int:
     """Replace the mirror with every annotation Label Studio has; returns how many were read."""
+    changes_before = labels.change_count(project)
     try:
         config = client.projects.get(id=int(project)).label_config
         records = {}
@@ -51,7 +52,7 @@ def sync_project(client: LabelStudio, labels: LabelStore, projects: ProjectRegis
         ) from None
     if config:
         projects.remember(project, config)
-    labels.replace_all(project, records)
+    labels.replace_all(project, records, changes_before=changes_before)
     log.info("project %s: synced %d annotations from Label Studio", project, len(records))
     return len(records)
 
