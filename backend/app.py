@@ -9,6 +9,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
+from backend.admin.web import admin
 from backend.auth import basic_auth_ok
 from backend.core.embedding import set_torch_threads
 from backend.errors import HeadstartError
@@ -36,10 +37,11 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
     app.extensions["headstart"] = services
     app.register_blueprint(contract)
     app.register_blueprint(webhook)
+    app.register_blueprint(admin)  # /admin has its own ADMIN_TOKEN, so basic auth does not apply there
 
     @app.before_request
     def require_basic_auth():
-        if request.path in OPEN_ROUTES:
+        if request.path in OPEN_ROUTES or request.blueprint == "admin":
             return None
         if not basic_auth_ok(request, settings.basic_auth_user, settings.basic_auth_pass):
             response = jsonify(error="Unauthorized", message="This backend requires HTTP basic auth: "

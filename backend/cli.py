@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+from backend.admin_cli import add_admin_commands
 from backend.errors import HeadstartError
 from backend.settings import Settings
 
@@ -30,13 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
 
     commands.add_parser("backbones", help="list the available backbones")
+    admin_commands = add_admin_commands(commands)
 
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
         logging.basicConfig(level=settings.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return COMMANDS[args.command](settings, args)
+        return {**COMMANDS, **admin_commands}[args.command](settings, args)
     except HeadstartError as exc:
         print(f"headstart: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from backend.core.embedding_cache import EmbeddingCache, MediaDigests, content_d
 from backend.core.images import decode_image
 from backend.errors import HeadstartError, MediaError
 from backend.media import MediaFetcher
+from backend.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,9 @@ class FeatureSource:
             cached.get(known.get(item.url, ""), None) for item in items
         ]
         missing = [index for index, result in enumerate(results) if result is None]
+        metrics = Metrics(self.redis)
         if not missing:
+            metrics.add("headstart_embedding_cache_hits_total", len(items))
             return results
 
         loaded = list(self._pool.map(lambda index: self._load(items[index], embedder), missing))
@@ -102,6 +105,9 @@ class FeatureSource:
             results[index] = vector
         cache.put_many({digest: vector for (_, digest), vector in zip(image_slots, vectors)})
         digests.put_many(new_digests)
+        failed = sum(isinstance(outcome, MediaError) for outcome in loaded)
+        metrics.add("headstart_embedding_cache_hits_total", len(items) - len(images) - failed)
+        metrics.add("headstart_embedding_cache_misses_total", len(images))
         return results
 
     def _load(self, item: MediaItem, embedder: Embedder):

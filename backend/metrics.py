@@ -6,6 +6,7 @@ Metrics never break the work they measure: a Redis error while counting is logge
 from __future__ import annotations
 
 import logging
+import re
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -17,13 +18,23 @@ KEY = "headstart:metrics"
 HELP = {
     "headstart_predictions_total": ("counter", "Tasks predicted by /predict."),
     "headstart_predict_requests_total": ("counter", "/predict requests answered."),
-    "headstart_predict_seconds_sum": ("counter", "Total time spent answering /predict."),
+    "headstart_predict_seconds": ("histogram", "Time spent answering one /predict request."),
     "headstart_embedding_cache_hits_total": ("counter", "Features served from the Redis cache."),
     "headstart_embedding_cache_misses_total": ("counter", "Features computed by a backbone."),
     "headstart_webhook_events_total": ("counter", "Webhook events received, by action."),
-    "headstart_trainings_total": ("counter", "Training jobs finished, by outcome."),
-    "headstart_training_seconds_sum": ("counter", "Total time spent in training jobs."),
+    "headstart_trainings_total": ("counter", "Heads trained, by outcome (promoted, rejected), and failed jobs."),
+    "headstart_training_seconds": ("histogram", "Duration of one training job."),
+    "headstart_queue_jobs": ("gauge", "Jobs per queue and state, measured at scrape time."),
+    "headstart_queues_suspended": ("gauge", "1 while `headstart queues suspend` holds every worker."),
+    "headstart_workers": ("gauge", "RQ workers by state, measured at scrape time."),
 }
+
+# Upper bounds (seconds) of histogram buckets: /predict answers in ms..s, trainings in s..minutes.
+BUCKETS_S = {
+    "headstart_predict_seconds": (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 100),
+    "headstart_training_seconds": (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+}
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
 def _series(name: str, labels: dict[str, str] | None) -> str:
@@ -47,16 +58,56 @@ class Metrics:
         except RedisError as exc:
             log.debug("metric %s dropped: %s", name, exc)
 
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        """Add one observation to histogram `name` (buckets from BUCKETS_S), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for bound in BUCKETS_S[name]:  # every bucket exists from the first observation on
+            pipe.hincrbyfloat(KEY, _series(f"{name}_bucket", {**labels, "le": f"{bound:g}"}), int(seconds <= bound))
+        pipe.hincrbyfloat(KEY, _series(f"{name}_bucket", {**labels, "le": "+Inf"}), 1)
+        pipe.hincrbyfloat(KEY, _series(f"{name}_sum", labels), seconds)
+        pipe.hincrbyfloat(KEY, _series(f"{name}_count", labels), 1)
+        try:
+            pipe.execute()
+        except RedisError as exc:
+            log.debug("metric %s dropped: %s", name, exc)
+
     def render(self, gauges: dict[str, float] | None = None) -> str:
-        """The Prometheus text exposition of every counter, plus `gauges` measured just now."""
+        """The Prometheus text exposition of every counter and histogram, plus `gauges` measured just now."""
         values = {key.decode(): float(value) for key, value in self.redis.hgetall(KEY).items()}
         values.update(gauges or {})
         lines, described = [], set()
-        for series in sorted(values, key=lambda series: (series.split("{", 1)[0], series)):
-            name = series.split("{", 1)[0]
-            if name not in described:
-                kind, text = HELP.get(name, ("gauge", name.replace("_", " ")))
-                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-                described.add(name)
-            lines.append(f"{series} {values[series]:g}")
+        for series in sorted(values, key=_order):
+            family = _family(series.split("{", 1)[0])
+            if family not in described:
+                kind, text = HELP.get(family, ("gauge", family.replace("_", " ")))
+                lines += [f"# HELP {family} {text}", f"# TYPE {family} {kind}"]
+                described.add(family)
+            lines.append(f"{series} {_number(values[series])}")
         return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    """Exact text for a sample: counts as integers (`:g` would round 1234567 to 1.23457e+06)."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _family(name: str) -> str:
+    """The metric a series belongs to: histogram series drop their _bucket/_sum/_count suffix."""
+    for suffix in HISTOGRAM_SUFFIXES:
+        if name.endswith(suffix) and HELP.get(name[:-len(suffix)], ("",))[0] == "histogram":
+            return name[:-len(suffix)]
+    return name
+
+
+def _order(series: str):
+    """Families together; within a histogram, per label set: buckets by increasing `le` (+Inf last), sum, count."""
+    name, _, labels = series.partition("{")
+    family = _family(name)
+    bound = _LE.search(labels)
+    others = _LE.sub("", labels).strip(",}")
+    suffix = HISTOGRAM_SUFFIXES.index(name[len(family):]) if name != family else 0
+    return family, others, suffix, float(bound.group(1)) if bound else 0.0  # float("+Inf") is inf
+
+
+_LE = re.compile(r'(?:^|,)le="([^"]*)"')

@@ -7,6 +7,7 @@ import time
 from flask import Blueprint, Response, current_app, jsonify, request
 from redis.exceptions import RedisError
 
+from backend.admin.views import scrape_gauges
 from backend.errors import BadRequest
 from backend.predictor import project_id
 from backend.services import Services
@@ -71,7 +72,7 @@ def predict():
     results = hub.predictor.predict(tasks, project=project, label_config=label_config)
     hub.metrics.add("headstart_predict_requests_total")
     hub.metrics.add("headstart_predictions_total", len(tasks))
-    hub.metrics.add("headstart_predict_seconds_sum", time.perf_counter() - started)
+    hub.metrics.observe("headstart_predict_seconds", time.perf_counter() - started)
     return jsonify(results=results)
 
 
@@ -94,4 +95,6 @@ def versions():
 
 @contract.get("/metrics")
 def metrics():
-    return Response(services().metrics.render(), mimetype="text/plain; version=0.0.4")
+    """Counters from Redis (shared by every gunicorn and RQ worker) plus queue and worker gauges measured now."""
+    hub = services()
+    return Response(hub.metrics.render(scrape_gauges(hub.redis)), mimetype="text/plain; version=0.0.4")

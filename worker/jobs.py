@@ -21,11 +21,12 @@ from backend.predictor import check_head_matches
 from backend.services import Services
 from worker import context
 from worker.queueing import TrainingScheduler, enqueue_repredict
-from worker.sync import sync_project, unlabeled_tasks
+from worker.sync import project_tasks, sync_project, unlabeled_tasks
 
 log = logging.getLogger(__name__)
 
 REPREDICT_BATCH = 64
+EMBED_BATCH = 32
 
 
 def train_project(project: str) -> dict:
@@ -45,7 +46,7 @@ def train_project(project: str) -> dict:
         raise
     finally:
         scheduler.finish(project, job_id)
-    hub.metrics.add("headstart_training_seconds_sum", time.perf_counter() - started)
+    hub.metrics.observe("headstart_training_seconds", time.perf_counter() - started)
     return summary
 
 
@@ -166,3 +167,35 @@ def predict_unlabeled(project: str, model_version: str) -> dict:
             client.projects.import_predictions(id=int(project), request=payload)
             written += len(payload)
     return {"project": project, "model_version": model_version, "tasks": len(tasks), "predictions": written}
+
+
+def embed_tasks(project: str) -> dict:
+    """Embed the media of every task of a project into the shared cache, ahead of predictions and trainings.
+
+    Tasks are read from Label Studio's API. Progress (done, total, failed) goes to the job's meta
+    after every batch, where `headstart embed` and /admin read it.
+    """
+    hub = context.current()
+    config = hub.projects.label_config(project)
+    if config is None:
+        raise NotEnoughLabels(f"Project {project} has no known labeling config yet: connect the backend in Label "
+                              "Studio (Settings → Model) so /setup records it.")
+    tasks = project_tasks(make_client(hub.settings), project)
+    keys = list(dict.fromkeys(spec.data_key for spec in parse_label_config(config)))
+    items = [MediaItem(task_id=task["id"], url=task["data"][key]) for task in tasks for key in keys
+             if isinstance((task.get("data") or {}).get(key), str)]
+    embedder = hub.embedders.get()
+    job = get_current_job()
+    failed = 0
+    _report_progress(job, done=0, total=len(items), failed=0)
+    for start in range(0, len(items), EMBED_BATCH):
+        batch = items[start:start + EMBED_BATCH]
+        failed += sum(isinstance(vector, HeadstartError) for vector in hub.features.features(project, batch, embedder))
+        _report_progress(job, done=start + len(batch), total=len(items), failed=failed)
+    return {"project": project, "tasks": len(tasks), "media": len(items), "failed": failed, "backbone": embedder.key}
+
+
+def _report_progress(job, *, done: int, total: int, failed: int) -> None:
+    if job is not None:
+        job.meta["progress"] = {"done": done, "total": total, "failed": failed}
+        job.save_meta()

@@ -57,12 +57,17 @@ def sync_project(client: LabelStudio, labels: LabelStore, projects: ProjectRegis
     return len(records)
 
 
-def unlabeled_tasks(client: LabelStudio, project: str) -> list[dict]:
-    """Every task of the project without an annotation, as plain dicts."""
+def project_tasks(client: LabelStudio, project: str) -> list[dict]:
+    """Every task of the project, as plain dicts."""
     try:
-        tasks = _all_tasks(client, project, only_annotated=False)
+        return _all_tasks(client, project, only_annotated=False)
     except Exception as exc:
         raise LabelStudioUnavailable(
             f"Could not list tasks of project {project} ({type(exc).__name__}: {exc})."
         ) from None
-    return [task for task in tasks if not task.get("annotations") and not task.get("total_annotations")]
+
+
+def unlabeled_tasks(client: LabelStudio, project: str) -> list[dict]:
+    """Every task of the project without an annotation, as plain dicts."""
+    return [task for task in project_tasks(client, project)
+            if not task.get("annotations") and not task.get("total_annotations")]

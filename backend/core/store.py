@@ -85,6 +85,45 @@ class ModelStore:
                          promoted_at=time.time())
         self.redis.set(self._key(project, control, "current"), number)
 
+    def rollback_target(self, project: str, control: str) -> tuple[int, int]:
+        """(current, previous): the version served now and the one a rollback would serve instead.
+
+        The previous version is the promoted one promoted most recently before the current one, so
+        repeated rollbacks walk back through the promotions. Raises LookupError when there is none.
+        """
+        current = self.current_number(project, control)
+        if current is None:
+            raise LookupError(f"{project}/{control} has no current version to roll back from")
+        metas = {meta["version"]: meta for meta in self.versions(project, control)}
+        if current not in metas:
+            raise LookupError(f"{project}/{control}: the current pointer names a missing version {current}")
+        since = metas[current].get("promoted_at", float("inf"))
+        earlier = [meta for number, meta in metas.items() if number != current
+                   and meta.get("status") == "promoted" and meta.get("promoted_at", 0) < since]
+        if not earlier:
+            raise LookupError(f"{project}/{control}-v{current} is the first promoted version; "
+                              "there is none to roll back to")
+        return current, max(earlier, key=lambda meta: meta.get("promoted_at", 0))["version"]
+
+    def rollback(self, project: str, control: str, *, reason: str = "rolled back") -> tuple[int, int]:
+        """Serve the previous version (see `rollback_target`); returns (left, now current).
+
+        The version left is marked `rolled_back`, so it is never a rollback target again (it can
+        still be promoted by hand). A promotion racing with this makes it raise WatchError instead
+        of interleaving.
+        """
+        current_key = self._key(project, control, "current")
+        with self.redis.pipeline() as pipe:
+            pipe.watch(current_key)
+            current, target = self.rollback_target(project, control)
+            left = {**self.meta(project, control, current), "status": "rolled_back", "status_reason": reason,
+                    "rolled_back_at": time.time()}
+            pipe.multi()
+            pipe.hset(self._key(project, control, current), "meta", json.dumps(left))
+            pipe.set(current_key, target)
+            pipe.execute()
+        return current, target
+
     def current_number(self, project: str, control: str) -> int | None:
         raw = self.redis.get(self._key(project, control, "current"))
         return int(raw) if raw is not None else None

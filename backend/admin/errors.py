@@ -1,0 +1,21 @@
+"""The admin's errors: part of headstart's one hierarchy, so the HTTP layer maps them like any other."""
+
+from backend.errors import HeadstartError
+
+
+class NotFound(HeadstartError):
+    """A project, version, control, job or worker that does not exist (CLI exit 1)."""
+
+    http_status = 404
+
+
+class Refused(HeadstartError):
+    """The action is understood but not allowed in the current state (CLI exit 1)."""
+
+    http_status = 409
+
+
+class AdminDisabled(HeadstartError):
+    """No ADMIN_TOKEN is configured, so every admin route is refused."""
+
+    http_status = 403

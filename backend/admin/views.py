@@ -1,0 +1,295 @@
+"""What the admin shows, computed once for the CLI, the /admin page, its JSON API and /metrics.
+
+Every view is a function of an explicit Redis connection (projects also need the `Services`) that
+returns plain JSON-ready data: the CLI prints it as tables or JSON, the page renders it, the API
+returns it as is. Nothing here writes to Redis except RQ's own registry maintenance on read.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from urllib.parse import urlsplit, urlunsplit
+
+from redis import Redis
+from rq import Queue, Worker
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+from rq.suspension import is_suspended
+
+from backend.admin.errors import NotFound
+from backend.predictor import model_version_of, project_id
+from backend.redis_conn import LOCAL_REDIS_URL
+from backend.services import Services
+from worker.queueing import QUEUE_NAMES, queue
+
+RECENT_JOBS_PER_STATE = 50
+WORKER_STATES = ("idle", "busy", "suspended", "started")
+
+
+def iso(moment: datetime | float | None) -> str | None:
+    """UTC ISO 8601 text for a datetime or an epoch time; None stays None."""
+    if moment is None:
+        return None
+    if not isinstance(moment, datetime):
+        moment = datetime.fromtimestamp(float(moment), timezone.utc)
+    elif moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def redacted(url: str) -> str:
+    """`url` without its password, fit to print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = (parts.username or "") + ":***"
+    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
+
+
+def redis_info(redis: Redis, url: str) -> dict:
+    info = redis.info("server")
+    memory = redis.info("memory")
+    return {"url": redacted(url), "version": info.get("redis_version"),
+            "used_memory": memory.get("used_memory_human"), "db_keys": redis.dbsize()}
+
+
+def _registries(q: Queue) -> dict:
+    return {"started": q.started_job_registry, "deferred": q.deferred_job_registry,
+            "scheduled": q.scheduled_job_registry, "failed": q.failed_job_registry,
+            "finished": q.finished_job_registry, "canceled": q.canceled_job_registry}
+
+
+def queues(redis: Redis) -> list[dict]:
+    """Each headstart queue with its depth and the size of each of RQ's registries."""
+    views = []
+    for name in QUEUE_NAMES:
+        q = queue(name, redis)
+        counts = {"queued": q.count, **{state: registry.count for state, registry in _registries(q).items()}}
+        views.append({"name": name, "counts": counts, "workers": Worker.count(queue=q)})
+    return views
+
+
+def suspended(redis: Redis) -> bool:
+    return bool(is_suspended(redis))
+
+
+def workers(redis: Redis) -> list[dict]:
+    """Every registered RQ worker, with what `headstart worker` publishes about its host and device."""
+    views = []
+    for worker in Worker.all(connection=redis, serializer=JSONSerializer):
+        raw = redis.hget(worker.key, "headstart")
+        info = json.loads(raw) if raw else {}
+        heartbeat = worker.last_heartbeat
+        views.append({
+            "name": worker.name,
+            "state": worker.get_state(),
+            "host": info.get("host") or worker.hostname,
+            "pid": worker.pid,
+            "device": info.get("device") or {},
+            "backbone": info.get("backbone"),
+            "torch_threads": info.get("torch_threads"),
+            "queues": worker.queue_names(),
+            "current_job": worker.get_current_job_id(),
+            "last_heartbeat": iso(heartbeat),
+            "heartbeat_age_s": _age(heartbeat),
+            "born": iso(worker.birth_date),
+            "jobs_done": worker.successful_job_count,
+            "jobs_failed": worker.failed_job_count,
+            "working_seconds": round(worker.total_working_time or 0.0, 3),
+        })
+    return sorted(views, key=lambda view: view["name"])
+
+
+def worker_names(redis: Redis) -> list[str]:
+    return [view["name"] for view in workers(redis)]
+
+
+def _age(moment: datetime | None) -> float | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return round((datetime.now(timezone.utc) - moment).total_seconds(), 1)
+
+
+def jobs(redis: Redis, *, per_state: int = RECENT_JOBS_PER_STATE) -> list[dict]:
+    """Queued, running, failed, finished, ... jobs of every headstart queue, most recent first."""
+    ids: list[str] = []
+    for name in QUEUE_NAMES:
+        q = queue(name, redis)
+        ids += q.get_job_ids(0, per_state - 1)
+        for registry in _registries(q).values():
+            ids += registry.get_job_ids(0, per_state - 1, desc=True)
+    unique = list(dict.fromkeys(ids))
+    found = [job for job in Job.fetch_many(unique, connection=redis, serializer=JSONSerializer) if job is not None]
+    views = [job_view(job) for job in found]
+    return sorted(views, key=lambda view: view["last_activity"] or "", reverse=True)
+
+
+def job(redis: Redis, job_id: str) -> dict:
+    return job_view(fetch_job(redis, job_id))
+
+
+def fetch_job(redis: Redis, job_id: str) -> Job:
+    found = Job.fetch_many([job_id], connection=redis, serializer=JSONSerializer)[0] if job_id else None
+    if found is None:
+        raise NotFound(f"No job {job_id!r}: it never existed or its record expired (finished jobs are kept "
+                       "a day, failed ones a week). `headstart jobs` lists the known ones.")
+    return found
+
+
+def job_view(job: Job) -> dict:
+    status = job.get_status(refresh=False)
+    status = status.value if isinstance(status, JobStatus) else str(status)
+    result = job.latest_result() if status in ("finished", "failed", "stopped") else None
+    traceback = result.exc_string if result is not None and result.exc_string else None
+    end = job.ended_at if status not in ("started", "queued") else None
+    duration = None
+    if job.started_at is not None:
+        until = end or (datetime.now(timezone.utc) if status == "started" else None)
+        if until is not None:
+            duration = round((_aware(until) - _aware(job.started_at)).total_seconds(), 3)
+    try:
+        args = list(job.args)
+    except Exception:  # a job enqueued by something that is not headstart
+        args = []
+    moments = [job.ended_at, job.started_at, job.enqueued_at, job.created_at]
+    return {
+        "id": job.id,
+        "queue": job.origin,
+        "status": status,
+        "function": job.func_name,
+        "args": args,
+        "description": job.description,
+        "project": (job.meta or {}).get("project"),
+        "created_at": iso(job.created_at),
+        "enqueued_at": iso(job.enqueued_at),
+        "started_at": iso(job.started_at),
+        "ended_at": iso(end),
+        "last_activity": iso(next((moment for moment in moments if moment is not None), None)),
+        "duration_s": duration,
+        "worker": job.worker_name,
+        "error": _last_line(traceback),
+        "traceback": traceback,
+        "result": result.return_value if result is not None and status == "finished" else None,
+        "progress": (job.meta or {}).get("progress"),
+        "retries_left": job.retries_left,
+    }
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def _last_line(traceback: str | None) -> str | None:
+    lines = [line for line in (traceback or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def known_project(services: Services, project: object) -> str:
+    """The project id, if headstart knows the project (a labeling config or versions); else NotFound."""
+    identifier = project_id(project)
+    if identifier not in services.projects.all() and not services.store.controls(identifier):
+        known = ", ".join(services.projects.all()) or "none yet"
+        raise NotFound(f"Project {identifier} is unknown to headstart (known: {known}). Connect the backend "
+                       "to it in Label Studio (Settings → Model) so /setup records it.")
+    return identifier
+
+
+def served_version(services: Services, project: str) -> str:
+    """The model_version /setup answers for `project` right now."""
+    config = services.projects.label_config(project)
+    if config is not None:
+        return services.predictor.served(project, config).model_version
+    controls = services.store.controls(project)  # versions but no config: name the current pointers
+    current = services.store.current_numbers(project, controls)
+    parts = [f"{control}-v{number}" for control, number in current.items() if number is not None]
+    return "+".join(parts) if parts else model_version_of([], {})
+
+
+def models(services: Services, project: object) -> dict:
+    """Every version of every control of a project: labels, metrics, parameters, promotion, current."""
+    identifier = known_project(services, project)
+    store = services.store
+    controls = []
+    for control in store.controls(identifier):
+        current = store.current_number(identifier, control)
+        controls.append({"control": control, "current": current,
+                         "versions": [version_view(meta, current) for meta in store.versions(identifier, control)]})
+    return {"project": identifier, "model_version": served_version(services, identifier),
+            "label_config_known": services.projects.label_config(identifier) is not None, "controls": controls}
+
+
+def version_view(meta: dict, current: int | None) -> dict:
+    metrics = meta.get("metrics") or {}
+    parameters = meta.get("parameters") or {}
+    promotion = meta.get("promotion") or {}
+    return {
+        "version": meta["version"],
+        "name": f"{meta['control']}-v{meta['version']}",
+        "current": meta["version"] == current,
+        "status": meta.get("status"),
+        "reason": meta.get("status_reason"),
+        "labels": meta.get("label_count"),
+        "labels_per_class": meta.get("labels_per_class"),
+        "classes": meta.get("classes"),
+        "cv_accuracy": metrics.get("cv_accuracy"),
+        "cv_folds": metrics.get("cv_folds"),
+        "train_accuracy": metrics.get("train_accuracy"),
+        "trainable_parameters": parameters.get("trainable"),
+        "non_trainable_parameters": parameters.get("non_trainable"),
+        "backbone": meta.get("backbone_key") or meta.get("backbone"),
+        "candidate_score": promotion.get("candidate_score"),
+        "current_score": promotion.get("current_score"),
+        "created_at": iso(meta.get("created_at")),
+        "promoted_at": iso(meta.get("promoted_at")),
+        "train_seconds": meta.get("train_seconds"),
+        "job_id": meta.get("job_id"),
+    }
+
+
+def projects(services: Services) -> list[dict]:
+    """Each known project with the model_version it serves and its controls' current versions."""
+    views = []
+    for project in services.projects.all():
+        controls = services.store.controls(project)
+        current = services.store.current_numbers(project, controls)
+        views.append({"project": project, "model_version": served_version(services, project),
+                      "controls": [{"control": control, "current": current[control],
+                                    "versions": len(services.store.versions(project, control))}
+                                   for control in controls]})
+    return views
+
+
+def status(services: Services) -> dict:
+    """`headstart status`: Redis, queues, workers and projects at a glance."""
+    redis = services.redis
+    return {"redis": redis_info(redis, services.settings.redis_url or LOCAL_REDIS_URL),
+            "suspended": suspended(redis), "queues": queues(redis),
+            "workers": [{key: view[key] for key in ("name", "state", "host", "current_job")} for view in workers(redis)],
+            "projects": projects(services)}
+
+
+def overview(services: Services) -> dict:
+    """Everything the /admin page shows, in one document (also GET /admin/api/overview)."""
+    redis = services.redis
+    return {"redis": redis_info(redis, services.settings.redis_url or LOCAL_REDIS_URL),
+            "suspended": suspended(redis), "queues": queues(redis), "workers": workers(redis),
+            "jobs": jobs(redis), "projects": [models(services, project) for project in services.projects.all()]}
+
+
+def scrape_gauges(redis: Redis) -> dict[str, float]:
+    """Gauges for /metrics, measured at scrape time so every gunicorn worker reports the same."""
+    gauges: dict[str, float] = {}
+    for view in queues(redis):
+        for state, count in view["counts"].items():
+            gauges[f'headstart_queue_jobs{{queue="{view["name"]}",state="{state}"}}'] = count
+    states = dict.fromkeys(WORKER_STATES, 0)
+    for worker in Worker.all(connection=redis, serializer=JSONSerializer):
+        state = worker.get_state()
+        states[state] = states.get(state, 0) + 1
+    gauges.update({f'headstart_workers{{state="{state}"}}': count for state, count in states.items()})
+    gauges["headstart_queues_suspended"] = float(suspended(redis))
+    return gauges

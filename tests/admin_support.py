@@ -1,0 +1,38 @@
+"""Helpers for the admin tests: projects trained through the real webhook → RQ job path."""
+
+from __future__ import annotations
+
+from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
+from tests.loop_helpers import annotation_event, local_url, run_burst_worker
+
+TOKEN = "admin-token-for-tests-0123456789"
+
+
+def labeled_images(per_class: int) -> list[tuple]:
+    """(path, class) for the first `per_class` ants and bees of hymenoptera's train split."""
+    train = dataset_images(HYMENOPTERA, "train")
+    return [item for cls in ("ants", "bees") for item in [i for i in train if i[1] == cls][:per_class]]
+
+
+def annotate(client, project: int, items: list[tuple], *, config: str | None = CONFIG_2) -> None:
+    """Post one ANNOTATION_CREATED per item, as Label Studio would (task id = annotation id = position)."""
+    for task_id, (path, cls) in enumerate(items, start=1):
+        body = annotation_event(project=project, task_id=task_id, annotation_id=project * 1000 + task_id,
+                                url=local_url(path), choice=cls)
+        if config is None:
+            del body["project"]["label_config"]
+        response = client.post("/webhook", json=body)
+        assert response.status_code == 200, response.get_json()
+
+
+def train_rounds(client, settings, redis, services, project: int, rounds: list[int]) -> None:
+    """One version per round: label `rounds[i]` images per class, then run the queued jobs."""
+    assert client.post("/setup", json={"project": f"{project}.1", "schema": CONFIG_2}).status_code == 200
+    for per_class in rounds:
+        annotate(client, project, labeled_images(per_class))
+        run_burst_worker(settings, redis, services)
+
+
+def served(client, project: int) -> str:
+    """The model_version /setup answers, as Label Studio reads it."""
+    return client.post("/setup", json={"project": f"{project}.1", "schema": CONFIG_2}).get_json()["model_version"]
