@@ -50,7 +50,7 @@ def _serve(settings: Settings, args) -> int:
     from backend.redis_conn import ensure_redis
     from backend.server import GunicornServer
 
-    settings = settings.replace(redis_url=ensure_redis(settings.redis_url))
+    settings = settings.replace(redis_url=ensure_redis(settings.redis_url, data_dir=_embedded_redis_dir(settings)))
     port = args.port or settings.port
     GunicornServer(settings, bind=f"{args.host}:{port}").run()
     return 0
@@ -70,7 +70,7 @@ def _worker(settings: Settings, args) -> int:
 def _up(settings: Settings, args) -> int:
     from backend.redis_conn import ensure_redis
 
-    url = ensure_redis(settings.redis_url)
+    url = ensure_redis(settings.redis_url, data_dir=_embedded_redis_dir(settings))
     env = {**os.environ, "REDIS_URL": url}
     worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env)
     try:
@@ -78,6 +78,11 @@ def _up(settings: Settings, args) -> int:
     finally:
         worker.terminate()
         worker.wait(timeout=30)
+
+
+def _embedded_redis_dir(settings: Settings) -> str:
+    """Where an embedded Redis keeps its data: MODEL_DIR/redis, else a temporary directory."""
+    return os.path.join(settings.model_dir, "redis") if settings.model_dir else ""
 
 
 def _backbones(settings: Settings, args) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -35,10 +36,12 @@ def ping(url: str) -> bool:
         return False
 
 
-def ensure_redis(url: str, *, local_url: str = LOCAL_REDIS_URL) -> str:
+def ensure_redis(url: str, *, local_url: str = LOCAL_REDIS_URL, data_dir: str = "") -> str:
     """The Redis URL to use: `url` if given, else a local Redis, else an embedded redis-server.
 
-    The embedded server is a child process that stops when this process exits.
+    The embedded server is a child process that stops when this process exits; it keeps its
+    append-only file in `data_dir` (default: a temporary directory), so a restart with the same
+    directory finds every head, label and embedding again.
     """
     if url:
         if not ping(url):
@@ -46,7 +49,7 @@ def ensure_redis(url: str, *, local_url: str = LOCAL_REDIS_URL) -> str:
         return url
     if ping(local_url):
         return local_url
-    embedded = EmbeddedRedis().start()
+    embedded = EmbeddedRedis(data_dir).start()
     atexit.register(embedded.stop)
     return embedded.url
 
@@ -56,6 +59,7 @@ class EmbeddedRedis:
 
     def __init__(self, data_dir: str = ""):
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="headstart-redis-")
+        os.makedirs(self.data_dir, exist_ok=True)
         self.port = _free_port()
         self.process: subprocess.Popen | None = None
 
