@@ -73,6 +73,7 @@ def _train_control(hub: Services, labels: LabelStore, project: str, spec: HeadSp
     examples, unknown = labels.examples(project, spec)
     shortage = _label_shortage(examples, spec, hub.settings.min_labels_per_class)
     if shortage:
+        log.info("project %s: no training yet: %s", project, shortage)
         return {"status": "skipped", "reason": shortage, "labels": len(examples)}
     embedder = hub.embedders.get()
     items = [MediaItem(task_id=example.task_id, url=example.url) for example in examples]
@@ -83,6 +84,7 @@ def _train_control(hub: Services, labels: LabelStore, project: str, spec: HeadSp
     examples = [examples[i] for i in usable]
     shortage = _label_shortage(examples, spec, hub.settings.min_labels_per_class)
     if shortage:
+        log.info("project %s: no training yet: %s (media failed for %d tasks)", project, shortage, len(media_errors))
         return {"status": "skipped", "reason": f"{shortage} (media failed for {len(media_errors)} tasks)",
                 "media_errors": media_errors}
     features = torch.stack([vectors[i] for i in usable])
