@@ -21,7 +21,6 @@ from backend.webhook import webhook
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 64 * 1024 * 1024
 OPEN_ROUTES = ("/health",)
 
 
@@ -33,7 +32,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
         set_torch_threads(settings.torch_threads)
         services = build_services(settings, redis if redis is not None else connect(settings.redis_url))
     app = Flask("headstart")
-    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes  # larger bodies get a 413
     app.extensions["headstart"] = services
     app.register_blueprint(contract)
     app.register_blueprint(webhook)
@@ -59,8 +58,8 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
     @app.errorhandler(RedisError)
     def redis_error(exc: RedisError):
         log.error("%s %s: Redis unavailable: %s", request.method, request.path, exc)
-        return jsonify(error="StoreUnavailable",
-                       message=f"Redis is unreachable ({exc}); retry when it is back."), 503
+        return jsonify(error="StoreUnavailable", message=f"Redis is unreachable ({type(exc).__name__}: "
+                       f"{exc}); headstart keeps serving what it holds and retries when Redis is back."), 503
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

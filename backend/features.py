@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from redis import Redis
+from redis.exceptions import RedisError
 
 from backend.core.embedding import Embedder, load_embedder
 from backend.core.embedding_cache import EmbeddingCache, MediaDigests, content_digest
@@ -76,8 +77,8 @@ class FeatureSource:
         """One feature vector (or the reason there is none) per item, in order."""
         digests = MediaDigests(self.redis, project)
         cache = EmbeddingCache(self.redis, embedder.key)
-        known = digests.get_many(item.url for item in items)
-        cached = cache.get_many(known.values())
+        known = self._cache(lambda: digests.get_many(item.url for item in items), {})
+        cached = self._cache(lambda: cache.get_many(known.values()), {})
         results: list[torch.Tensor | MediaError | None] = [
             cached.get(known.get(item.url, ""), None) for item in items
         ]
@@ -103,19 +104,29 @@ class FeatureSource:
         vectors = embedder.embed(images)
         for (index, _), vector in zip(image_slots, vectors):
             results[index] = vector
-        cache.put_many({digest: vector for (_, digest), vector in zip(image_slots, vectors)})
-        digests.put_many(new_digests)
+        fresh = {digest: vector for (_, digest), vector in zip(image_slots, vectors)}
+        self._cache(lambda: cache.put_many(fresh), None)
+        self._cache(lambda: digests.put_many(new_digests), None)
         failed = sum(isinstance(outcome, MediaError) for outcome in loaded)
         metrics.add("headstart_embedding_cache_hits_total", len(items) - len(images) - failed)
         metrics.add("headstart_embedding_cache_misses_total", len(images))
         return results
+
+    @staticmethod
+    def _cache(call, default):
+        """A cache read or write. While Redis is unreachable: a miss, or a skipped write (features still come)."""
+        try:
+            return call()
+        except RedisError as exc:
+            log.warning("embedding cache unavailable, working without it: %s", exc)
+            return default
 
     def _load(self, item: MediaItem, embedder: Embedder):
         """(digest, cached vector or decoded image), or the MediaError explaining the failure."""
         try:
             data = self.fetcher.fetch(item.url, task_id=item.task_id)
             digest = content_digest(data)
-            cached = EmbeddingCache(self.redis, embedder.key).get_many([digest])
+            cached = self._cache(lambda: EmbeddingCache(self.redis, embedder.key).get_many([digest]), {})
             if digest in cached:
                 return digest, cached[digest]
             return digest, decode_image(data, max_pixels=self.max_pixels, min_side=embedder.resize_size)

@@ -2,8 +2,9 @@
 
 The SDK's `get_local_path` knows every URL kind Label Studio puts in tasks (uploads, local files,
 cloud URIs presigned through the task, plain http(s)). We route its downloads through a session
-that enforces scheme, host, size and time limits, and its local-files lookups through a resolver
-rooted at LOCAL_FILES_DOCUMENT_ROOT.
+that applies the SSRF guard (`backend.ssrf`: scheme, host and address policy on every redirect
+hop and on every socket) and limits on size and wall-clock time, and its local-files lookups
+through a resolver rooted at LOCAL_FILES_DOCUMENT_ROOT.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
-import time
 from urllib.parse import urlparse
 
 import requests
@@ -21,53 +22,80 @@ from label_studio_sdk._extensions.label_studio_tools.core.utils import io as ls_
 from backend.errors import HeadstartError, MediaError
 from backend.label_studio import MediaToken
 from backend.settings import Settings
+from backend.ssrf import FetchGuard, GuardedAdapter, HostPolicy
 
 MAX_REDIRECTS = 3
 CHUNK_BYTES = 1 << 16
 
 
 class LimitedSession(requests.Session):
-    """A requests session that refuses non-http(s) URLs, big bodies and slow servers."""
+    """A requests session that refuses disallowed URLs and addresses, big bodies and slow servers."""
 
-    def __init__(self, *, max_bytes: int, timeout_s: float):
+    def __init__(self, *, guard: FetchGuard, max_bytes: int):
         super().__init__()
+        self.guard = guard
         self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
         self.max_redirects = MAX_REDIRECTS
-        self.trust_env = False
-
-    def request(self, method, url, **kwargs):
-        kwargs["timeout"] = self.timeout_s
-        return super().request(method, url, **kwargs)
+        self.trust_env = False  # no proxies or .netrc from the environment
+        self.headers["Accept-Encoding"] = "identity"  # the bytes on the wire are the bytes we count
+        adapter = GuardedAdapter(guard)
+        self.mount("http://", adapter)
+        self.mount("https://", adapter)
+        self.hooks["response"].append(self._bound_body)
 
     def send(self, request, **kwargs):
-        scheme = urlparse(request.url).scheme
-        if scheme not in ("http", "https"):
-            raise MediaError(f"Media URL scheme {scheme!r} is not allowed; use http(s).")
+        """Called for the first request and again for every redirect hop."""
+        host, port = self.guard.policy.check_url(request.url)
+        self.guard.policy.addresses(host, port)  # refuse before connecting, with the reason
         kwargs["stream"] = True
-        response = super().send(request, **kwargs)
-        if not response.is_redirect:
-            _read_bounded(response, self.max_bytes, self.timeout_s)
+        kwargs["timeout"] = self.guard.remaining()
+        return super().send(request, **kwargs)
+
+    def _bound_body(self, response: requests.Response, **kwargs) -> requests.Response:
+        """Response hook, run on each hop before requests follows a redirect (and reads its body)."""
+        if response.is_redirect:
+            _discard_body(response)
+        else:
+            _read_bounded(response, self.max_bytes)
+        if self.guard.expired:  # the deadline cut the connection: whatever arrived is incomplete
+            raise self.guard.timeout_error()
         return response
 
 
-def _read_bounded(response: requests.Response, max_bytes: int, timeout_s: float) -> None:
+def _discard_body(response: requests.Response) -> None:
+    """A redirect's body is never needed (and may be endless): drop the connection unread."""
+    response.close()
+    response._content = b""
+    response._content_consumed = True
+
+
+def _read_bounded(response: requests.Response, max_bytes: int) -> None:
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         response.close()
-        raise MediaError(f"Media is {declared} bytes, above MEDIA_MAX_BYTES={max_bytes}.")
-    deadline = time.monotonic() + timeout_s
+        raise MediaError(f"Media is {declared} bytes, above MEDIA_MAX_BYTES={max_bytes}; refused.")
     body = bytearray()
     for chunk in response.iter_content(CHUNK_BYTES):
         body += chunk
         if len(body) > max_bytes:
             response.close()
-            raise MediaError(f"Media is larger than MEDIA_MAX_BYTES={max_bytes}.")
-        if time.monotonic() > deadline:
-            response.close()
-            raise MediaError(f"Media download took longer than MEDIA_TIMEOUT_S={timeout_s}.")
+            raise MediaError(f"Media is larger than MEDIA_MAX_BYTES={max_bytes}; refused.")
     response._content = bytes(body)
     response._content_consumed = True
+
+
+def _media_error(url: str, exc: Exception) -> MediaError:
+    """A readable MediaError for whatever the SDK or requests raised."""
+    shown = url if len(url) <= 200 else url[:200] + "..."
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return MediaError(f"Fetching {shown} failed: HTTP {exc.response.status_code}.")
+    if isinstance(exc, requests.TooManyRedirects):
+        return MediaError(f"Fetching {shown} failed: more than {MAX_REDIRECTS} redirects; refused.")
+    if isinstance(exc, requests.RequestException):
+        return MediaError(f"Fetching {shown} failed: {type(exc).__name__}: {exc}")
+    if isinstance(exc, (OSError, ValueError)):
+        return MediaError(f"Media {shown} is not available: {exc}")
+    return MediaError(f"Media {shown} could not be resolved: {exc}")  # the SDK raises bare Exception too
 
 
 class MediaFetcher:
@@ -76,6 +104,7 @@ class MediaFetcher:
     def __init__(self, settings: Settings, token: MediaToken | None = None):
         self.settings = settings
         self.token = token or MediaToken(settings)
+        self.policy = HostPolicy.from_settings(settings)
         self.scratch_root = settings.model_dir or tempfile.gettempdir()
 
     def fetch(self, url: str, *, task_id: int | None = None) -> bytes:
@@ -83,27 +112,28 @@ class MediaFetcher:
         if not isinstance(url, str) or not url.strip():
             raise MediaError("The task has no media URL under the labeling config's data key.")
         scratch = tempfile.mkdtemp(prefix="headstart-media-", dir=self.scratch_root)
-        session = LimitedSession(max_bytes=self.settings.media_max_bytes, timeout_s=self.settings.media_timeout_s)
+        guard = FetchGuard(self.policy, self.settings.media_timeout_s)
+        session = LimitedSession(guard=guard, max_bytes=self.settings.media_max_bytes)
         try:
             # an installed resolver that answers None means "denied", so install one only with a root
             resolver = (ls_io.local_files_resolver(self._resolve_local_file) if self._local_root()
                         else contextlib.nullcontext())
-            with ls_io.http_session(session), resolver:
+            with guard, ls_io.http_session(session), resolver:
                 path = ls_io.get_local_path(
                     url, cache_dir=scratch, hostname=self.settings.label_studio_url or None,
                     access_token=self._token_for(url), task_id=task_id,
                 )
+            if guard.expired:
+                raise guard.timeout_error()
             return self._read_file(path)
-        except HeadstartError:
+        except MediaError:
             raise
-        except requests.HTTPError as exc:
-            raise MediaError(f"Fetching {url} failed: HTTP {exc.response.status_code}.") from None
-        except requests.RequestException as exc:
-            raise MediaError(f"Fetching {url} failed: {type(exc).__name__}: {exc}") from None
-        except (OSError, ValueError) as exc:
-            raise MediaError(f"Media {url} is not available: {exc}") from None
-        except Exception as exc:  # the SDK raises bare Exception for some URL kinds
-            raise MediaError(f"Media {url} could not be resolved: {exc}") from None
+        except HeadstartError as exc:  # e.g. no LABEL_STUDIO_API_KEY, or Label Studio down: this task fails
+            raise MediaError(str(exc)) from None
+        except Exception as exc:
+            if guard.expired:
+                raise guard.timeout_error() from None
+            raise _media_error(url, exc) from None
         finally:
             session.close()
             shutil.rmtree(scratch, ignore_errors=True)
@@ -125,15 +155,28 @@ class MediaFetcher:
         return os.path.abspath(root)
 
     def _resolve_local_file(self, relative_path: str) -> str:
+        """The file under LOCAL_FILES_DOCUMENT_ROOT a `?d=` path names; never a path outside it."""
         root = self._local_root()
         try:
-            return ls_io.safe_build_path(root, os.path.normpath(relative_path).lstrip("/"))
+            path = ls_io.safe_build_path(root, os.path.normpath(relative_path).lstrip("/"))
         except ValueError:
-            raise MediaError(f"Local file path {relative_path!r} escapes LOCAL_FILES_DOCUMENT_ROOT.") from None
+            raise MediaError(f"Local file path {relative_path[:200]!r} escapes LOCAL_FILES_DOCUMENT_ROOT; "
+                             "refused.") from None
+        try:
+            info = os.stat(path)
+        except (OSError, ValueError) as exc:
+            raise MediaError(f"Local file {relative_path[:200]!r} is not available: {exc}") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise MediaError(f"Local file {relative_path[:200]!r} is not a regular file; refused.")
+        self._check_size(info.st_size)  # before the SDK copies it anywhere
+        return path
+
+    def _check_size(self, size: int) -> None:
+        if size > self.settings.media_max_bytes:
+            raise MediaError(f"Media is {size} bytes, above MEDIA_MAX_BYTES={self.settings.media_max_bytes}; "
+                             "refused.")
 
     def _read_file(self, path: str) -> bytes:
-        size = os.path.getsize(path)
-        if size > self.settings.media_max_bytes:
-            raise MediaError(f"Media is {size} bytes, above MEDIA_MAX_BYTES={self.settings.media_max_bytes}.")
+        self._check_size(os.path.getsize(path))
         with open(path, "rb") as handle:
-            return handle.read()
+            return handle.read(self.settings.media_max_bytes + 1)

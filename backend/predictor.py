@@ -19,15 +19,18 @@ from backend.labeling import HeadSpec, parse_label_config
 log = logging.getLogger(__name__)
 
 UNTRAINED_VERSION = "untrained"
+MAX_PROJECT_DIGITS = 18
 
 
 def project_id(project: object) -> str:
     """Label Studio sends `project` as "<id>.<timestamp>" (or an int); the id is what we key on."""
-    text = str(project if project is not None else "").strip()
+    if isinstance(project, bool) or not isinstance(project, (str, int)):
+        raise BadRequest(f"'project' must look like \"7.1717000000\" or 7, got a {type(project).__name__}.")
+    text = str(project).strip()
     identifier = text.split(".", 1)[0]
-    if not identifier.isdigit():
+    if not (identifier.isascii() and identifier.isdigit() and len(identifier) <= MAX_PROJECT_DIGITS):
         raise BadRequest(f"'project' must look like \"7.1717000000\" or 7, got {text[:40]!r}.")
-    return identifier
+    return str(int(identifier))
 
 
 def model_version_of(specs: list[HeadSpec], heads: dict[str, HeadVersion]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -13,6 +14,7 @@ from backend.predictor import project_id
 from backend.services import Services
 
 contract = Blueprint("contract", __name__)
+log = logging.getLogger(__name__)
 
 MODEL_CLASS = "headstart"
 
@@ -23,7 +25,10 @@ def services() -> Services:
 
 def json_body() -> dict:
     """The request's JSON object, or a 400 that says what was wrong."""
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        raise BadRequest("The JSON body nests too deeply; Label Studio never sends such bodies.") from None
     if body is None:
         raise BadRequest("The body must be JSON (Content-Type: application/json), as Label Studio sends.")
     if not isinstance(body, dict):
@@ -40,8 +45,11 @@ def health():
         redis_state = "ok"
     except RedisError:
         redis_state = "unreachable"
-    return jsonify(status="UP", model_class=MODEL_CLASS, redis=redis_state,
-                   health="ok" if redis_state == "ok" else "degraded")
+    if redis_state == "ok":
+        return jsonify(status="UP", model_class=MODEL_CLASS, redis=redis_state, health="ok")
+    return jsonify(status="UP", model_class=MODEL_CLASS, redis=redis_state, health="degraded",
+                   reason="Redis is unreachable: predictions come from the heads this process holds; "
+                          "webhooks answer 503 and trainings wait until Redis is back.")
 
 
 @contract.post("/setup")
@@ -53,7 +61,10 @@ def setup():
         raise BadRequest("'schema' (the labeling config XML) is missing from /setup.")
     hub = services()
     served = hub.predictor.served(project, schema)
-    hub.projects.remember(project, schema)
+    try:
+        hub.projects.remember(project, schema)
+    except RedisError as exc:  # Label Studio calls /setup before every predict: keep answering
+        log.warning("project %s: labeling config not recorded, Redis is unreachable: %s", project, exc)
     return jsonify(model_version=served.model_version)
 
 

@@ -73,7 +73,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MEDIA_TIMEOUT_S", "media_timeout_s", "10", float,
             "Seconds allowed to fetch one media file."),
     Setting("MEDIA_ALLOWED_HOSTS", "media_allowed_hosts", "", _host_list,
-            "Comma-separated extra hosts media may be fetched from, besides LABEL_STUDIO_URL's."),
+            "Comma-separated extra hosts media may be fetched from, besides LABEL_STUDIO_URL's, even on "
+            "private addresses (e.g. minio:9000 for a private S3). `host` allows any port, `host:port` one."),
+    Setting("MEDIA_PUBLIC_HOSTS", "media_public_hosts", "true", _bool,
+            "Also fetch media from other hosts when every address they resolve to is public (never "
+            "loopback, private, link-local or cloud metadata). false: only LABEL_STUDIO_URL's host and "
+            "MEDIA_ALLOWED_HOSTS."),
     Setting("MULTI_LABEL_THRESHOLD", "multi_label_threshold", "0.5", float,
             "Probability above which a class is predicted for choice=\"multiple\" controls."),
     Setting("MIN_LABELS_PER_CLASS", "min_labels_per_class", "1", int,
@@ -86,6 +91,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Label Studio."),
     Setting("JOB_TIMEOUT_S", "job_timeout_s", "1800", int, "RQ timeout for one job, in seconds."),
     Setting("JOB_RETRIES", "job_retries", "3", int, "RQ retries for a failing job (with backoff)."),
+    Setting("WORKER_HEARTBEAT_S", "worker_heartbeat_s", "10", int,
+            "Seconds between a worker's heartbeats while it runs a job. A job whose worker died (killed, "
+            "out of memory, host lost) is detected after 3 missed beats and re-run at once (it uses one "
+            "of its JOB_RETRIES)."),
+    Setting("MAX_REQUEST_BYTES", "max_request_bytes", "33554432", int,
+            "Largest request body accepted (413 above). Label Studio sends every selected task in one "
+            "/predict, about 1-3 KB per task."),
     Setting("DEVICE", "device", "auto", str,
             "Torch device for embedding and training on workers: auto (CUDA when present), cpu, cuda."),
     Setting("ADMIN_TOKEN", "admin_token", "", str,
@@ -113,12 +125,15 @@ class Settings:
     media_max_pixels: int = 89_478_485
     media_timeout_s: float = 10.0
     media_allowed_hosts: tuple[str, ...] = ()
+    media_public_hosts: bool = True
     multi_label_threshold: float = 0.5
     min_labels_per_class: int = 1
     train_min_interval_s: float = 1.0
     repredict_unlabeled: bool = True
     job_timeout_s: int = 1800
     job_retries: int = 3
+    worker_heartbeat_s: int = 10
+    max_request_bytes: int = 32 * 1024 * 1024
     device: str = "auto"
     admin_token: str = ""
     log_level: str = "INFO"

@@ -7,7 +7,12 @@ training resynchronises it from Label Studio's API.
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+import logging
+import threading
+
+from flask import Blueprint, Flask, current_app, jsonify
+from redis import Redis
+from redis.exceptions import RedisError
 
 from backend.errors import BadRequest
 from backend.label_store import LabelStore
@@ -16,8 +21,11 @@ from backend.routes import json_body
 from worker.queueing import TrainingScheduler
 
 webhook = Blueprint("webhook", __name__)
+log = logging.getLogger(__name__)
 
 TRAINING_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "START_TRAINING")
+OTHER_EVENTS = ("ANNOTATIONS_CREATED", "TASKS_CREATED", "TASKS_DELETED", "PROJECT_CREATED", "PROJECT_UPDATED",
+                "PROJECT_DELETED", "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED")
 
 
 @webhook.post("/webhook")
@@ -27,10 +35,26 @@ def receive():
     if not isinstance(action, str) or not action:
         raise BadRequest("A webhook body needs an 'action' string, e.g. ANNOTATION_CREATED.")
     hub = current_app.extensions["headstart"]
-    hub.metrics.add("headstart_webhook_events_total", action=action)
+    # only known names become metric labels: arbitrary ones would grow the metrics hash without bound
+    hub.metrics.add("headstart_webhook_events_total",
+                    action=action if action in TRAINING_EVENTS + OTHER_EVENTS else "other")
     if action not in TRAINING_EVENTS:
         return jsonify(status="ignored", action=action)
     project = _project_of(body)
+    try:
+        outcome = _record(hub, body, action, project)
+    except RedisError as exc:
+        missed_events(current_app).note(project)
+        log.error("project %s: %s not recorded, Redis is unreachable: %s", project, action, exc)
+        return jsonify(error="StoreUnavailable", message=(
+            f"Redis is unreachable ({type(exc).__name__}), so this {action} was not recorded. Label Studio "
+            f"does not resend webhooks: once Redis is back, project {project}'s next training resynchronises "
+            "every label from Label Studio's API.")), 503
+    return jsonify(status=outcome, action=action, project=project)
+
+
+def _record(hub, body: dict, action: str, project: str) -> str:
+    """Mirror the event into the label store and ask for a training; returns the scheduler's outcome."""
     labels = LabelStore(hub.redis)
     config = body["project"].get("label_config") if isinstance(body.get("project"), dict) else None
     if isinstance(config, str) and config and hub.projects.remember(project, config):
@@ -44,8 +68,49 @@ def receive():
         labels.delete(project, _annotation_ids(body))
     else:  # START_TRAINING: Label Studio is asking for a fresh look at everything
         labels.mark_stale(project)
-    outcome = TrainingScheduler(hub.redis, hub.settings).request(project, reason=action)
-    return jsonify(status=outcome, action=action, project=project)
+    return TrainingScheduler(hub.redis, hub.settings).request(project, reason=action)
+
+
+class MissedEvents:
+    """Projects whose webhook events this process could not record because Redis was unreachable.
+
+    Label Studio does not retry webhooks. On the first request after Redis answers again, each such
+    project's label mirror is marked stale, so its next training resynchronises from Label Studio.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._projects: set[str] = set()
+
+    def note(self, project: str) -> None:
+        with self._lock:
+            self._projects.add(project)
+
+    def pending(self) -> set[str]:
+        with self._lock:
+            return set(self._projects)
+
+    def flush(self, redis: Redis) -> None:
+        for project in self.pending():
+            try:
+                LabelStore(redis).mark_stale(project)
+            except RedisError:
+                return  # still away; try again on the next request
+            with self._lock:
+                self._projects.discard(project)
+            log.warning("project %s: webhook events were missed while Redis was away; its next training "
+                        "resynchronises from Label Studio", project)
+
+
+def missed_events(app: Flask) -> MissedEvents:
+    return app.extensions.setdefault("headstart_missed_events", MissedEvents())
+
+
+@webhook.before_app_request
+def mark_missed_projects_stale():
+    missed = current_app.extensions.get("headstart_missed_events")
+    if missed is not None and missed.pending():
+        missed.flush(current_app.extensions["headstart"].redis)
 
 
 def _project_of(body: dict) -> str:

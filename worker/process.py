@@ -3,18 +3,36 @@
 It is an rq SimpleWorker (jobs run in the worker process, so the backbone loaded at start is
 reused by every job and CUDA is never used across a fork), visible to `rq info` and rq-dashboard.
 Its host, device and backbone are published in its Redis hash under `headstart`.
+
+Surviving faults:
+- A plain SimpleWorker sends no heartbeat while a job runs, so RQ would take JOB_TIMEOUT_S + 60 s
+  to notice that a killed worker's job is abandoned. This worker beats every WORKER_HEARTBEAT_S
+  during a job and lets the job's entry in RQ's StartedJobRegistry lapse after 3 missed beats; every
+  worker runs RQ's registry maintenance each WORKER_HEARTBEAT_S, which hands an abandoned job to its
+  RQ Retry. The handler below makes that retry immediate (the retry backoff is meant for jobs that
+  raised, e.g. Label Studio being down; a dead worker says nothing about the job), still bounded by
+  JOB_RETRIES. With no retries left the job lands in the failed registry as AbandonedJobError.
+- Redis going away does not stop the worker: it waits for Redis and carries on; a job that lost
+  Redis midway is detected as abandoned once Redis is back and re-run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
+import threading
+import time
 
 import torch
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import SimpleWorker
+from rq.exceptions import AbandonedJobError
 from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
 
 from backend.core.embedding import resolve_device, set_torch_threads
 from backend.core.training import fit_head
@@ -39,14 +57,103 @@ def warm_up(feature_dim: int) -> None:
     fit_head(features, torch.tensor([0, 1, 0, 1]), num_classes=2, multi_label=False)
 
 
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+MISSED_BEATS = 3  # a running job's registry entry lapses after this many missed heartbeats
+MAX_REDIS_WAIT_S = 10.0
+
+
+def rerun_abandoned_at_once(job, exc_type, exc_value, traceback) -> bool:
+    """RQ exception handler: an abandoned job's next retry starts now instead of after its backoff.
+
+    RQ calls exception handlers while cleaning its StartedJobRegistry, before it applies the job's
+    Retry, with the same job object; zeroing the interval of the retry about to be used makes RQ
+    enqueue the job directly, without waiting for its scheduler.
+    """
+    if exc_type is AbandonedJobError and job.retries_left and job.retry_intervals:
+        index = max(len(job.retry_intervals) - job.retries_left, 0)
+        job.retry_intervals = [0 if i == index else s for i, s in enumerate(job.retry_intervals)]
+        log.warning("job %s (%s) was abandoned by its worker; re-running it now (%d retries left)",
+                    job.id, job.description, job.retries_left - 1)
+    return True
+
+
 class HeadstartWorker(SimpleWorker):
-    """Registers its host, device and backbone next to RQ's own worker fields."""
+    """Registers its host, device and backbone next to RQ's own worker fields; beats while a job
+    runs; waits out Redis outages instead of exiting."""
 
     headstart_info: dict = {}
+    max_connection_wait_time = MAX_REDIS_WAIT_S
 
     def register_birth(self):
         super().register_birth()
         self.connection.hset(self.key, "headstart", json.dumps(self.headstart_info))
+
+    def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
+        """How long a running job stays in the StartedJobRegistry without a heartbeat."""
+        return MISSED_BEATS * self.job_monitoring_interval
+
+    def execute_job(self, job, queue):
+        try:
+            execution = self.prepare_execution(job)
+            with self._beating(job, execution):
+                self.perform_job(job, queue, execution)
+            self.set_state(WorkerStatus.IDLE)
+        except REDIS_DOWN as exc:
+            log.error("lost Redis while running job %s (%s); it is re-run once Redis is back", job.id, exc)
+            self.executions.clear()
+            self._wait_for_redis()
+
+    @contextlib.contextmanager
+    def _beating(self, job, execution):
+        """Heartbeats for the worker, the job and its execution every job_monitoring_interval."""
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(self.job_monitoring_interval):
+                try:
+                    self.maintain_heartbeats(job, execution)
+                except Exception as exc:  # Redis away: the job is re-run if it lasts past the TTL
+                    log.warning("heartbeat for job %s failed: %s", job.id, exc)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def heartbeat(self, timeout=None, pipeline=None):
+        if pipeline is not None:
+            return super().heartbeat(timeout, pipeline=pipeline)
+        try:
+            return super().heartbeat(timeout)
+        except REDIS_DOWN as exc:
+            log.warning("worker heartbeat failed (Redis unreachable): %s", exc)
+
+    def check_for_suspension(self, burst: bool):
+        while True:
+            try:
+                return super().check_for_suspension(burst)
+            except REDIS_DOWN:
+                self._wait_for_redis()
+
+    def run_maintenance_tasks(self):
+        try:
+            super().run_maintenance_tasks()
+        except REDIS_DOWN as exc:
+            log.warning("registry maintenance skipped (Redis unreachable): %s", exc)
+
+    def _wait_for_redis(self) -> None:
+        delay = 0.5
+        while not self._stop_requested:
+            try:
+                self.connection.ping()
+                log.info("Redis answers again; worker %s carries on", self.name)
+                return
+            except REDIS_DOWN:
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_REDIS_WAIT_S)
 
 
 def build_worker(settings: Settings, redis: Redis, *, queues: tuple[str, ...] = QUEUE_NAMES,
@@ -58,8 +165,11 @@ def build_worker(settings: Settings, redis: Redis, *, queues: tuple[str, ...] = 
     embedder = services.embedders.get()
     warm_up(embedder.feature_dim)
     context.install(services)
+    beat = max(1, settings.worker_heartbeat_s)
     worker = HeadstartWorker([queue(name_, redis) for name_ in queues], connection=redis,
-                             serializer=JSONSerializer, name=name)
+                             serializer=JSONSerializer, name=name, exception_handlers=[rerun_abandoned_at_once],
+                             job_monitoring_interval=beat, maintenance_interval=beat,
+                             worker_ttl=beat + 15)  # RQ blocks worker_ttl - 15 s per dequeue: maintenance each beat
     worker.headstart_info = {"host": socket.gethostname(), "device": device_description(device),
                              "backbone": embedder.key, "torch_threads": settings.torch_threads}
     log.info("worker %s ready on %s with %s", worker.name, device, embedder.key)

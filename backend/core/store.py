@@ -78,12 +78,17 @@ class ModelStore:
         self.redis.hset(key, "meta", json.dumps({**json.loads(raw), **changes}))
 
     def promote(self, project: str, control: str, number: int, *, reason: str = "promoted") -> None:
-        """Make `number` the version every process serves."""
-        if not self.redis.exists(self._key(project, control, number)):
+        """Make `number` the version every process serves. Its status and the pointer change in one
+        transaction, so a process killed midway never leaves a "promoted" version that is not served."""
+        key = self._key(project, control, number)
+        raw = self.redis.hget(key, "meta")
+        if raw is None:
             raise KeyError(f"No version {number} of {project}/{control}")
-        self.update_meta(project, control, number, status="promoted", status_reason=reason,
-                         promoted_at=time.time())
-        self.redis.set(self._key(project, control, "current"), number)
+        meta = {**json.loads(raw), "status": "promoted", "status_reason": reason, "promoted_at": time.time()}
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(key, "meta", json.dumps(meta))
+        pipe.set(self._key(project, control, "current"), number)
+        pipe.execute()
 
     def rollback_target(self, project: str, control: str) -> tuple[int, int]:
         """(current, previous): the version served now and the one a rollback would serve instead.
