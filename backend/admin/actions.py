@@ -161,7 +161,11 @@ def wait_until_gone(redis: Redis, name: str, *, timeout_s: float, poll_s: float 
 
 
 def suspend_queues(redis: Redis) -> dict:
-    """Every worker stops taking jobs (running ones finish) until `resume_queues`."""
+    """Workers stop taking jobs until `resume_queues` (RQ's suspension); running jobs finish.
+
+    A worker already waiting on an empty queue notices only after the next job it receives, so
+    one more job per idle worker may start.
+    """
     suspend(redis)
     return {"suspended": True}
 

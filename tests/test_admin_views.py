@@ -1,0 +1,120 @@
+"""What the admin shows: versions with their metrics, jobs with durations and errors, workers, /metrics."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from backend.admin import views
+from backend.admin.errors import NotFound
+from backend.app import create_app
+from backend.services import build_services
+from tests.admin_support import TOKEN, annotate, labeled_images, served, train_rounds
+from tests.helpers import CONFIG_2, HYMENOPTERA
+from tests.loop_helpers import local_url, run_burst_worker
+from worker import context
+from worker.process import build_worker
+
+PROJECT = 7
+
+
+@pytest.fixture
+def admin_settings(settings):
+    return settings.replace(local_files_document_root=str(HYMENOPTERA), train_min_interval_s=0, admin_token=TOKEN)
+
+
+@pytest.fixture
+def services(admin_settings, redis, embedders):
+    return build_services(admin_settings, redis, embedders=embedders)
+
+
+@pytest.fixture
+def client(admin_settings, services):
+    return create_app(admin_settings, services=services).test_client()
+
+
+def test_models_lists_every_version_with_labels_metrics_parameters_and_the_current_one(
+        client, admin_settings, redis, services):
+    train_rounds(client, admin_settings, redis, services, PROJECT, [1, 5])
+    data = views.models(services, f"{PROJECT}.1717")
+    assert data["project"] == str(PROJECT) and data["model_version"] == served(client, PROJECT) == "label-v2"
+    (control,) = data["controls"]
+    first, second = control["versions"]
+    assert control["current"] == 2 and (first["current"], second["current"]) == (False, True)
+    assert (first["labels"], second["labels"]) == (2, 10)
+    assert second["labels_per_class"] == {"ants": 5, "bees": 5}
+    decision = services.store.meta(str(PROJECT), "label", 2)["promotion"]
+    assert second["status"] == "promoted" and second["reason"] == decision["reason"]
+    assert (second["candidate_score"], second["current_score"]) == (decision["candidate_score"],
+                                                                    decision["current_score"])
+    assert 0.0 <= second["cv_accuracy"] <= 1.0 and second["cv_folds"] == 5
+    assert (second["trainable_parameters"], second["non_trainable_parameters"]) == (1280 * 2 + 2, 2_223_872)
+    assert second["job_id"] in {job["id"] for job in views.jobs(redis)}
+    with pytest.raises(NotFound, match="Project 70 is unknown"):
+        views.models(services, 70)
+
+
+def test_jobs_show_durations_results_and_the_error_of_a_failed_one(client, admin_settings, redis, services):
+    train_rounds(client, admin_settings, redis, services, PROJECT, [2])
+    annotate(client, 8, labeled_images(1), config=None)
+    run_burst_worker(admin_settings, redis, services)
+    jobs = {job["project"]: job for job in views.jobs(redis)}
+    finished, failed = jobs[str(PROJECT)], jobs["8"]
+    assert finished["status"] == "finished" and finished["duration_s"] > 0
+    assert finished["result"]["model_version"] == "label-v1" and finished["error"] is None
+    assert finished["function"] == "worker.jobs.train_project" and finished["args"] == [str(PROJECT)]
+    assert failed["status"] == "failed" and failed["error"].startswith("backend.errors.NotEnoughLabels")
+    assert "Traceback" in failed["traceback"]
+    assert list(jobs.values())[0]["last_activity"] >= list(jobs.values())[1]["last_activity"]  # newest first
+    queue_view = {view["name"]: view["counts"] for view in views.queues(redis)}
+    assert queue_view["headstart-train"]["finished"] == 1 and queue_view["headstart-train"]["failed"] == 1
+
+
+def test_workers_show_host_device_backbone_and_counts(admin_settings, redis, services):
+    worker = build_worker(admin_settings, redis, services=services, name="viewed-worker")
+    try:
+        worker.register_birth()  # what work() does first, without blocking on the queues
+        worker.set_state("idle")
+        (view,) = views.workers(redis)
+        assert view["name"] == "viewed-worker" and view["state"] == "idle"
+        assert view["device"] == {"type": "cpu", "name": "cpu", "memory_bytes": None}
+        assert view["backbone"] == services.embedders.get().key and view["host"]
+        assert view["queues"] == ["headstart-train", "headstart-embed"]
+        assert view["jobs_done"] == 0 and view["heartbeat_age_s"] < 60
+        gauges = views.scrape_gauges(redis)
+        assert gauges['headstart_workers{state="idle"}'] == 1 and gauges['headstart_workers{state="busy"}'] == 0
+    finally:
+        worker.register_death()
+        context.uninstall()
+    assert views.workers(redis) == []
+
+
+def sample(text: str, series: str) -> float:
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    assert match, f"{series} missing from /metrics"
+    return float(match.group(1))
+
+
+def test_metrics_count_predictions_latency_cache_hits_webhooks_trainings_and_gauges(
+        client, admin_settings, redis, services):
+    train_rounds(client, admin_settings, redis, services, PROJECT, [2])  # 4 webhooks, 1 promoted training
+    tasks = [{"id": 100 + i, "data": {"image": local_url(path)}} for i, (path, _) in enumerate(labeled_images(3))]
+    for _ in range(2):
+        body = {"tasks": tasks, "project": f"{PROJECT}.1", "label_config": CONFIG_2}
+        assert client.post("/predict", json=body).status_code == 200
+    text = client.get("/metrics").get_data(as_text=True)
+
+    assert sample(text, "headstart_predictions_total") == 12
+    assert sample(text, "headstart_predict_seconds_count") == 2
+    assert sample(text, 'headstart_predict_seconds_bucket{le="+Inf"}') == 2
+    assert "# TYPE headstart_predict_seconds histogram" in text
+    # training embedded 4 images; the first /predict computed the 2 unseen ones, reused 4; the second reused all 6
+    assert sample(text, "headstart_embedding_cache_misses_total") == 4 + 2
+    assert sample(text, "headstart_embedding_cache_hits_total") == 4 + 6
+    assert sample(text, 'headstart_webhook_events_total{action="ANNOTATION_CREATED"}') == 4
+    assert sample(text, 'headstart_trainings_total{outcome="promoted"}') == 1
+    assert sample(text, "headstart_training_seconds_count") == 1
+    assert sample(text, 'headstart_queue_jobs{queue="headstart-train",state="finished"}') == 1
+    assert sample(text, 'headstart_workers{state="idle"}') == 0
+    assert sample(text, "headstart_queues_suspended") == 0
