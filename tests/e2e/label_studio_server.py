@@ -78,6 +78,8 @@ class LabelStudioServer:
             "SSRF_PROTECTION_ENABLED": "false",
             "LATEST_VERSION_CHECK": "false",  # no PyPI call at start (CI may be offline)
             "COLLECT_ANALYTICS": "false",
+            "SENTRY_DSN": "",  # its default reports errors to Heartex's Sentry
+            "FRONTEND_SENTRY_DSN": "",
             "PYTHONUNBUFFERED": "1",
         }
         for inherited in ("DJANGO_DB", "DATABASE_URL", "POSTGRE_HOST", "REDIS_LOCATION"):

@@ -10,12 +10,15 @@ from pathlib import PurePosixPath
 from urllib.parse import parse_qs, urlparse
 
 from redis import Redis
+from rq import Queue
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
 from backend.core.store import ModelStore
 from tests.e2e.backend_pair import HeadstartPair
 from tests.e2e.dataset import Image
 from tests.e2e.ls_api import LabelStudioApi
 from tests.e2e.processes import wait_until
+from worker.queueing import TRAIN_QUEUE
 
 CONTROL = "label"
 OBJECT = "image"
@@ -97,6 +100,30 @@ class LabelingSession:
         return wait_until(finished, timeout_s=timeout_s, interval_s=0.5, processes=self.pair.processes,
                           what=f"a finished training of project {self.project} after version {after}"
                                + (f" on {len(trained_on)} labels" if trained_on is not None else ""))
+
+    def training_idle(self) -> bool:
+        """No training queued, running or waiting for a retry (read from RQ's own registries)."""
+        redis = Redis.from_url(self.pair.redis_url)
+        try:
+            train = Queue(TRAIN_QUEUE, connection=redis)
+            return train.count == 0 and StartedJobRegistry(queue=train).count == 0 \
+                and ScheduledJobRegistry(queue=train).count == 0
+        finally:
+            redis.close()
+
+    def wait_until_settled(self, trained_on: dict[str, list[str]],
+                           timeout_s: float = TRAINING_TIMEOUT_S) -> dict:
+        """Wait until training is idle and the newest version was trained on exactly `trained_on`;
+        returns the served (current) version's metadata."""
+        def settled():
+            if not self.training_idle():
+                return None
+            finished = [meta for meta in self.versions() if meta.get("status") in ("promoted", "rejected")]
+            if not finished or finished[-1]["trained_on"] != trained_on:
+                return None
+            return self.store.meta(str(self.project), CONTROL, self.store.current_number(str(self.project), CONTROL))
+        return wait_until(settled, timeout_s=timeout_s, interval_s=0.5, processes=self.pair.processes,
+                          what=f"idle training with a version of project {self.project} on {len(trained_on)} labels")
 
     def label_studio_model_version(self) -> str:
         return self.api.backend(self.backend_id)["model_version"]
