@@ -75,9 +75,7 @@ def _run(handler):
             return handler(build_services(settings, redis), args, out)
         except (NotFound, Refused) as exc:
             return _fail(str(exc), EXIT_REFUSED)
-        except UsageError as exc:
-            return _fail(str(exc), EXIT_CONFIG)
-        except HeadstartError as exc:
+        except (UsageError, HeadstartError) as exc:
             return _fail(str(exc), EXIT_CONFIG)
         except RedisError as exc:
             return _fail(f"Redis at {_redacted(url)} failed ({exc}). Check that it is up and REDIS_URL is right.",
@@ -229,7 +227,8 @@ def _jobs(services, args, out: Output) -> int:
         else:
             for key, value in job.items():
                 if key != "traceback":
-                    out.line(f"[bold]{key}[/]: {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}")
+                    text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else value
+                    out.line(f"[bold]{key}[/]: {text}")
             if job["traceback"]:
                 out.console.print(job["traceback"], markup=False, highlight=False)
         return EXIT_OK
@@ -237,7 +236,8 @@ def _jobs(services, args, out: Output) -> int:
     if out.as_json:
         out.json(data)
         return EXIT_OK
-    out.table("Jobs", ["id", "queue", "function", "project", "status", "worker", "started", "duration", "error / outcome"],
+    out.table("Jobs", ["id", "queue", "function", "project", "status", "worker", "started", "duration",
+                       "error / outcome"],
               [[j["id"], j["queue"], (j["function"] or "?").rsplit(".", 1)[-1], j["project"], j["status"], j["worker"],
                 j["started_at"], f"{j['duration_s']:.1f} s" if j["duration_s"] is not None else "", _outcome(j)]
                for j in data])

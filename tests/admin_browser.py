@@ -42,9 +42,10 @@ class Browser:
                 "--disable-extensions", "--disable-background-networking", "--hide-scrollbars",
                 "--remote-debugging-pipe", f"--user-data-dir={profile_dir}", f"--window-size={width},{height}"]
         # bash puts the pipe ends on fds 3 and 4, where --remote-debugging-pipe expects them, then execs chromium.
-        script = f'exec "$0" "$@" 3<&{to_browser_read} 4>&{from_browser_write} {to_browser_read}<&- {from_browser_write}>&-'
+        ends = (to_browser_read, from_browser_write)
+        script = f'exec "$0" "$@" 3<&{ends[0]} 4>&{ends[1]} {ends[0]}<&- {ends[1]}>&-'
         self._log = open(log_path, "wb")
-        self.process = subprocess.Popen(["bash", "-c", script, binary, *args], pass_fds=(to_browser_read, from_browser_write),
+        self.process = subprocess.Popen(["bash", "-c", script, binary, *args], pass_fds=ends,
                                         stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         os.close(to_browser_read)

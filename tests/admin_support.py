@@ -1,11 +1,33 @@
-"""Helpers for the admin tests: projects trained through the real webhook → RQ job path."""
+"""Fixtures and helpers for the admin tests: an app with ADMIN_TOKEN, projects trained through the real
+webhook → RQ job path. Test modules import the fixtures they use by name."""
 
 from __future__ import annotations
 
+import pytest
+
+from backend.app import create_app
+from backend.services import build_services
+from tests.fake_label_studio import FakeLabelStudio
 from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
 from tests.loop_helpers import annotation_event, local_url, run_burst_worker
 
 TOKEN = "admin-token-for-tests-0123456789"
+
+
+@pytest.fixture
+def admin_settings(settings):
+    """Settings with local media, an admin token and no pause between trainings."""
+    return settings.replace(local_files_document_root=str(HYMENOPTERA), train_min_interval_s=0, admin_token=TOKEN)
+
+
+@pytest.fixture
+def services(admin_settings, redis, embedders):
+    return build_services(admin_settings, redis, embedders=embedders)
+
+
+@pytest.fixture
+def client(admin_settings, services):
+    return create_app(admin_settings, services=services).test_client()
 
 
 def labeled_images(per_class: int) -> list[tuple]:
@@ -31,6 +53,17 @@ def train_rounds(client, settings, redis, services, project: int, rounds: list[i
     for per_class in rounds:
         annotate(client, project, labeled_images(per_class))
         run_burst_worker(settings, redis, services)
+
+
+def fake_label_studio(project: int, items: list[tuple]) -> FakeLabelStudio:
+    """A started stand-in for Label Studio's API with one unlabeled uploaded-image task per item."""
+    fake = FakeLabelStudio(label_config=CONFIG_2)
+    for task_id, (path, _) in enumerate(items, start=1):
+        name = f"{task_id}-{path.name}"
+        fake.files[f"upload/{project}/{name}"] = path.read_bytes()
+        fake.tasks.append({"id": task_id, "data": {"image": f"/data/upload/{project}/{name}"}, "annotations": [],
+                           "predictions": [], "project": project})
+    return fake.start()
 
 
 def served(client, project: int) -> str:

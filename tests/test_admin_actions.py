@@ -8,32 +8,16 @@ from rq.suspension import is_suspended
 
 from backend.admin import actions, views
 from backend.admin.errors import NotFound, Refused
-from backend.app import create_app
 from backend.core.heads import build_head
 from backend.core.store import ModelStore
 from backend.services import build_services
-from tests.admin_support import TOKEN, annotate, labeled_images, served
-from tests.fake_label_studio import FakeLabelStudio
-from tests.helpers import CONFIG_2, HYMENOPTERA
+from tests.admin_support import (admin_settings, annotate, client, fake_label_studio, labeled_images,  # noqa: F401
+                                 served, services)
+from tests.helpers import CONFIG_2
 from tests.loop_helpers import run_burst_worker
 from worker.queueing import EMBED_QUEUE, TRAIN_QUEUE, queue
 
 PROJECT = 7
-
-
-@pytest.fixture
-def admin_settings(settings):
-    return settings.replace(local_files_document_root=str(HYMENOPTERA), train_min_interval_s=0, admin_token=TOKEN)
-
-
-@pytest.fixture
-def services(admin_settings, redis, embedders):
-    return build_services(admin_settings, redis, embedders=embedders)
-
-
-@pytest.fixture
-def client(admin_settings, services):
-    return create_app(admin_settings, services=services).test_client()
 
 
 def save_version(store: ModelStore, *, classes=("ants", "bees"), labels: int = 4, accuracy: float = 0.75) -> int:
@@ -159,12 +143,7 @@ def test_draining_an_unknown_worker_names_the_running_ones(redis):
 
 def test_embed_caches_every_task_of_a_project_with_progress_in_the_job(admin_settings, redis, embedders, client):
     items = labeled_images(3)
-    fake = FakeLabelStudio(label_config=CONFIG_2)
-    for task_id, (path, _) in enumerate(items, start=1):
-        fake.files[f"upload/{PROJECT}/{task_id}-{path.name}"] = path.read_bytes()
-        fake.tasks.append({"id": task_id, "data": {"image": f"/data/upload/{PROJECT}/{task_id}-{path.name}"},
-                           "annotations": [], "predictions": [], "project": PROJECT})
-    fake.start()
+    fake = fake_label_studio(PROJECT, items)
     try:
         ls_settings = admin_settings.replace(label_studio_url=fake.url, label_studio_api_key=fake.legacy_token)
         services = build_services(ls_settings, redis, embedders=embedders)

@@ -9,31 +9,15 @@ import time
 import pytest
 
 from backend.admin import views
-from backend.app import create_app
 from backend.cli import main
 from backend.services import build_services
-from tests.admin_support import TOKEN, annotate, labeled_images, served, train_rounds
-from tests.fake_label_studio import FakeLabelStudio
-from tests.helpers import CONFIG_2, HYMENOPTERA
+from tests.admin_support import (TOKEN, admin_settings, annotate, client, fake_label_studio,  # noqa: F401
+                                 labeled_images, served, services, train_rounds)
+from tests.helpers import CONFIG_2
 from tests.loop_helpers import run_burst_worker
 from worker.queueing import EMBED_QUEUE, TRAIN_QUEUE, queue
 
 PROJECT = 7
-
-
-@pytest.fixture
-def admin_settings(settings):
-    return settings.replace(local_files_document_root=str(HYMENOPTERA), train_min_interval_s=0, admin_token=TOKEN)
-
-
-@pytest.fixture
-def services(admin_settings, redis, embedders):
-    return build_services(admin_settings, redis, embedders=embedders)
-
-
-@pytest.fixture
-def client(admin_settings, services):
-    return create_app(admin_settings, services=services).test_client()
 
 
 @pytest.fixture(autouse=True)
@@ -152,12 +136,7 @@ def test_train_wait_prints_the_new_model_version(capsys, client, admin_settings,
 
 def test_embed_follows_the_job_with_a_progress_bar(capsys, client, admin_settings, redis, embedders):
     items = labeled_images(2)
-    fake = FakeLabelStudio(label_config=CONFIG_2)
-    for task_id, (path, _) in enumerate(items, start=1):
-        fake.files[f"upload/{PROJECT}/{task_id}-{path.name}"] = path.read_bytes()
-        fake.tasks.append({"id": task_id, "data": {"image": f"/data/upload/{PROJECT}/{task_id}-{path.name}"},
-                           "annotations": [], "predictions": [], "project": PROJECT})
-    fake.start()
+    fake = fake_label_studio(PROJECT, items)
     try:
         ls_settings = admin_settings.replace(label_studio_url=fake.url, label_studio_api_key=fake.legacy_token)
         services = build_services(ls_settings, redis, embedders=embedders)

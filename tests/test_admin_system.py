@@ -150,7 +150,8 @@ def wait_idle(system, redis) -> None:
 
 PAGE_STATE = """(() => ({
   workers: [...document.querySelectorAll('tr[data-worker]')].map(row => row.dataset.worker).sort(),
-  jobs: Object.fromEntries([...document.querySelectorAll('tr[data-job]')].map(row => [row.dataset.job, row.dataset.status])),
+  jobs: Object.fromEntries([...document.querySelectorAll('tr[data-job]')].map(
+    row => [row.dataset.job, row.dataset.status])),
   projects: Object.fromEntries([...document.querySelectorAll('article[data-project]')].map(article => [
     article.dataset.project, {
       model_version: article.querySelector('.model-version').textContent,

@@ -8,30 +8,14 @@ import pytest
 
 from backend.admin import views
 from backend.admin.errors import NotFound
-from backend.app import create_app
-from backend.services import build_services
-from tests.admin_support import TOKEN, annotate, labeled_images, served, train_rounds
-from tests.helpers import CONFIG_2, HYMENOPTERA
+from tests.admin_support import (admin_settings, annotate, client, labeled_images, served, services,  # noqa: F401
+                                 train_rounds)
+from tests.helpers import CONFIG_2
 from tests.loop_helpers import local_url, run_burst_worker
 from worker import context
 from worker.process import build_worker
 
 PROJECT = 7
-
-
-@pytest.fixture
-def admin_settings(settings):
-    return settings.replace(local_files_document_root=str(HYMENOPTERA), train_min_interval_s=0, admin_token=TOKEN)
-
-
-@pytest.fixture
-def services(admin_settings, redis, embedders):
-    return build_services(admin_settings, redis, embedders=embedders)
-
-
-@pytest.fixture
-def client(admin_settings, services):
-    return create_app(admin_settings, services=services).test_client()
 
 
 def test_models_lists_every_version_with_labels_metrics_parameters_and_the_current_one(

@@ -9,29 +9,16 @@ import pytest
 from backend.admin.auth import COOKIE, new_session, session_ok
 from backend.app import create_app
 from backend.services import build_services
-from tests.admin_support import TOKEN, annotate, labeled_images, train_rounds
-from tests.helpers import CONFIG_2, HYMENOPTERA
+from tests.admin_support import (TOKEN, admin_settings, annotate, client, labeled_images, services,  # noqa: F401
+                                 train_rounds)
+from tests.helpers import CONFIG_2
 from tests.loop_helpers import run_burst_worker
 
 pytestmark = pytest.mark.security
 
 ORIGIN = {"Origin": "http://localhost"}  # the Flask test client's host
+EVIL = {"Origin": "http://evil.example"}
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture
-def admin_settings(settings):
-    return settings.replace(local_files_document_root=str(HYMENOPTERA), train_min_interval_s=0, admin_token=TOKEN)
-
-
-@pytest.fixture
-def services(admin_settings, redis, embedders):
-    return build_services(admin_settings, redis, embedders=embedders)
-
-
-@pytest.fixture
-def client(admin_settings, services):
-    return create_app(admin_settings, services=services).test_client()
 
 
 def signed_in(client) -> str:
@@ -62,7 +49,7 @@ def test_bearer_token_reads_the_api_and_a_wrong_one_is_refused(client):
 
 def test_sign_in_sets_a_strict_http_only_cookie_and_refuses_a_wrong_token(client):
     assert client.post("/admin/login", data={"token": "guess"}, headers=ORIGIN).status_code == 401
-    assert client.post("/admin/login", data={"token": TOKEN}, headers={"Origin": "http://evil.example"}).status_code == 403
+    assert client.post("/admin/login", data={"token": TOKEN}, headers=EVIL).status_code == 403
     assert client.post("/admin/login", data={"token": TOKEN}).status_code == 403  # no Origin, no Referer
     response = client.post("/admin/login", data={"token": TOKEN}, headers=ORIGIN)
     cookie = response.headers["Set-Cookie"]
@@ -86,7 +73,7 @@ def test_cookie_posts_need_the_csrf_token_and_this_origin(client, redis):
     url = "/admin/api/queues/suspend"
     assert client.post(url, headers=ORIGIN).status_code == 403  # no CSRF token
     assert client.post(url, headers={**ORIGIN, "X-CSRF-Token": "0" * 64}).status_code == 403
-    assert client.post(url, headers={"Origin": "http://evil.example", "X-CSRF-Token": csrf}).status_code == 403
+    assert client.post(url, headers={**EVIL, "X-CSRF-Token": csrf}).status_code == 403
     assert client.post(url, headers={"X-CSRF-Token": csrf}).status_code == 403  # neither Origin nor Referer
     assert not redis.exists("rq:suspended")
     assert client.post(url, headers={**ORIGIN, "X-CSRF-Token": csrf}).json == {"suspended": True}
@@ -96,7 +83,7 @@ def test_cookie_posts_need_the_csrf_token_and_this_origin(client, redis):
 
 def test_bearer_posts_need_no_csrf_but_a_foreign_origin_is_refused(client):
     assert client.post("/admin/api/queues/suspend", headers=BEARER).json == {"suspended": True}
-    assert client.post("/admin/api/queues/resume", headers={**BEARER, "Origin": "http://evil.example"}).status_code == 403
+    assert client.post("/admin/api/queues/resume", headers={**BEARER, **EVIL}).status_code == 403
 
 
 def test_admin_has_its_own_token_when_basic_auth_guards_label_studio_routes(admin_settings, redis, services):

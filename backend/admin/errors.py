@@ -13,9 +13,3 @@ class Refused(HeadstartError):
     """The action is understood but not allowed in the current state (CLI exit 1)."""
 
     http_status = 409
-
-
-class AdminDisabled(HeadstartError):
-    """No ADMIN_TOKEN is configured, so every admin route is refused."""
-
-    http_status = 403

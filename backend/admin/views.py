@@ -49,6 +49,8 @@ def redacted(url: str) -> str:
 
 
 def redis_info(redis: Redis, url: str) -> dict:
+    """Where Redis is (REDIS_URL, password hidden; empty means the local default), its version and size."""
+    url = url or LOCAL_REDIS_URL
     info = redis.info("server")
     memory = redis.info("memory")
     return {"url": redacted(url), "version": info.get("redis_version"),
@@ -103,7 +105,7 @@ def workers(redis: Redis) -> list[dict]:
 
 
 def worker_names(redis: Redis) -> list[str]:
-    return [view["name"] for view in workers(redis)]
+    return sorted(worker.name for worker in Worker.all(connection=redis, serializer=JSONSerializer))
 
 
 def _age(moment: datetime | None) -> float | None:
@@ -266,18 +268,17 @@ def projects(services: Services) -> list[dict]:
 def status(services: Services) -> dict:
     """`headstart status`: Redis, queues, workers and projects at a glance."""
     redis = services.redis
-    return {"redis": redis_info(redis, services.settings.redis_url or LOCAL_REDIS_URL),
-            "suspended": suspended(redis), "queues": queues(redis),
-            "workers": [{key: view[key] for key in ("name", "state", "host", "current_job")} for view in workers(redis)],
-            "projects": projects(services)}
+    brief = [{key: view[key] for key in ("name", "state", "host", "current_job")} for view in workers(redis)]
+    return {"redis": redis_info(redis, services.settings.redis_url), "suspended": suspended(redis),
+            "queues": queues(redis), "workers": brief, "projects": projects(services)}
 
 
 def overview(services: Services) -> dict:
     """Everything the /admin page shows, in one document (also GET /admin/api/overview)."""
     redis = services.redis
-    return {"redis": redis_info(redis, services.settings.redis_url or LOCAL_REDIS_URL),
-            "suspended": suspended(redis), "queues": queues(redis), "workers": workers(redis),
-            "jobs": jobs(redis), "projects": [models(services, project) for project in services.projects.all()]}
+    return {"redis": redis_info(redis, services.settings.redis_url), "suspended": suspended(redis),
+            "queues": queues(redis), "workers": workers(redis), "jobs": jobs(redis),
+            "projects": [models(services, project) for project in services.projects.all()]}
 
 
 def scrape_gauges(redis: Redis) -> dict[str, float]:

@@ -14,7 +14,6 @@ from backend.admin import actions, views
 from backend.admin.auth import (COOKIE, COOKIE_PATH, CSRF_HEADER, SESSION_TTL_S, bearer, csrf_token, new_session,
                                 same_origin, session_ok, token_ok)
 from backend.admin.chart import learning_curve
-from backend.admin.errors import AdminDisabled
 from backend.errors import BadRequest
 from backend.services import Services
 
@@ -54,7 +53,7 @@ def guard():
     """Who may call this route, and for changes: from this site only."""
     token = hub().settings.admin_token
     if not token:
-        return _refuse(AdminDisabled.http_status, "AdminDisabled", DISABLED_MESSAGE)
+        return _refuse(403, "AdminDisabled", DISABLED_MESSAGE)
     if request.endpoint in OPEN_ENDPOINTS:  # the sign-in checks its own Origin; static files are public code
         return None
     offered = bearer(request)
@@ -67,7 +66,8 @@ def guard():
         g.admin_via = "cookie"
         g.csrf = csrf_token(token, session)
     elif _is_api():
-        return _refuse(401, "Unauthorized", "Send ADMIN_TOKEN as 'Authorization: Bearer <token>', or sign in at /admin/login.")
+        return _refuse(401, "Unauthorized",
+                       "Send ADMIN_TOKEN as 'Authorization: Bearer <token>', or sign in at /admin/login.")
     else:
         return redirect("/admin/login", code=303)
     if request.method in SAFE_METHODS:
@@ -202,7 +202,7 @@ def api_promote(project: str):
     body = _body()
     version = body.get("version")
     if isinstance(version, bool) or not isinstance(version, int):
-        raise BadRequest("Send the version to promote as {\"version\": 3} (and \"control\" if the project has several).")
+        raise BadRequest('Send the version to promote as {"version": 3} (and "control" if the project has several).')
     return jsonify(actions.promote(hub(), project, version, control=_control(body)))
 
 
