@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -15,6 +16,8 @@ from tests.admin_support import (TOKEN, admin_settings, annotate, client, fake_l
                                  labeled_images, served, services, train_rounds)
 from tests.helpers import CONFIG_2
 from tests.loop_helpers import run_burst_worker
+from worker import context
+from worker.process import build_worker
 from worker.queueing import EMBED_QUEUE, TRAIN_QUEUE, queue
 
 PROJECT = 7
@@ -107,6 +110,23 @@ def test_jobs_retry_failed_show_and_cancel(capsys, client, admin_settings, redis
     assert run_json(capsys, "queues", "suspend") == {"suspended": True}
     assert run_json(capsys, "queues")["suspended"] is True
     assert run_json(capsys, "queues", "resume") == {"suspended": False}
+
+
+def test_workers_show_the_gpu_a_worker_published(capsys, client, admin_settings, redis, services):
+    worker = build_worker(admin_settings, redis, services=services, name="gpu-worker")
+    worker.register_birth()
+    try:
+        gpu = {"type": "cuda", "name": "NVIDIA H100 80GB HBM3", "memory_bytes": 85_031_714_816}
+        redis.hset(worker.key, "headstart", json.dumps({**worker.headstart_info, "device": gpu}))
+        code, table, _ = run(capsys, "workers")
+        assert code == 0 and "NVIDIA H100 80GB HBM3 79.2 GiB" in table and "gpu-worker" in table
+        client.post("/admin/login", data={"token": TOKEN}, headers={"Origin": "http://localhost"})
+        page = client.get("/admin").get_data(as_text=True)
+        assert re.search(r"NVIDIA H100 80GB HBM3 <small>79.2 GiB</small>", page)
+        assert run_json(capsys, "workers")[0]["device"] == gpu
+    finally:
+        worker.register_death()
+        context.uninstall()
 
 
 def run_while_a_worker_works(capsys, argv, settings, redis, services, queue_name) -> tuple[int, str, str]:
