@@ -1,0 +1,49 @@
+"""`python -m bench all|retrain|predict|accuracy|webhook|gpu|table [--quick]`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCHMARKS = ("retrain", "predict", "accuracy", "webhook", "gpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("name", choices=("all", *BENCHMARKS, "table"),
+                        help="a benchmark, all of them (then the table), or only the table")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes, to check the code runs (results are not meaningful; they go to a "
+                             "temporary directory unless --results-dir is given)")
+    parser.add_argument("--results-dir", type=Path, help="where the JSON results go (default: bench/results)")
+    args = parser.parse_args(argv)
+    from bench.data import ensure_weights
+    from bench.harness import RESULTS_DIR
+    from bench.table import update_readme
+
+    if args.name == "table":
+        print(update_readme(results_dir=args.results_dir or RESULTS_DIR))
+        return 0
+    results_dir = args.results_dir or (Path(tempfile.gettempdir()) / "headstart-bench-quick" if args.quick
+                                       else RESULTS_DIR)
+    ensure_weights()
+    names = BENCHMARKS if args.name == "all" else (args.name,)
+    started = time.monotonic()
+    for name in names:
+        module = importlib.import_module(f"bench.{name}")
+        print(f"\n=== {name} ===", flush=True)
+        began = time.monotonic()
+        module.run(quick=args.quick, results_dir=results_dir)
+        print(f"({name}: {time.monotonic() - began:.0f} s)", flush=True)
+    if args.name == "all" and results_dir == RESULTS_DIR:
+        print(update_readme())
+    print(f"\nbench {args.name}: {time.monotonic() - started:.0f} s; results in {results_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""`accuracy`: learning curves on both shared sets, headstart's head against two references.
+
+Features come from the product's embedder (decode_image + Embedder.embed: MobileNetV2, resize 256,
+crop 224, L2-normalized). For k labeled images per class drawn from `train` (k = 1, 2, 5, 10, 20
+and all; 5 seeds), each method is fitted on the same features and scored on all of `val`:
+
+- headstart: backend.core.training.fit_head with the product's default recipe;
+- ref_logreg: scikit-learn LogisticRegression(C=1);
+- ref_linear: a linear layer trained with Adam, 300 full-batch steps.
+
+`worst_gap` is headstart minus the better reference, the minimum over every (set, k) cell of the
+mean accuracies. Also draws the curves to bench/results/accuracy.png (matplotlib).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from backend.core.embedding import load_embedder, set_torch_threads
+from backend.core.heads import head_probabilities
+from backend.core.images import decode_image
+from backend.core.training import fit_head
+from bench import data
+from bench.harness import RESULTS_DIR, Run, goal, median, print_table, rounded
+
+NAME = "accuracy"
+SETS = ("hymenoptera", "flowers12")
+METHODS = ("headstart", "ref_logreg", "ref_linear")
+ADAM_STEPS = 300
+ADAM_LR = 0.01
+EMBED_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class Params:
+    ks: tuple
+    seeds: int
+    per_class_cap: int | None = None   # quick mode: at most this many train/val images per class
+
+
+FULL = Params(ks=(1, 2, 5, 10, 20, "all"), seeds=5)
+QUICK = Params(ks=(1, 2, "all"), seeds=2, per_class_cap=3)
+
+
+def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
+    params = QUICK if quick else FULL
+    bench_run = Run(NAME, quick=quick, results_dir=results_dir)
+    set_torch_threads(1)
+    embedder = load_embedder("mobilenet_v2")
+    curves, fit_ms = {}, []
+    for name in SETS:
+        train, val = _capped(data.images(name, "train"), params), _capped(data.images(name, "val"), params)
+        classes = data.classes_of(train)
+        x_train, x_val = _embed(embedder, train), _embed(embedder, val)
+        y_train = torch.tensor([classes.index(cls) for _, cls in train])
+        y_val = torch.tensor([classes.index(cls) for _, cls in val])
+        curves[name] = {}
+        for k in params.ks:
+            scores = {method: [] for method in METHODS}
+            for seed in range(params.seeds):
+                chosen = _draw(y_train, k, seed)
+                x, y = x_train[chosen], y_train[chosen]
+                started = time.perf_counter()
+                head = fit_head(x, y, num_classes=len(classes), multi_label=False)
+                fit_ms.append((time.perf_counter() - started) * 1000)
+                scores["headstart"].append(_accuracy(head, x_val, y_val))
+                scores["ref_logreg"].append(_logreg_accuracy(x, y, x_val, y_val))
+                scores["ref_linear"].append(_accuracy(_adam_head(x, y, len(classes), seed), x_val, y_val))
+            curves[name][str(k)] = _cell(scores, labels=len(chosen))
+    gaps = {(name, k): cell["headstart"] - max(cell["ref_logreg"], cell["ref_linear"])
+            for name, cells in curves.items() for k, cell in cells.items()}
+    worst = min(gaps, key=gaps.get)
+    results = {"sets": curves, "worst_gap": round(gaps[worst], 2), "worst_gap_cell": f"{worst[0]} k={worst[1]}",
+               "headstart_fit_ms_median": rounded(median(fit_ms), 1), "seeds": params.seeds,
+               "ref_linear_recipe": {"optimizer": "adam", "lr": ADAM_LR, "steps": ADAM_STEPS, "full_batch": True}}
+    notes = ["accuracy in % on all of val, mean (and std) over seeds; k labeled images per class from train",
+             "features: the product's embedder (MobileNetV2 ImageNet, L2-normalized), shared by all methods"]
+    record = bench_run.finish(results, goals={"worst_gap": goal(results["worst_gap"], 0, at_least=True)},
+                              notes=notes)
+    for name, cells in curves.items():
+        print_table(f"accuracy, {name} (% on val, mean over {params.seeds} seeds)", ["k", *METHODS, "gap"],
+                    [[k, *(f"{cell[m]:.1f}±{cell[m + '_std']:.1f}" for m in METHODS), round(gaps[(name, k)], 1)]
+                     for k, cell in cells.items()])
+    print(f"worst gap: {results['worst_gap']} at {results['worst_gap_cell']}")
+    _plot(curves, results_dir / ("accuracy-quick.png" if quick else "accuracy.png"))
+    return record
+
+
+def _capped(items, params: Params):
+    if params.per_class_cap is None:
+        return items
+    counts: dict[str, int] = {}
+    kept = []
+    for path, cls in items:
+        counts[cls] = counts.get(cls, 0) + 1
+        if counts[cls] <= params.per_class_cap:
+            kept.append((path, cls))
+    return kept
+
+
+def _embed(embedder, items) -> torch.Tensor:
+    vectors = []
+    for start in range(0, len(items), EMBED_CHUNK):
+        images = [decode_image(path.read_bytes(), max_pixels=10**9, min_side=embedder.resize_size)
+                  for path, _ in items[start:start + EMBED_CHUNK]]
+        vectors.append(embedder.embed(images))
+    return torch.cat(vectors)
+
+
+def _draw(targets: torch.Tensor, k, seed: int) -> torch.Tensor:
+    """Indices of k examples per class (all of them for k="all"), drawn with `seed`."""
+    if k == "all":
+        return torch.arange(len(targets))
+    rng = random.Random(seed)
+    chosen = []
+    for label in sorted(set(targets.tolist())):
+        members = (targets == label).nonzero().flatten().tolist()
+        chosen += rng.sample(members, min(k, len(members)))
+    return torch.tensor(sorted(chosen))
+
+
+def _accuracy(head: nn.Module, features: torch.Tensor, targets: torch.Tensor) -> float:
+    predicted = head_probabilities(head, features, multi_label=False).argmax(dim=1)
+    return 100.0 * (predicted == targets).float().mean().item()
+
+
+def _logreg_accuracy(x, y, x_val, y_val) -> float:
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=1.0, max_iter=5000)
+    model.fit(x.numpy(), y.numpy())
+    return 100.0 * float((model.predict(x_val.numpy()) == y_val.numpy()).mean())
+
+
+def _adam_head(x, y, num_classes: int, seed: int) -> nn.Linear:
+    torch.manual_seed(seed)
+    head = nn.Linear(x.shape[1], num_classes)
+    optimizer = torch.optim.Adam(head.parameters(), lr=ADAM_LR)
+    with torch.enable_grad():
+        for _ in range(ADAM_STEPS):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(head(x), y).backward()
+            optimizer.step()
+    return head.eval()
+
+
+def _cell(scores: dict[str, list[float]], *, labels: int) -> dict:
+    cell = {"labels": labels}
+    for method, values in scores.items():
+        cell[method] = round(statistics.fmean(values), 2)
+        cell[f"{method}_std"] = round(statistics.pstdev(values), 2)
+    return cell
+
+
+def _plot(curves: dict, target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(1, len(curves), figsize=(9, 3.4), dpi=80)
+    for axis, (name, cells) in zip(axes, curves.items()):
+        ks = list(cells)
+        positions = range(len(ks))
+        for method in METHODS:
+            axis.errorbar(positions, [cells[k][method] for k in ks], yerr=[cells[k][f"{method}_std"] for k in ks],
+                          label=method, marker="o", capsize=3)
+        axis.set_xticks(list(positions), ks)
+        axis.set_xlabel("labeled images per class")
+        axis.set_ylabel("val accuracy (%)")
+        axis.set_title(name)
+        axis.grid(alpha=0.3)
+    axes[0].legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(target)
+    pyplot.close(figure)

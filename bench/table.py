@@ -1,0 +1,133 @@
+"""`python -m bench table`: the results as a markdown table, put between the README's performance markers.
+
+The table is regenerated from bench/results/*.json only (it never measures anything), written to
+bench/results/TABLE.md, and replaces the text between `<!-- performance:start -->` and
+`<!-- performance:end -->` in README.md when those markers are there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.harness import REPO, RESULTS_DIR, cpu_model, read_result
+
+START = "<!-- performance:start -->"
+END = "<!-- performance:end -->"
+HEADER = ("| benchmark | measure | headstart | baseline | result | goal | |\n"
+          "|---|---|---|---|---|---|---|")
+
+
+def _status(record: dict, key: str) -> str:
+    met = record.get("goals", {}).get(key, {}).get("met")
+    return {True: "met", False: "**missed**"}.get(met, "n/a")
+
+
+def _ms(value) -> str:
+    return "n/a" if value is None else f"{value:g} ms"
+
+
+def _retrain_rows(r: dict) -> list[str]:
+    if r["headstart_s"] is None:
+        return [f"| retrain | one more annotation → new version served | every run rejected by the guard | | | | "
+                "**missed** |"]
+    sizes = " and ".join(str(n["labels"]) for n in r["naive_measured"])
+    largest = r["naive_measured"][-1]
+    return [
+        f"| retrain | one more annotation → new version served ({r['labels']} labels) | {r['headstart_s']:.2f} s "
+        f"| naive recipe: {r['naive_s']:.0f} s, extrapolated from runs at {sizes} labels "
+        f"({largest['seconds']:.0f} s at {largest['labels']}) | {r['speedup_vs_naive']:g}× faster "
+        f"(≥ {r['speedup_vs_naive_measured_lower_bound']:g}× against the measured {largest['labels']}-label run) "
+        f"| ≥ 100× | {_status(r, 'speedup_vs_naive')} |",
+        f"| retrain | same, against the floor (embed 1 image + fit head, called directly) | {r['headstart_s']:.2f} s "
+        f"| floor: {r['floor_s']:.2f} s; floor + the guard's cross-validation: {r['core_s']:.2f} s "
+        f"| {r['ratio_to_floor']:g}× the floor ({r['ratio_to_core']:g}× floor + validation) | ≤ 1.5× "
+        f"| {_status(r, 'ratio_to_floor')} |",
+    ]
+
+
+def _predict_rows(r: dict) -> list[str]:
+    return [
+        f"| predict | 1 uncached image, p50 (p95) | {_ms(r['uncached_p50_ms'])} ({_ms(r['uncached_p95_ms'])}) "
+        f"| raw torch: {_ms(r['raw_p50_ms'])} ({_ms(r['raw_p95_ms'])}) | {r['uncached_ratio']:g}× raw | ≤ 1.25× "
+        f"| {_status(r, 'uncached_ratio')} |",
+        f"| predict | 1 cached image, p50 | {_ms(r['cached_p50_ms'])} | | | ≤ 10 ms | {_status(r, 'cached_p50_ms')} |",
+        f"| predict | {r['batch_tasks']} uncached tasks in one request | {r['batch_img_per_s']:g} images/s "
+        f"| raw torch: {r['raw_batch_img_per_s']:g} images/s | {r['batch_ratio']:g}× raw | ≥ 0.9× "
+        f"| {_status(r, 'batch_ratio')} |",
+    ]
+
+
+def _accuracy_rows(r: dict) -> list[str]:
+    rows = []
+    for name, cells in r["sets"].items():
+        curve = ", ".join(f"{k}: {cell['headstart']:.1f}" for k, cell in cells.items())
+        best = ", ".join(f"{k}: {max(cell['ref_logreg'], cell['ref_linear']):.1f}" for k, cell in cells.items())
+        rows.append(f"| accuracy | {name}, % on val by labels per class | {curve} | best reference: {best} "
+                    f"| | | |")
+    rows.append(f"| accuracy | worst gap to the best reference (all sets, all k) | | | {r['worst_gap']:+g} points "
+                f"({r['worst_gap_cell']}) | ≥ 0 | {_status(r, 'worst_gap')} |")
+    return rows
+
+
+def _webhook_rows(r: dict) -> list[str]:
+    return [
+        f"| webhook | {r['senders']} senders for {r['seconds']:g} s: {r['events']} events, p50 (p99) "
+        f"| {_ms(r['p50_ms'])} ({_ms(r['p99_ms'])}) | | | p99 ≤ 50 ms | {_status(r, 'p99_ms')} |",
+        f"| webhook | errors; trainings per project | {r['errors']}; {r.get('trainings_per_project')} | | "
+        f"| 0 errors, a handful each | {_status(r, 'errors')} |",
+    ]
+
+
+def _gpu_rows(r: dict) -> list[str]:
+    if not r.get("run"):
+        return [f"| gpu | not run | | | {r.get('reason', '')} | | |"]
+    return [f"| gpu | {r['device']}: embedding; retrain ({r['retrain_labels']} labels) "
+            f"| {r['embed_img_per_s']:g} images/s; {r['retrain_s']:.2f} s | | | | |"]
+
+
+ROWS = {"retrain": _retrain_rows, "predict": _predict_rows, "accuracy": _accuracy_rows,
+        "webhook": _webhook_rows, "gpu": _gpu_rows}
+
+
+def markdown(results_dir: Path = RESULTS_DIR) -> str:
+    records = {name: read_result(name, results_dir) for name in ROWS}
+    found = {name: record for name, record in records.items() if record is not None}
+    if not found:
+        return "No benchmark results yet: run `python -m bench all`."
+    first = next(iter(found.values()))
+    machine = first.get("machine", {})
+    loads = [value for record in found.values()
+             for value in record.get("load_average_before", [])[:1] + record.get("load_average_after", [])[:1]]
+    gpu = machine.get("gpu") or "no GPU"
+    dates = sorted(record["started_at"][:10] for record in found.values())
+    lines = [
+        f"Measured with `python -m bench all` on {machine.get('cpu') or cpu_model()}, {machine.get('cores')} cores, "
+        f"{gpu}, torch {machine.get('torch')}, {dates[0]}{'' if dates[0] == dates[-1] else ' to ' + dates[-1]}. "
+        f"The machine was shared with other work (1-minute load average {min(loads):g} to {max(loads):g} "
+        "around the runs), so each figure is set against its baseline measured in the same run. "
+        "Details and method: [bench/README.md](bench/README.md).",
+        "",
+        HEADER,
+    ]
+    for name, rows in ROWS.items():
+        record = found.get(name)
+        lines += rows(record) if record else [f"| {name} | not measured yet | | | | | |"]
+    quick = [name for name, record in found.items() if record.get("quick")]
+    if quick:
+        lines += ["", f"Results of {', '.join(quick)} come from a `--quick` run and mean nothing."]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: Path = REPO / "README.md", results_dir: Path = RESULTS_DIR) -> str:
+    """Write TABLE.md and, when README.md has the markers, the table between them. Says what it did."""
+    table = markdown(results_dir)
+    (results_dir / "TABLE.md").write_text(table)
+    if not readme.exists():
+        return f"{readme} does not exist; the table is in {results_dir / 'TABLE.md'}"
+    text = readme.read_text()
+    if START not in text or END not in text or text.index(START) > text.index(END):
+        return f"{readme} has no {START} … {END} markers; the table is in {results_dir / 'TABLE.md'}"
+    before, rest = text.split(START, 1)
+    _, after = rest.split(END, 1)
+    readme.write_text(f"{before}{START}\n{table}{END}{after}")
+    return f"updated the performance table in {readme} (and {results_dir / 'TABLE.md'})"

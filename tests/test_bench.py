@@ -1,0 +1,84 @@
+"""The benchmarks still run: each one in --quick mode (tiny sizes), into a temporary results directory.
+
+No timing is asserted here (targets live in bench/results, measured by `python -m bench all`);
+these tests check that every benchmark drives the real processes end to end and writes the keys
+its table reads, and that the README table is regenerated between its markers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import pytest
+
+from bench import table
+from bench.__main__ import BENCHMARKS
+
+KEYS = {
+    "retrain": ("labels", "headstart_s", "naive_s", "floor_s", "speedup_vs_naive", "ratio_to_floor"),
+    "predict": ("uncached_p50_ms", "raw_p50_ms", "uncached_ratio", "cached_p50_ms", "batch_img_per_s",
+                "raw_batch_img_per_s", "batch_ratio"),
+    "accuracy": ("sets", "worst_gap"),
+    "webhook": ("events", "p50_ms", "p99_ms", "errors", "jobs_enqueued"),
+    "gpu": ("run",),
+}
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-results")
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmark_runs_in_quick_mode(name, results_dir):
+    if name == "accuracy":
+        pytest.importorskip("sklearn", reason="the accuracy benchmark needs the bench extra: "
+                                              "pip install -e '.[bench]'")
+        pytest.importorskip("matplotlib", reason="the accuracy benchmark needs the bench extra")
+    record = importlib.import_module(f"bench.{name}").run(quick=True, results_dir=results_dir)
+    written = json.loads((results_dir / f"{name}.json").read_text())
+    assert written == json.loads(json.dumps(record))
+    assert written["quick"] is True and written["machine"]["cores"] >= 1
+    for key in KEYS[name]:
+        assert key in written, f"{name} result lacks {key}"
+    if name == "retrain":
+        assert all(_positive_number(written[key]) for key in KEYS[name])
+        assert written["runs"][0]["outcome"] == "promoted"
+    elif name == "predict":
+        assert all(_positive_number(written[key]) for key in KEYS[name])
+    elif name == "accuracy":
+        for cells in written["sets"].values():
+            for cell in cells.values():
+                assert all(0 <= cell[method] <= 100 for method in ("headstart", "ref_logreg", "ref_linear"))
+        assert (results_dir / "accuracy-quick.png").stat().st_size > 0
+    elif name == "webhook":
+        assert written["events"] > 0 and written["errors"] == 0 and written["jobs_enqueued"] >= 1
+    else:
+        assert written["run"] is True or "cuda" in written["reason"].lower()
+
+
+def test_table_replaces_only_the_text_between_the_markers(results_dir, tmp_path):
+    if not (results_dir / "gpu.json").exists():  # this test alone: at least one result to tabulate
+        importlib.import_module("bench.gpu").run(quick=True, results_dir=results_dir)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# headstart\n\n## Performance\n{table.START}\nold table\n{table.END}\n\n## License\n")
+    message = table.update_readme(readme, results_dir)
+    text = readme.read_text()
+    assert "updated" in message and "old table" not in text
+    assert text.startswith("# headstart\n\n## Performance\n") and text.endswith(f"{table.END}\n\n## License\n")
+    body = text.split(table.START)[1].split(table.END)[0]
+    assert table.HEADER in body and (results_dir / "TABLE.md").read_text() == body.lstrip("\n")
+    assert "cores" in body
+
+
+def test_table_without_markers_leaves_the_readme_alone(results_dir, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# headstart\n")
+    assert "no <!-- performance:start -->" in table.update_readme(readme, results_dir)
+    assert readme.read_text() == "# headstart\n"
