@@ -44,6 +44,19 @@ def test_a_request_during_a_run_queues_exactly_one_follow_up(redis, loop_setting
     assert queue(TRAIN_QUEUE, redis).count == 1
 
 
+def test_requests_during_a_real_run_queue_nothing_until_it_finishes(redis, loop_settings):
+    scheduler = TrainingScheduler(redis, loop_settings)
+    scheduler.request("3", reason="first")
+    (job,) = queue(TRAIN_QUEUE, redis).jobs
+    queue(TRAIN_QUEUE, redis).remove(job.id)
+    job.set_status("started")
+    assert scheduler.begin("3", job.id)
+    assert {scheduler.request("3", reason="during") for _ in range(5)} == {"coalesced"}
+    assert queue(TRAIN_QUEUE, redis).count == 0
+    assert scheduler.finish("3", job.id) is True
+    assert queue(TRAIN_QUEUE, redis).count == 1
+
+
 def test_a_second_job_defers_while_the_first_one_runs(redis, loop_settings):
     scheduler = TrainingScheduler(redis, loop_settings)
     scheduler.request("3", reason="x")

@@ -43,8 +43,15 @@ class TrainingScheduler:
         self.settings = settings
 
     def request(self, project: str, *, reason: str) -> str:
-        """Ask for a training of `project`. Returns "queued" or "coalesced"."""
+        """Ask for a training of `project`. Returns "queued" or "coalesced".
+
+        While a training of the project runs, nothing is queued: the dirty mark makes the running
+        job re-queue once when it finishes (it reads the mark after releasing its lock, and this
+        sets the mark before looking at the lock, so no request falls between the two).
+        """
         self.redis.set(_key(project, "dirty"), reason)
+        if self._running_job(project) is not None:
+            return "coalesced"
         if not self.redis.set(_key(project, "queued"), "pending", nx=True, ex=self.settings.job_timeout_s * 2):
             if self._queued_job_alive(project):
                 return "coalesced"
@@ -78,15 +85,22 @@ class TrainingScheduler:
         return max(0.0, min(self.settings.train_min_interval_s,
                             float(last) + self.settings.train_min_interval_s - time.time()))
 
+    def _running_job(self, project: str) -> str | None:
+        """The id of the job holding the project's run lock, if that job is really running."""
+        holder = self.redis.get(_key(project, "running"))
+        if holder is None:
+            return None
+        job = _fetch(holder.decode(), self.redis)
+        if job is None or job.get_status(refresh=False) != JobStatus.STARTED:
+            return None
+        return holder.decode()
+
     def begin(self, project: str, job_id: str) -> bool:
         """Called by a starting training job: take the run lock. False if another job holds it."""
         self.redis.delete(_key(project, "queued"))
         lock = _key(project, "running")
         if not self.redis.set(lock, job_id, nx=True, ex=self.settings.job_timeout_s + 60):
-            holder = self.redis.get(lock)
-            holder_job = _fetch(holder.decode(), self.redis) if holder else None
-            if holder_job is not None and holder_job.get_status(refresh=False) == JobStatus.STARTED \
-                    and holder.decode() != job_id:
+            if self._running_job(project) not in (None, job_id):
                 return False
             self.redis.set(lock, job_id, ex=self.settings.job_timeout_s + 60)  # the holder died
         self.redis.delete(_key(project, "dirty"))
