@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from redis import Redis
+from rq import Worker
 
 from tests.e2e.processes import ManagedProcess, http_ok, wait_until
 from tests.helpers import REPO, free_port
@@ -45,10 +46,10 @@ class HeadstartPair:
             **(extra_env or {}),
         })
         executable = str(headstart_executable())
-        self.backend = ManagedProcess(f"{name} backend", [executable, "serve", "--host", "127.0.0.1",
-                                                          "--port", str(self.port)],
+        # the README's commands, verbatim: `headstart serve --port P` and `headstart worker`
+        self.backend = ManagedProcess(f"{name} backend", [executable, "serve", "--port", str(self.port)],
                                       env=env, log_path=log_dir / f"{name}-backend.log", cwd=REPO)
-        self.worker = ManagedProcess(f"{name} worker", [executable, "worker", "--name", f"e2e-{name}"],
+        self.worker = ManagedProcess(f"{name} worker", [executable, "worker"],
                                      env=env, log_path=log_dir / f"{name}-worker.log", cwd=REPO)
 
     @property
@@ -69,16 +70,18 @@ class HeadstartPair:
         return self
 
     def worker_registered(self) -> bool:
-        """The worker publishes itself in Redis once its backbone is loaded and it listens."""
+        """The worker registers with RQ (in its own Redis database) once its backbone is loaded."""
         redis = Redis.from_url(self.redis_url)
         try:
-            return redis.exists(f"rq:worker:e2e-{self.name}") == 1
+            return len(Worker.all(connection=redis)) == 1
         finally:
             redis.close()
 
     def stop(self) -> None:
-        self.backend.stop()
-        self.worker.stop()
+        for process in self.processes:
+            process.request_stop()
+        for process in self.processes:
+            process.stop()
 
     def report(self, lines: int = 80) -> str:
         return "\n".join(process.report(lines) for process in self.processes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import PurePosixPath
 from urllib.parse import parse_qs, urlparse
 
@@ -42,7 +43,7 @@ class LabelingSession:
     images: dict[int, Image]  # task id → image with its true label
     annotations: dict[int, tuple[int, str]] = field(default_factory=dict)  # task → (annotation id, label)
 
-    @property
+    @cached_property
     def store(self) -> ModelStore:
         return ModelStore(Redis.from_url(self.pair.redis_url))
 
@@ -103,13 +104,9 @@ class LabelingSession:
 
     def training_idle(self) -> bool:
         """No training queued, running or waiting for a retry (read from RQ's own registries)."""
-        redis = Redis.from_url(self.pair.redis_url)
-        try:
-            train = Queue(TRAIN_QUEUE, connection=redis)
-            return train.count == 0 and StartedJobRegistry(queue=train).count == 0 \
-                and ScheduledJobRegistry(queue=train).count == 0
-        finally:
-            redis.close()
+        train = Queue(TRAIN_QUEUE, connection=self.store.redis)
+        return train.count == 0 and StartedJobRegistry(queue=train).count == 0 \
+            and ScheduledJobRegistry(queue=train).count == 0
 
     def wait_until_settled(self, trained_on: dict[str, list[str]],
                            timeout_s: float = TRAINING_TIMEOUT_S) -> dict:

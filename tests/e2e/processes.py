@@ -15,7 +15,7 @@ from typing import Callable
 import requests
 
 PR_SET_PDEATHSIG = 1
-STOP_GRACE_S = 15.0
+STOP_GRACE_S = 10.0
 
 
 def _die_with_parent() -> None:
@@ -64,12 +64,16 @@ class ManagedProcess:
             except ProcessLookupError:
                 pass
 
+    def request_stop(self) -> None:
+        """SIGTERM the group without waiting (so several processes can shut down side by side)."""
+        self.signal_group(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+        self.signal_group(signal.SIGTERM)
+
     def stop(self) -> None:
         """SIGTERM the group, wait, then SIGKILL whatever is left. Safe to call twice."""
         if self.process is None:
             return
-        self.signal_group(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-        self.signal_group(signal.SIGTERM)
+        self.request_stop()
         try:
             self.process.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:

@@ -9,6 +9,7 @@ backend and worker see must be downloaded from /data/upload/ with the token exch
 from __future__ import annotations
 
 import pytest
+import requests
 from redis import Redis
 from rq import Queue
 from rq.registry import FinishedJobRegistry
@@ -62,7 +63,7 @@ def predict_unlabeled_results(pair) -> list[dict]:
         redis.close()
 
 
-def test_uploaded_media_and_api_work_with_a_personal_access_token(ls_api, token_api, token_pair):
+def test_uploaded_media_and_api_work_with_a_personal_access_token(ls_api, label_studio, token_api, token_pair):
     assert token_api.is_personal_access_token
     refused = ls_api.request("GET", "/api/projects", expect=(200, 401))
     assert refused.status_code == 401, "legacy tokens still work: this flow would prove nothing"
@@ -80,6 +81,10 @@ def test_uploaded_media_and_api_work_with_a_personal_access_token(ls_api, token_
         images[task["id"]] = Image(file_name=uploaded_name, label=label,
                                    role="pool" if already < LABELED_PER_CLASS else "eval")
     assert len(images) == len(uploads)
+    media = token_api.base_url + token_api.tasks(project)[0]["data"]["image"]
+    for credentials in ({}, {"Authorization": f"Token {label_studio.credentials.legacy_token}"}):
+        status = requests.get(media, headers=credentials, timeout=10).status_code
+        assert status in (401, 403), f"{media} is served without a valid token ({status})"
 
     backend = token_api.connect_backend(project, token_pair.url)
     session = LabelingSession(api=token_api, pair=token_pair, project=project, backend_id=backend["id"],
