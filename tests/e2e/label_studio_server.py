@@ -38,10 +38,11 @@ def ensure_installed(venv: Path = DEFAULT_VENV) -> Path:
         return venv / "bin" / "label-studio"
     python = shutil.which("python3.11") or sys.executable
     print(f"\ninstalling label-studio=={LABEL_STUDIO_VERSION} into {venv} (about 3 minutes)", flush=True)
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
     if not (venv / "bin" / "pip").exists():
-        subprocess.run([python, "-m", "venv", str(venv)], check=True)
+        subprocess.run([python, "-m", "venv", str(venv)], check=True, env=env)
     subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", f"label-studio=={LABEL_STUDIO_VERSION}"],
-                   check=True, timeout=INSTALL_TIMEOUT_S)
+                   check=True, timeout=INSTALL_TIMEOUT_S, env=env)
     if installed_version(venv) != LABEL_STUDIO_VERSION:
         raise RuntimeError(f"label-studio {LABEL_STUDIO_VERSION} did not install into {venv}")
     return venv / "bin" / "label-studio"
