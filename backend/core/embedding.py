@@ -13,8 +13,9 @@ from backend.core.backbones import BackboneSpec, backbone_key, count_parameters,
 
 EMBED_BATCH_SIZE = 32
 # On CPU the cost per image grows with the batch (the activations of 32 images overflow the
-# caches): batches of 4 embed 2-3x faster than batches of 32 on a 2-core EPYC (bench/predict.py).
-CPU_EMBED_BATCH_SIZE = 4
+# caches): MobileNetV2 embeds 3x faster per image in batches of 2 than of 32, and 20% faster than
+# in batches of 4, on a 2-core EPYC with one torch thread (bench/predict.py).
+CPU_EMBED_BATCH_SIZE = 2
 
 
 def resolve_device(requested: str) -> torch.device:
