@@ -148,3 +148,40 @@ def _send_headers(handler, status: int, headers: dict) -> None:
 def _send(handler, status: int, body: bytes, headers: dict | None = None) -> None:
     _send_headers(handler, status, {"Content-Length": str(len(body)), **(headers or {})})
     handler.wfile.write(body)
+
+
+class ErrorServer:
+    """Answers every request with the same status and body (a Label Studio that is broken or refuses us)."""
+
+    def __init__(self, status: int, body: bytes = b'{"detail": "error"}', content_type: str = "application/json"):
+        self.status, self.body, self.content_type = status, body, content_type
+        self.requests = 0
+
+    def start(self) -> "ErrorServer":
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self):
+                server.requests += 1
+                self.send_response(server.status)
+                self.send_header("Content-Type", server.content_type)
+                self.send_header("Content-Length", str(len(server.body)))
+                self.end_headers()
+                self.wfile.write(server.body)
+
+            do_GET = do_POST = do_PATCH = _answer
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
