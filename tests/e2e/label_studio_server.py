@@ -83,8 +83,8 @@ class LabelStudioServer:
             "FRONTEND_SENTRY_DSN": "",
             "PYTHONUNBUFFERED": "1",
         }
-        for inherited in ("DJANGO_DB", "DATABASE_URL", "POSTGRE_HOST", "REDIS_LOCATION"):
-            env.pop(inherited, None)  # always its own SQLite database and synchronous jobs
+        for inherited in ("DJANGO_DB", "DATABASE_URL", "POSTGRE_HOST", "REDIS_LOCATION", "PYTHONPATH"):
+            env.pop(inherited, None)  # its own SQLite database, synchronous jobs, its own packages
         self.process = ManagedProcess(
             "label-studio",
             [str(executable), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(self.port)],
