@@ -53,3 +53,23 @@ def test_stronger_regularization_shrinks_the_weights(hymenoptera_features):
     tight = fit_head(features, targets_of(labels), num_classes=2, multi_label=False,
                      recipe=HeadRecipe(inverse_regularization=0.01))
     assert tight.weight.norm() < loose.weight.norm()
+
+
+def test_calibration_makes_confident_scores_without_changing_decisions(hymenoptera_features):
+    from backend.core.heads import head_probabilities
+    from backend.core.training import calibrate, fit_temperature
+
+    features, labels = hymenoptera_features
+    targets = targets_of(labels)
+    validation = cross_validate(features, targets, num_classes=2, multi_label=False)
+    temperature = fit_temperature(validation.logits, targets, multi_label=False)
+    assert temperature < 1.0  # the regularized head is timid: its logits are scaled up
+    head = fit_head(features, targets, num_classes=2, multi_label=False)
+    before = head_probabilities(head, features, multi_label=False)
+    calibrate(head, temperature)
+    after = head_probabilities(head, features, multi_label=False)
+    assert torch.equal(before.argmax(1), after.argmax(1))
+    assert after.max(1).values.mean() > before.max(1).values.mean()
+    # honest on held-out examples: the mean calibrated confidence is near the out-of-fold accuracy
+    held_out = torch.softmax(validation.logits / temperature, dim=1).max(1).values.mean()
+    assert abs(float(held_out) - validation.accuracy) < 0.1

@@ -14,7 +14,8 @@ import torch
 from backend.core.backbones import count_parameters
 from backend.core.embedding import Embedder
 from backend.core.store import ModelStore
-from backend.core.training import HeadRecipe, Validation, cross_validate, fit_head, predicted_correctly
+from backend.core.training import (HeadRecipe, Validation, calibrate, cross_validate, fit_head, fit_temperature,
+                                   predicted_correctly)
 from backend.errors import NotEnoughLabels
 
 
@@ -57,6 +58,10 @@ def train_version(
     head = fit_head(features, targets, num_classes=len(classes), multi_label=multi_label, recipe=recipe)
     fit_seconds = time.perf_counter() - started
     validation = cross_validate(features, targets, num_classes=len(classes), multi_label=multi_label, recipe=recipe)
+    temperature = 1.0
+    if validation.logits is not None:
+        temperature = fit_temperature(validation.logits, targets, multi_label=multi_label)
+        calibrate(head, temperature)
     train_correct = predicted_correctly(head, features, targets, multi_label=multi_label)
     meta = {
         "backbone": embedder.spec.name,
@@ -74,6 +79,7 @@ def train_version(
         },
         "parameters": {"trainable": count_parameters(head), "non_trainable": embedder.parameter_count},
         "recipe": recipe.as_dict(),
+        "calibration": {"method": "temperature scaling on out-of-fold logits", "temperature": round(temperature, 4)},
         "trained_on": {str(task): list(names) for task, names in zip(task_ids, labels)},
         "out_of_fold_correct": (
             {str(task): ok for task, ok in zip(task_ids, validation.correct)} if validation.correct else None
