@@ -24,6 +24,8 @@ class GunicornServer(BaseApplication):
         self.cfg.set("timeout", REQUEST_TIMEOUT_S)
         self.cfg.set("accesslog", "-")
         self.cfg.set("loglevel", self.settings.log_level.lower())
+        # gunicorn's control socket is one fixed path per user: several backends on a host would share it
+        self.cfg.set("control_socket_disable", True)
 
     def load(self):
         from backend.app import create_app
