@@ -28,7 +28,7 @@ def _ms(value) -> str:
 
 def _retrain_rows(r: dict) -> list[str]:
     if r["headstart_s"] is None:
-        return [f"| retrain | one more annotation → new version served | every run rejected by the guard | | | | "
+        return ["| retrain | one more annotation → new version served | every run rejected by the guard | | | | "
                 "**missed** |"]
     sizes = " and ".join(str(n["labels"]) for n in r["naive_measured"])
     largest = r["naive_measured"][-1]
@@ -70,11 +70,17 @@ def _accuracy_rows(r: dict) -> list[str]:
 
 
 def _webhook_rows(r: dict) -> list[str]:
+    saturation = r["saturation"]
     return [
-        f"| webhook | {r['senders']} senders for {r['seconds']:g} s: {r['events']} events, p50 (p99) "
-        f"| {_ms(r['p50_ms'])} ({_ms(r['p99_ms'])}) | | | p99 ≤ 50 ms | {_status(r, 'p99_ms')} |",
-        f"| webhook | errors; trainings per project | {r['errors']}; {r.get('trainings_per_project')} | | "
+        f"| webhook | {r['senders']} senders × {r['offered_events_per_s'] / r['senders']:g} events/s for "
+        f"{r['seconds']:g} s ({r['events']} events), latency p50 (p99) | {_ms(r['p50_ms'])} ({_ms(r['p99_ms'])}) "
+        f"| | | p99 ≤ 50 ms | {_status(r, 'p99_ms')} |",
+        f"| webhook | errors; trainings per project | {r['errors']}; "
+        f"{', '.join(str(n) for n in r.get('trainings_per_project', {}).values()) or 'none'} | | "
         f"| 0 errors, a handful each | {_status(r, 'errors')} |",
+        f"| webhook | capacity: the same senders back to back for {saturation['seconds']:g} s "
+        f"| {saturation['events_per_s']:g} events/s, p50 {_ms(saturation['p50_ms'])}, "
+        f"{saturation['errors']} errors | | | 0 errors | {_status(r, 'saturation_errors')} |",
     ]
 
 

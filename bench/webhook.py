@@ -6,7 +6,9 @@ photos (LOCAL_FILES_DOCUMENT_ROOT). `headstart worker` listens, so trainings rea
 coalescing is exercised: a burst must give a handful of trainings per project, not one per event.
 
 Senders are asyncio coroutines on keep-alive HTTP/1.1 connections (loopback only), each in a
-bounded loop; latency is measured per request from the first byte sent to the last byte read.
+bounded loop. Two phases on one server: a paced replay (each sender offers 5 events/s, 250/s in all,
+far beyond any team of annotators; the goals apply to it; latency counts from each event's scheduled
+send time), then a saturation phase (back to back) that shows the capacity.
 """
 
 from __future__ import annotations
@@ -34,32 +36,41 @@ MIX = (("ANNOTATION_CREATED", 60), ("ANNOTATION_UPDATED", 20), ("ANNOTATIONS_DEL
 MAX_EVENTS_PER_SENDER = 100_000
 REQUEST_TIMEOUT_S = 30
 DRAIN_TIMEOUT_S = 90
+WARM_UP_S = 1.0
+WARM_UP_PROJECT = 900
 
 
 @dataclass(frozen=True)
 class Params:
     senders: int
-    seconds: float
+    seconds: float             # the paced replay, which the goals apply to
+    rate_per_sender: float     # events per second each sender offers in the paced replay
+    saturation_seconds: float  # then back to back, as fast as the server answers (capacity)
     projects: int
     worker: bool = True
 
 
-FULL = Params(senders=50, seconds=30, projects=5)
-QUICK = Params(senders=4, seconds=2, projects=2, worker=False)
+FULL = Params(senders=50, seconds=30, rate_per_sender=5, saturation_seconds=15, projects=5)
+QUICK = Params(senders=4, seconds=2, rate_per_sender=5, saturation_seconds=1, projects=2, worker=False)
 
 
 class EventSource:
     """Recorded webhook bodies with fresh ids: creates, updates and deletes stay consistent."""
 
-    def __init__(self, projects: int, seed: int):
+    def __init__(self, projects: int, seed: int, *, first_project: int = 1):
         self.templates = {action: data.recorded_body(action) for action, _ in MIX}
         self.actions = [action for action, _ in MIX]
         self.weights = [weight for _, weight in MIX]
         self.images = data.images("hymenoptera", "train")
         self.config = data.label_config(data.classes_of(self.images))
-        self.projects = list(range(1, projects + 1))
+        self.projects = list(range(first_project, first_project + projects))
         self.rng = random.Random(seed)
         self.created: dict[int, list[tuple[int, int]]] = {p: [] for p in self.projects}  # (annotation, image)
+        self._last_annotation_id = 0
+
+    def new_annotation_id(self) -> int:
+        self._last_annotation_id += 1
+        return self._last_annotation_id
 
     def next(self, next_id) -> tuple[str, dict]:
         action = self.rng.choices(self.actions, self.weights)[0]
@@ -90,23 +101,34 @@ class EventSource:
 
 
 class Tally:
-    def __init__(self):
+    """What one replay phase saw."""
+
+    def __init__(self, source: EventSource):
+        self.source = source
         self.latencies_ms: list[float] = []
         self.errors: Counter = Counter()
         self.outcomes: Counter = Counter()
         self.actions: Counter = Counter()
-        self._last_id = 0
 
     def next_id(self) -> int:
-        self._last_id += 1
-        return self._last_id
+        return self.source.new_annotation_id()
 
 
-async def _sender(port: int, source: EventSource, tally: Tally, deadline: float) -> None:
+async def _sender(port: int, source: EventSource, tally: Tally, deadline: float, interval_s: float,
+                  phase_s: float) -> None:
+    """Send events until `deadline`: every `interval_s` (after `phase_s`), or back to back when 0.
+
+    Paced latency counts from the scheduled send time, so a late answer that delays the next
+    send is charged to that one too (no coordinated omission).
+    """
     reader = writer = None
-    for _ in range(MAX_EVENTS_PER_SENDER):
-        if time.monotonic() >= deadline:
+    first = time.perf_counter() + phase_s
+    for index in range(MAX_EVENTS_PER_SENDER):
+        scheduled = first + index * interval_s if interval_s else time.perf_counter()
+        if scheduled >= deadline:
             break
+        if scheduled > time.perf_counter():
+            await asyncio.sleep(scheduled - time.perf_counter())
         action, body = source.next(tally.next_id)
         payload = json.dumps(body).encode()
         request = (f"POST /webhook HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
@@ -114,10 +136,9 @@ async def _sender(port: int, source: EventSource, tally: Tally, deadline: float)
         try:
             if writer is None:
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            started = time.perf_counter()
             writer.write(request)
             status, answer, keep = await asyncio.wait_for(_read_response(reader), REQUEST_TIMEOUT_S)
-            tally.latencies_ms.append((time.perf_counter() - started) * 1000)
+            tally.latencies_ms.append((time.perf_counter() - scheduled) * 1000)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
             tally.errors[type(exc).__name__] += 1
             writer = _close(writer)
@@ -148,24 +169,22 @@ async def _read_response(reader) -> tuple[int, dict, bool]:
     return status, json.loads(body) if body else {}, headers.get("connection", "").lower() != "close"
 
 
-async def _replay(port: int, params: Params, tally: Tally) -> float:
-    source = EventSource(params.projects, seed=0)
-    started = time.monotonic()
-    deadline = started + params.seconds
-    await asyncio.gather(*(_sender(port, source, tally, deadline) for _ in range(params.senders)))
-    return time.monotonic() - started
+def _replay(port: int, source: EventSource, *, senders: int, seconds: float, rate_per_sender: float) -> dict:
+    """One replay phase; its latencies, errors and outcomes."""
+    tally = Tally(source)
+    interval_s = 1.0 / rate_per_sender if rate_per_sender else 0.0
+    phases = random.Random(1)
 
+    async def replay() -> float:
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(_sender(port, source, tally, deadline, interval_s, phases.uniform(0, interval_s))
+                               for _ in range(senders)))
+        return time.perf_counter() - started
 
-def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
-    params = QUICK if quick else FULL
-    bench_run = Run(NAME, quick=quick, results_dir=results_dir)
-    tally = Tally()
-    with Stack(env={"LOCAL_FILES_DOCUMENT_ROOT": str(data.HYMENOPTERA)}, worker=params.worker,
-               quick=quick) as stack:
-        elapsed = asyncio.run(_replay(stack.port, params, tally))
-        jobs = _jobs(stack, drain=params.worker)
+    elapsed = asyncio.run(replay())
     events = len(tally.latencies_ms)
-    results = {
+    return {
         "events": events,
         "events_per_s": rounded(events / elapsed, 1),
         "p50_ms": rounded(percentile(tally.latencies_ms, 50), 2) if events else None,
@@ -176,35 +195,69 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
         "jobs_enqueued": tally.outcomes.get("queued", 0),
         "outcomes": dict(tally.outcomes),
         "actions": dict(tally.actions),
+    }
+
+
+def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
+    params = QUICK if quick else FULL
+    bench_run = Run(NAME, quick=quick, results_dir=results_dir)
+    source = EventSource(params.projects, seed=0)
+    with Stack(env={"LOCAL_FILES_DOCUMENT_ROOT": str(data.HYMENOPTERA)}, worker=params.worker,
+               quick=quick) as stack:
+        # warm-up (not measured): every server thread opens its Redis connections, on a project of its own
+        _replay(stack.port, EventSource(1, seed=1, first_project=WARM_UP_PROJECT), senders=params.senders,
+                seconds=WARM_UP_S, rate_per_sender=0)
+        paced = _replay(stack.port, source, senders=params.senders, seconds=params.seconds,
+                        rate_per_sender=params.rate_per_sender)
+        jobs = _jobs(stack, drain=params.worker)
+        saturation = _replay(stack.port, source, senders=params.senders, seconds=params.saturation_seconds,
+                             rate_per_sender=0)
+    results = {
+        **paced,
+        "offered_events_per_s": params.senders * params.rate_per_sender,
         "senders": params.senders,
         "seconds": params.seconds,
         "projects": params.projects,
         **jobs,
+        "saturation": {**saturation, "seconds": params.saturation_seconds},
     }
     goals = {"p99_ms": goal(results["p99_ms"], 50, at_least=False),
-             "errors": goal(results["errors"], 0, at_least=False)}
-    notes = ["jobs_enqueued: webhook answers that enqueued a training; trainings_*: RQ registries once the "
-             "queue drained (re-queues by a finishing training included)",
+             "errors": goal(results["errors"], 0, at_least=False),
+             "saturation_errors": goal(saturation["errors"], 0, at_least=False)}
+    notes = [f"paced replay (the goals): {params.senders} senders each sending {params.rate_per_sender:g} events/s "
+             f"for {params.seconds:g} s, latency from each event's scheduled send time",
+             f"saturation: the same senders back to back for {params.saturation_seconds:g} s, to show capacity; with "
+             "a closed loop its latency is senders / throughput (Little's law), not the handler's speed",
+             "jobs_enqueued: webhook answers of the paced replay that enqueued a training; trainings_*: RQ "
+             "registries once the queue drained after it (re-queues by a finishing training included)",
              "`headstart worker` ran trainings during the replay, on the same 2 cores" if params.worker
              else "no worker (quick mode): every training stays queued"]
     record = bench_run.finish(results, goals=goals, notes=notes)
-    print_table(f"webhook ({params.senders} senders, {params.seconds:.0f} s, {params.projects} projects)",
-                ["events", "events/s", "p50 ms", "p99 ms", "errors", "jobs enqueued", "trainings/project"],
-                [[events, results["events_per_s"], results["p50_ms"], results["p99_ms"], results["errors"],
-                  results["jobs_enqueued"], results["trainings_per_project"]]])
+    print_table(f"webhook ({params.senders} senders, {params.projects} projects)",
+                ["phase", "events", "events/s", "p50 ms", "p99 ms", "errors", "jobs enqueued"],
+                [[f"paced {params.seconds:g} s", paced["events"], paced["events_per_s"], paced["p50_ms"],
+                  paced["p99_ms"], paced["errors"], paced["jobs_enqueued"]],
+                 [f"saturation {params.saturation_seconds:g} s", saturation["events"], saturation["events_per_s"],
+                  saturation["p50_ms"], saturation["p99_ms"], saturation["errors"], saturation["jobs_enqueued"]]])
+    print(f"trainings per project after the paced replay: {results['trainings_per_project']}")
     return record
 
 
 def _jobs(stack: Stack, *, drain: bool) -> dict:
-    """Training jobs by outcome and project, once the queue has drained (or the wait ran out)."""
+    """Training jobs of the measured projects by outcome and project, once the queue has drained
+    (or the wait ran out)."""
     train = queue(TRAIN_QUEUE, stack.redis)
     deadline = time.monotonic() + (DRAIN_TIMEOUT_S if drain else 0)
     while (train.count or StartedJobRegistry(queue=train).count) and time.monotonic() < deadline:
         time.sleep(0.2)
-    finished = FinishedJobRegistry(queue=train).get_job_ids()
-    failed = FailedJobRegistry(queue=train).get_job_ids()
-    per_project = Counter(job.meta.get("project") for job in
-                          Job.fetch_many(finished + failed, connection=stack.redis, serializer=JSONSerializer)
-                          if job is not None)
+
+    def measured(job_ids: list[str]) -> list[Job]:
+        jobs = Job.fetch_many(job_ids, connection=stack.redis, serializer=JSONSerializer)
+        return [job for job in jobs if job is not None and job.meta.get("project") != str(WARM_UP_PROJECT)]
+
+    finished = measured(FinishedJobRegistry(queue=train).get_job_ids())
+    failed = measured(FailedJobRegistry(queue=train).get_job_ids())
+    per_project = Counter(job.meta.get("project") for job in finished + failed)
     return {"trainings_finished": len(finished), "trainings_failed": len(failed),
-            "trainings_left_queued": train.count, "trainings_per_project": dict(sorted(per_project.items()))}
+            "trainings_left_queued": len(measured(train.get_job_ids())),
+            "trainings_per_project": dict(sorted(per_project.items()))}
