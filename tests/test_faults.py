@@ -326,7 +326,7 @@ def test_redis_going_away_and_coming_back(own_redis, embedders, images, tmp_path
         finished = [Job.fetch(i, connection=redis, serializer=JSONSerializer) for i in FinishedJobRegistry(
             queue=queue(TRAIN_QUEUE, redis)).get_job_ids(cleanup=False)]
         assert max(finished, key=lambda job: job.ended_at).worker_name == worker
-        print(f"\nRedis down {outage:.1f}s: /predict kept answering from the held head (max {max(latencies):.2f}s), "
+        print(f"\nRedis down {outage:.1f}s: /predict kept answering from the held head (max {max(latencies):.2f}s; {[round(x, 2) for x in latencies]}), "
               f"/webhook answered 503 in {webhook_seconds * 1000:.0f} ms, /health said degraded; after the restart "
               f"worker {worker} (same process) trained v{meta['version']} {resumed:.1f}s after the next label, with "
               f"the label missed during the outage recovered by a resync; 0 labels lost")
