@@ -115,7 +115,7 @@ def test_an_updated_annotation_replaces_its_label(client, loop_settings, redis, 
 
 def test_a_worse_backbone_is_not_promoted(client, loop_settings, redis, services, images, embedders, tmp_path):
     train, _, ids = images
-    annotate(client, first_per_class(train, 8), ids)
+    annotate(client, first_per_class(train, 20), ids)
     run_burst_worker(loop_settings, redis, services)
     assert ModelStore(redis).current_number(str(PROJECT), "label") == 1
 

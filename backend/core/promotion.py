@@ -1,14 +1,20 @@
 """The negative-transfer guard: promote a candidate only if it validates at least as well as the
 current version on the same labels.
 
-Both are scored out of sample on exactly the current labels: the candidate by its k-fold
-out-of-fold predictions; the current head by its own out-of-fold result for labels it was trained
-on (unchanged since), and by its real prediction for labels it never saw. One example's worth of
-difference (1/n) is treated as a tie, so noise alone never blocks a new label from being served.
+Both are scored out of sample, example by example, on exactly the current labels: the candidate by
+its k-fold out-of-fold predictions; the current head by its own out-of-fold result for labels it
+was trained on (unchanged since), and by its real prediction for labels it never saw.
+
+"At least as well" is judged with a paired (McNemar-style) test on those per-example results, not
+by comparing two noisy means: the candidate is rejected only when the examples it gets wrong and
+the current head gets right outnumber the reverse by more than chance explains (one-sided, about
+2 %). Re-shuffled folds alone therefore almost never block a new label from being served, while a
+backbone or recipe that really transfers worse is kept out.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,6 +23,9 @@ import torch
 from backend.core.store import HeadVersion
 from backend.core.trainer import encode_targets
 from backend.core.training import predicted_correctly
+
+REJECT_Z = 2.0  # one-sided normal quantile of the paired test
+MIN_NET_LOSSES = 2  # never reject over a single example
 
 
 @dataclass(frozen=True)
@@ -38,35 +47,43 @@ def decide(
     candidate_score = candidate_meta["metrics"]["cv_accuracy"]
     if current is None:
         return Decision(True, "first version", candidate_score, None)
-    current_score = score_current(current, task_ids=task_ids, labels=labels, features=current_features)
-    if candidate_score is None or current_score is None:
-        return Decision(True, "too few labels to compare; the newest labels win", candidate_score, current_score)
-    tolerance = 1.0 / len(task_ids)
-    if candidate_score + tolerance >= current_score:
-        return Decision(True, f"validates {candidate_score:.3f} vs current {current_score:.3f} on the same "
-                              f"{len(task_ids)} labels", candidate_score, current_score)
-    return Decision(False, f"rejected: validates {candidate_score:.3f}, below the current version's "
-                           f"{current_score:.3f} on the same {len(task_ids)} labels", candidate_score, current_score)
+    current_correct = current_results(current, task_ids=task_ids, labels=labels, features=current_features)
+    candidate_oof = candidate_meta.get("out_of_fold_correct")
+    if candidate_oof is None or current_correct is None:
+        return Decision(True, "too few labels to compare; the newest labels win", candidate_score,
+                        _mean(current_correct))
+    candidate_correct = [bool(candidate_oof[str(task)]) for task in task_ids]
+    current_score = _mean(current_correct)
+    lost = sum(old and not new for old, new in zip(current_correct, candidate_correct))
+    won = sum(new and not old for old, new in zip(current_correct, candidate_correct))
+    comparison = (f"validates {candidate_score:.3f} vs current {current_score:.3f} on the same "
+                  f"{len(task_ids)} labels ({won} examples gained, {lost} lost)")
+    if lost - won >= MIN_NET_LOSSES and lost - won > REJECT_Z * math.sqrt(lost + won):
+        return Decision(False, f"rejected: {comparison}", candidate_score, current_score)
+    return Decision(True, comparison, candidate_score, current_score)
 
 
-def score_current(
+def current_results(
     current: HeadVersion, *, task_ids: Sequence[int], labels: Sequence[Sequence[str]],
     features: torch.Tensor | None,
-) -> float | None:
-    """The current head's out-of-sample accuracy on these labels, or None if it cannot be measured."""
+) -> list[bool] | None:
+    """Per label: is the current head right, out of sample? None if that cannot be measured."""
     trained_on = current.meta.get("trained_on") or {}
     out_of_fold = current.meta.get("out_of_fold_correct")
-    unseen = [i for i, (task, names) in enumerate(zip(task_ids, labels))
-              if trained_on.get(str(task)) != list(names)]
-    unseen_set = set(unseen)
-    seen = [i for i in range(len(task_ids)) if i not in unseen_set]
-    if seen and out_of_fold is None:
+    unseen = [i for i, (task, names) in enumerate(zip(task_ids, labels)) if trained_on.get(str(task)) != list(names)]
+    if len(unseen) < len(task_ids) and out_of_fold is None:
         return None
-    correct = [bool(out_of_fold[str(task_ids[i])]) for i in seen]
+    if unseen and features is None:
+        return None
+    unseen_set = set(unseen)
+    correct = [False if i in unseen_set else bool(out_of_fold[str(task)]) for i, task in enumerate(task_ids)]
     if unseen:
-        if features is None:
-            return None
-        unseen_labels = [labels[i] for i in unseen]
-        targets = encode_targets(unseen_labels, current.classes, multi_label=current.multi_label)
-        correct += predicted_correctly(current.head, features[unseen], targets, multi_label=current.multi_label)
-    return sum(correct) / len(correct) if correct else None
+        targets = encode_targets([labels[i] for i in unseen], current.classes, multi_label=current.multi_label)
+        for i, ok in zip(unseen, predicted_correctly(current.head, features[unseen], targets,
+                                                     multi_label=current.multi_label)):
+            correct[i] = ok
+    return correct
+
+
+def _mean(values: list[bool] | None) -> float | None:
+    return sum(values) / len(values) if values else None
