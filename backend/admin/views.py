@@ -68,7 +68,9 @@ def queues(redis: Redis) -> list[dict]:
     views = []
     for name in QUEUE_NAMES:
         q = queue(name, redis)
-        counts = {"queued": q.count, **{state: registry.count for state, registry in _registries(q).items()}}
+        # cleanup=False: only workers clean registries (with the handler that re-runs abandoned jobs at once)
+        counts = {"queued": q.count, **{state: registry.get_job_count(cleanup=False)
+                                        for state, registry in _registries(q).items()}}
         views.append({"name": name, "counts": counts, "workers": Worker.count(queue=q)})
     return views
 
@@ -123,7 +125,7 @@ def jobs(redis: Redis, *, per_state: int = RECENT_JOBS_PER_STATE) -> list[dict]:
         q = queue(name, redis)
         ids += q.get_job_ids(0, per_state - 1)
         for registry in _registries(q).values():
-            ids += registry.get_job_ids(0, per_state - 1, desc=True)
+            ids += registry.get_job_ids(0, per_state - 1, desc=True, cleanup=False)
     unique = list(dict.fromkeys(ids))
     found = [job for job in Job.fetch_many(unique, connection=redis, serializer=JSONSerializer) if job is not None]
     views = [job_view(job) for job in found]
