@@ -48,7 +48,7 @@ class Params:
     batch_repeats: int
 
 
-FULL = Params(singles=40, cached=60, batch=64, batch_repeats=3)
+FULL = Params(singles=60, cached=60, batch=64, batch_repeats=5)
 QUICK = Params(singles=2, cached=3, batch=4, batch_repeats=1)
 
 

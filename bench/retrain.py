@@ -51,7 +51,7 @@ class Params:
     naive_epochs: int = 10
 
 
-FULL = Params(seed_labels=954, repeats=5, naive_sizes=(32, 96))
+FULL = Params(seed_labels=952, repeats=7, naive_sizes=(48, 192))
 QUICK = Params(seed_labels=24, repeats=1, naive_sizes=(6, 12), naive_epochs=1)
 
 
