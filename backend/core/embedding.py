@@ -12,10 +12,10 @@ from torch import nn
 from backend.core.backbones import BackboneSpec, backbone_key, count_parameters, get_spec, load_backbone
 
 EMBED_BATCH_SIZE = 32
-# On CPU the cost per image grows with the batch (the activations of 32 images overflow the
-# caches): MobileNetV2 embeds 3x faster per image in batches of 2 than of 32, and 20% faster than
-# in batches of 4, on a 2-core EPYC with one torch thread (bench/predict.py).
-CPU_EMBED_BATCH_SIZE = 2
+# On CPU the cost per image grows with the batch (a batch's activations overflow the caches): on a
+# 2-core EPYC with one torch thread MobileNetV2 took 17-19 ms per image one at a time, 18-23 ms in
+# batches of 2, 21-28 in batches of 4 and 63-85 in batches of 32 (bench/README.md, Findings).
+CPU_EMBED_BATCH_SIZE = 1
 
 
 def resolve_device(requested: str) -> torch.device:
