@@ -26,6 +26,11 @@ def loop_settings(settings):
     return settings.replace(local_files_document_root=str(HYMENOPTERA))
 
 
+@pytest.fixture
+def services(loop_settings, redis, embedders):
+    return build_services(loop_settings, redis, embedders=embedders)
+
+
 def test_requests_coalesce_while_a_job_is_queued(redis, loop_settings):
     scheduler = TrainingScheduler(redis, loop_settings)
     outcomes = [scheduler.request("3", reason="ANNOTATION_CREATED") for _ in range(20)]
@@ -120,3 +125,27 @@ def test_a_burst_of_100_submits_trains_a_handful_of_times_and_serves_the_last(re
     print(f"\n100 submits → {trainings} training jobs; served version v{meta['version']}")
     assert 1 <= trainings <= 10, (tmp_path / "worker.log").read_text()[-3000:]
     assert meta["trained_on"][str(last[0])] == [last[1]]
+
+
+def test_a_training_abandoned_with_no_retry_left_releases_its_lock_and_queues_the_waiting_labels(
+        redis, loop_settings, services):
+    from rq.exceptions import AbandonedJobError
+
+    from worker import context
+    from worker.process import rerun_abandoned_at_once
+
+    scheduler = TrainingScheduler(redis, loop_settings)
+    scheduler.request("3", reason="first")
+    (job,) = queue(TRAIN_QUEUE, redis).jobs
+    queue(TRAIN_QUEUE, redis).remove(job.id)
+    job.set_status("started")
+    assert scheduler.begin("3", job.id)
+    assert scheduler.request("3", reason="while it ran") == "coalesced"  # its worker then dies
+    job.retries_left = 0
+    context.install(services)
+    try:
+        rerun_abandoned_at_once(job, AbandonedJobError, AbandonedJobError(), None)
+    finally:
+        context.uninstall()
+    assert not redis.exists("headstart:train:3:running")
+    assert queue(TRAIN_QUEUE, redis).count == 1

@@ -39,7 +39,7 @@ from backend.core.training import fit_head
 from backend.services import Services, build_services
 from backend.settings import Settings
 from worker import context
-from worker.queueing import QUEUE_NAMES, queue
+from worker.queueing import QUEUE_NAMES, TRAIN_JOB, TrainingScheduler, queue
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,17 @@ def rerun_abandoned_at_once(job, exc_type, exc_value, traceback) -> bool:
     Retry, with the same job object; zeroing the interval of the retry about to be used makes RQ
     enqueue the job directly, without waiting for its scheduler.
     """
-    if exc_type is AbandonedJobError and job.retries_left and job.retry_intervals:
+    if exc_type is not AbandonedJobError:
+        return True
+    if job.retries_left and job.retry_intervals:
         index = max(len(job.retry_intervals) - job.retries_left, 0)
         job.retry_intervals = [0 if i == index else s for i, s in enumerate(job.retry_intervals)]
         log.warning("job %s (%s) was abandoned by its worker; re-running it now (%d retries left)",
                     job.id, job.description, job.retries_left - 1)
+    elif job.func_name == TRAIN_JOB and job.args:
+        # No retry left: release the project's training lock it still holds, and queue the
+        # training that requests made while it "ran" were waiting for.
+        TrainingScheduler(job.connection, context.current().settings).finish(str(job.args[0]), job.id)
     return True
 
 

@@ -90,10 +90,8 @@ class TrainingScheduler:
         holder = self.redis.get(_key(project, "running"))
         if holder is None:
             return None
-        job = _fetch(holder.decode(), self.redis)
-        if job is None or job.get_status(refresh=False) != JobStatus.STARTED:
-            return None
-        return holder.decode()
+        status = self.redis.hget(Job.key_for(holder.decode()), "status")  # one field, not the whole job
+        return holder.decode() if status is not None and status.decode() == JobStatus.STARTED.value else None
 
     def begin(self, project: str, job_id: str) -> bool:
         """Called by a starting training job: take the run lock. False if another job holds it."""
