@@ -6,6 +6,7 @@ a head for and builds prediction results in Label Studio's format.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from label_studio_sdk.label_interface import LabelInterface
@@ -20,6 +21,9 @@ SUPPORTED = (
     '<Choice value="Cat"/><Choice value="Dog"/></Choices></View>. Add choice="multiple" for '
     'multi-label.'
 )
+
+PARSED_CONFIGS_KEPT = 256
+LARGEST_CACHED_CONFIG = 64 * 1024  # characters; real labeling configs are a few KB
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,14 @@ def parse_label_config(config: str) -> list[HeadSpec]:
     """Every servable control of `config`, in document order. Raises if there is none."""
     if not isinstance(config, str) or not config.strip():
         raise UnsupportedLabelConfig(f"The labeling config is empty. {SUPPORTED}")
+    if len(config) > LARGEST_CACHED_CONFIG:  # keep the cache small whatever clients send
+        return list(_parse.__wrapped__(config))
+    return list(_parse(config))
+
+
+@functools.lru_cache(maxsize=PARSED_CONFIGS_KEPT)
+def _parse(config: str) -> tuple[HeadSpec, ...]:
+    """Label Studio sends the same config with every request: parse each one once per process."""
     try:
         interface = LabelInterface(config)
     except Exception as exc:  # the SDK raises assorted XML and validation errors
@@ -65,7 +77,7 @@ def parse_label_config(config: str) -> list[HeadSpec]:
         ))
     if not specs:
         raise UnsupportedLabelConfig(f"Nothing in this labeling config can be served. {SUPPORTED}")
-    return specs
+    return tuple(specs)
 
 
 def choices_in(result: list, spec: HeadSpec) -> list[str] | None:
