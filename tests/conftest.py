@@ -13,7 +13,7 @@ from backend.app import create_app
 from backend.features import EmbedderPool
 from backend.services import build_services
 from backend.settings import Settings
-from tests.helpers import RedisServer, install_offline_weights
+from tests.helpers import HYMENOPTERA, RedisServer, install_offline_weights
 
 TEST_DB = int(os.environ.get("HEADSTART_TEST_REDIS_DB", "13"))
 
@@ -94,3 +94,14 @@ def hymenoptera_features(embedders):
     embedder = embedders.get()
     images = [decode_image(path.read_bytes(), max_pixels=10**9, min_side=embedder.resize_size) for path, _ in picked]
     return embedder.embed(images), [cls for _, cls in picked]
+
+
+@pytest.fixture
+def loop_settings(settings):
+    """Settings whose local-files root is the hymenoptera set: task URLs are /data/local-files/?d=train/..."""
+    return settings.replace(local_files_document_root=str(HYMENOPTERA))
+
+
+@pytest.fixture
+def loop_services(loop_settings, redis, embedders):
+    return build_services(loop_settings, redis, embedders=embedders)

@@ -22,13 +22,8 @@ PROJECT = 7
 
 
 @pytest.fixture
-def loop_settings(settings):
-    return settings.replace(local_files_document_root=str(HYMENOPTERA))
-
-
-@pytest.fixture
-def services(loop_settings, redis, embedders):
-    return build_services(loop_settings, redis, embedders=embedders)
+def services(loop_services):
+    return loop_services
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from rq.registry import FinishedJobRegistry, StartedJobRegistry
 
 from backend.app import create_app
 from backend.core.store import ModelStore
-from backend.services import build_services
 from tests.helpers import HYMENOPTERA, REPO, dataset_images
 from tests.loop_helpers import annotation_event, local_url
 from worker.queueing import TRAIN_QUEUE, TrainingScheduler, queue
@@ -21,14 +20,14 @@ from worker.queueing import TRAIN_QUEUE, TrainingScheduler, queue
 PROJECT = 9
 
 
-@pytest.fixture
-def loop_settings(settings):
-    return settings.replace(local_files_document_root=str(HYMENOPTERA))
-
-
-@pytest.fixture
-def services(loop_settings, redis, embedders):
-    return build_services(loop_settings, redis, embedders=embedders)
+def started_training(scheduler: TrainingScheduler, redis):
+    """A training job for project 3 that a worker has taken and started."""
+    scheduler.request("3", reason="first")
+    (job,) = queue(TRAIN_QUEUE, redis).jobs
+    queue(TRAIN_QUEUE, redis).remove(job.id)
+    job.set_status("started")
+    assert scheduler.begin("3", job.id)
+    return job
 
 
 def test_requests_coalesce_while_a_job_is_queued(redis, loop_settings):
@@ -51,11 +50,7 @@ def test_a_request_during_a_run_queues_exactly_one_follow_up(redis, loop_setting
 
 def test_requests_during_a_real_run_queue_nothing_until_it_finishes(redis, loop_settings):
     scheduler = TrainingScheduler(redis, loop_settings)
-    scheduler.request("3", reason="first")
-    (job,) = queue(TRAIN_QUEUE, redis).jobs
-    queue(TRAIN_QUEUE, redis).remove(job.id)
-    job.set_status("started")
-    assert scheduler.begin("3", job.id)
+    job = started_training(scheduler, redis)
     assert {scheduler.request("3", reason="during") for _ in range(5)} == {"coalesced"}
     assert queue(TRAIN_QUEUE, redis).count == 0
     assert scheduler.finish("3", job.id) is True
@@ -92,9 +87,8 @@ def wait_for_worker(redis, process) -> None:
 
 
 def test_a_burst_of_100_submits_trains_a_handful_of_times_and_serves_the_last(redis, redis_url, loop_settings,
-                                                                             embedders, tmp_path):
-    services = build_services(loop_settings, redis, embedders=embedders)
-    client = create_app(loop_settings, services=services).test_client()
+                                                                             loop_services, tmp_path):
+    client = create_app(loop_settings, services=loop_services).test_client()
     train = dataset_images(HYMENOPTERA, "train")
     items = [item for cls in ("ants", "bees") for item in [i for i in train if i[1] == cls][:10]]
     log = open(tmp_path / "worker.log", "w")
@@ -128,21 +122,17 @@ def test_a_burst_of_100_submits_trains_a_handful_of_times_and_serves_the_last(re
 
 
 def test_a_training_abandoned_with_no_retry_left_releases_its_lock_and_queues_the_waiting_labels(
-        redis, loop_settings, services):
+        redis, loop_settings, loop_services):
     from rq.exceptions import AbandonedJobError
 
     from worker import context
     from worker.process import rerun_abandoned_at_once
 
     scheduler = TrainingScheduler(redis, loop_settings)
-    scheduler.request("3", reason="first")
-    (job,) = queue(TRAIN_QUEUE, redis).jobs
-    queue(TRAIN_QUEUE, redis).remove(job.id)
-    job.set_status("started")
-    assert scheduler.begin("3", job.id)
+    job = started_training(scheduler, redis)
     assert scheduler.request("3", reason="while it ran") == "coalesced"  # its worker then dies
     job.retries_left = 0
-    context.install(services)
+    context.install(loop_services)
     try:
         rerun_abandoned_at_once(job, AbandonedJobError, AbandonedJobError(), None)
     finally:
