@@ -7,13 +7,14 @@ drives the same code paths against a real Label Studio. Loopback only.
 from __future__ import annotations
 
 import base64
-import threading
 import time
 from dataclasses import dataclass, field
 
 import jwt
 from flask import Flask, abort, jsonify, redirect, request
 from werkzeug.serving import make_server
+
+from tests.helpers import BackgroundServer
 
 SECRET = "fake-label-studio-signing-key-for-tests"
 
@@ -37,15 +38,12 @@ class FakeLabelStudio:
     media_auth: list[str] = field(default_factory=list)
 
     def start(self) -> "FakeLabelStudio":
-        self._server = make_server("127.0.0.1", 0, self._app(), threaded=True)
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._background = BackgroundServer(make_server("127.0.0.1", 0, self._app(), threaded=True))
+        self.url = self._background.url
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._thread.join(timeout=5)
+        self._background.stop()
 
     def _authorized(self) -> bool:
         header = request.headers.get("Authorization", "")

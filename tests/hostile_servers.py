@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from tests.helpers import BackgroundServer
+
 MAX_SERVE_S = 20.0
 CHUNK = b"\0" * 65536
 
@@ -62,18 +64,12 @@ class HostileServer:
                 except (BrokenPipeError, ConnectionResetError, OSError):
                     pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_port
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._background = BackgroundServer(_threading_server(Handler))
+        self.port, self.url = self._background.port, self._background.url
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._background.stop()
 
     def total_hits(self) -> int:
         with self._lock:
@@ -174,14 +170,15 @@ class ErrorServer:
 
             do_GET = do_POST = do_PATCH = _answer
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._background = BackgroundServer(_threading_server(Handler))
+        self.url = self._background.url
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._background.stop()
+
+
+def _threading_server(handler) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    return server

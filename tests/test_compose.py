@@ -13,14 +13,13 @@ import os
 import re
 import subprocess
 import sys
-import threading
 
 import pytest
 import yaml
 from werkzeug.serving import make_server
 
 from backend.settings import SETTINGS, Settings
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, BackgroundServer, free_port
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
@@ -140,14 +139,11 @@ def test_backend_health_check_passes_against_a_running_app_and_fails_without_one
     argv = [sys.executable, *command[2:]]
     port = free_port()
     env = {**os.environ, "PORT": str(port)}
-    server = make_server("127.0.0.1", port, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = BackgroundServer(make_server("127.0.0.1", port, app, threaded=True))
     try:
         healthy = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
     finally:
-        server.shutdown()
-        thread.join(timeout=10)
+        server.stop()
     assert healthy.returncode == 0, healthy.stderr
     down = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
     assert down.returncode != 0
