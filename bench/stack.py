@@ -4,6 +4,7 @@ optionally `headstart worker`, on loopback ports. Every process started here is 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -112,8 +113,10 @@ class Stack:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.workdir / f"{name}.log", "wb")
+        # its own process group, so stopping it also reaches gunicorn's workers if the master is killed
         self.processes[name] = subprocess.Popen([sys.executable, "-m", "backend.cli", *args], cwd=REPO,
-                                                env=self.env(), stdout=log, stderr=subprocess.STDOUT)
+                                                env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
         log.close()
 
     def _server_ready(self) -> bool:
@@ -156,8 +159,10 @@ class Stack:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # whatever of its group is left, e.g. orphaned workers
+            process.wait(timeout=10)
         self.processes.clear()
         if self.redis is not None:
             self.redis.close()
