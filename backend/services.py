@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from redis import Redis
 
 from backend.core.store import ModelStore
-from backend.features import EmbedderPool, FeatureSource
-from backend.label_studio import MediaToken
-from backend.media import MediaFetcher
-from backend.metrics import Metrics
-from backend.predictor import Predictor
-from backend.projects import ProjectRegistry
-from backend.settings import Settings
+from backend.loop.features import EmbedderPool, FeatureSource
+from backend.labelstudio.client import MediaToken
+from backend.labelstudio.media import MediaFetcher
+from backend.common.metrics import Metrics
+from backend.loop.predictor import Predictor
+from backend.labelstudio.projects import ProjectRegistry
+from backend.common.settings import Settings
 
 
 @dataclass

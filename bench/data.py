@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from tests.helpers import FLOWERS, HYMENOPTERA, MOBILENET_V2_FILE, dataset_images
+from bench.resources import FLOWERS, HYMENOPTERA, MOBILENET_V2_FILE, dataset_images
 
 CONTROL = "label"
 SETS = {"flowers12": FLOWERS, "hymenoptera": HYMENOPTERA}
@@ -18,7 +18,7 @@ def ensure_weights() -> None:
     if (Path(torch.hub.get_dir()) / "checkpoints" / MOBILENET_V2_FILE).exists():
         return
     try:
-        from tests.helpers import install_offline_weights
+        from bench.resources import install_offline_weights
 
         install_offline_weights()
     except ImportError:
@@ -65,7 +65,7 @@ def recorded_body(action: str) -> dict:
     """The body of the webhook a real Label Studio 1.23 sent for `action` (../shared/ls-requests)."""
     import json
 
-    from tests.helpers import LS_REQUESTS
+    from bench.resources import LS_REQUESTS
 
     return json.loads((LS_REQUESTS / f"webhook-{action}.json").read_text())["body"]
 

@@ -28,9 +28,9 @@ from torchvision import models
 
 from backend.core.embedding import set_torch_threads
 from backend.core.trainer import train_version
-from backend.features import MediaItem
+from backend.loop.features import MediaItem
 from backend.services import build_services
-from backend.settings import Settings
+from backend.common.settings import Settings
 from bench import data
 from bench.harness import RESULTS_DIR, Run, goal, median, percentile, print_table, rounded
 from bench.stack import Stack

@@ -26,11 +26,11 @@ from backend.core.embedding import set_torch_threads
 from backend.core.images import decode_image
 from backend.core.trainer import encode_targets
 from backend.core.training import cross_validate, fit_head
-from backend.features import MediaItem
-from backend.label_store import LabelStore, annotation_record
-from backend.projects import ProjectRegistry
+from backend.loop.features import MediaItem
+from backend.labelstudio.label_mirror import LabelStore, annotation_record
+from backend.labelstudio.projects import ProjectRegistry
 from backend.services import build_services
-from backend.settings import Settings
+from backend.common.settings import Settings
 from bench import data
 from bench.harness import RESULTS_DIR, Run, goal, median, print_table, rounded
 from bench.naive import naive_retrain

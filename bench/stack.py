@@ -19,7 +19,7 @@ from pathlib import Path
 import redis as redis_lib
 
 from bench.harness import REPO
-from tests.helpers import RedisServer, free_port
+from bench.resources import RedisServer, free_port
 
 READY_TIMEOUT_S = 120
 QUICK_ENV = {"WORKERS": "1", "TRAIN_MIN_INTERVAL_S": "0"}

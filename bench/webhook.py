@@ -28,7 +28,7 @@ from rq.serializers import JSONSerializer
 from bench import data
 from bench.harness import RESULTS_DIR, Run, goal, percentile, print_table, rounded
 from bench.stack import Stack
-from worker.queueing import TRAIN_QUEUE, queue
+from backend.common.queues import TRAIN_QUEUE, queue
 
 NAME = "webhook"
 MIX = (("ANNOTATION_CREATED", 60), ("ANNOTATION_UPDATED", 20), ("ANNOTATIONS_DELETED", 5),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.app import create_app
+from backend.server.app import create_app
 from backend.services import build_services
 from tests.fake_label_studio import FakeLabelStudio
 from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images

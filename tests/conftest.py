@@ -9,10 +9,10 @@ import pytest
 import redis as redis_lib
 import torch
 
-from backend.app import create_app
-from backend.features import EmbedderPool
+from backend.server.app import create_app
+from backend.loop.features import EmbedderPool
 from backend.services import build_services
-from backend.settings import Settings
+from backend.common.settings import Settings
 from tests.helpers import HYMENOPTERA, RedisServer, install_offline_weights
 
 TEST_DB = int(os.environ.get("HEADSTART_TEST_REDIS_DB", "13"))

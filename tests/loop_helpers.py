@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
-from backend.settings import Settings
+from backend.common.settings import Settings
 from tests.helpers import CONFIG_2, HYMENOPTERA, LS_REQUESTS
 from worker import context
 from worker.process import build_worker

@@ -6,6 +6,7 @@ import pytest
 from rq.job import JobStatus
 from rq.suspension import is_suspended
 
+from backend.common import queue_state
 from backend.admin import actions, views
 from backend.admin.errors import NotFound, Refused
 from backend.core.heads import build_head
@@ -15,7 +16,7 @@ from tests.admin_support import (admin_settings, annotate, client, fake_label_st
                                  served, services)
 from tests.helpers import CONFIG_2
 from tests.loop_helpers import run_burst_worker
-from worker.queueing import EMBED_QUEUE, TRAIN_QUEUE, queue
+from backend.common.queues import EMBED_QUEUE, TRAIN_QUEUE, queue
 
 PROJECT = 7
 
@@ -132,7 +133,7 @@ def test_cancel_only_touches_jobs_that_have_not_started(services, client, redis)
 
 def test_suspend_and_resume_hold_every_worker(redis):
     assert actions.suspend_queues(redis) == {"suspended": True} and is_suspended(redis)
-    assert views.scrape_gauges(redis)["headstart_queues_suspended"] == 1.0
+    assert queue_state.scrape_gauges(redis)["headstart_queues_suspended"] == 1.0
     assert actions.resume_queues(redis) == {"suspended": False} and not is_suspended(redis)
 
 

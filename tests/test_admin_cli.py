@@ -18,7 +18,7 @@ from tests.helpers import CONFIG_2
 from tests.loop_helpers import run_burst_worker
 from worker import context
 from worker.process import build_worker
-from worker.queueing import EMBED_QUEUE, TRAIN_QUEUE, queue
+from backend.common.queues import EMBED_QUEUE, TRAIN_QUEUE, queue
 
 PROJECT = 7
 

@@ -24,7 +24,7 @@ from tests.admin_browser import INSTALL_HINT, Browser, find_chromium
 from tests.admin_support import TOKEN, labeled_images
 from tests.helpers import CONFIG_2, HYMENOPTERA, REPO, free_port
 from tests.loop_helpers import annotation_event, local_url
-from worker.queueing import TRAIN_QUEUE, queue
+from backend.common.queues import TRAIN_QUEUE, queue
 
 WORKERS = ("admin-w1", "admin-w2")
 STARTUP_S = 120

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from backend.common import queue_state
 from backend.admin import views
 from backend.admin.errors import NotFound
 from tests.admin_support import (admin_settings, annotate, client, labeled_images, served, services,  # noqa: F401
@@ -48,7 +49,7 @@ def test_jobs_show_durations_results_and_the_error_of_a_failed_one(client, admin
     assert finished["status"] == "finished" and finished["duration_s"] > 0
     assert finished["result"]["model_version"] == "label-v1" and finished["error"] is None
     assert finished["function"] == "worker.jobs.train_project" and finished["args"] == [str(PROJECT)]
-    assert failed["status"] == "failed" and failed["error"].startswith("backend.errors.NotEnoughLabels")
+    assert failed["status"] == "failed" and failed["error"].startswith("backend.common.errors.NotEnoughLabels")
     assert "Traceback" in failed["traceback"]
     assert list(jobs.values())[0]["last_activity"] >= list(jobs.values())[1]["last_activity"]  # newest first
     queue_view = {view["name"]: view["counts"] for view in views.queues(redis)}
@@ -66,7 +67,7 @@ def test_workers_show_host_device_backbone_and_counts(admin_settings, redis, ser
         assert view["backbone"] == services.embedders.get().key and view["host"]
         assert view["queues"] == ["headstart-train", "headstart-embed"]
         assert view["jobs_done"] == 0 and view["heartbeat_age_s"] < 60
-        gauges = views.scrape_gauges(redis)
+        gauges = queue_state.scrape_gauges(redis)
         assert gauges['headstart_workers{state="idle"}'] == 1 and gauges['headstart_workers{state="busy"}'] == 0
     finally:
         worker.register_death()

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from backend.admin.auth import COOKIE, new_session, session_ok
-from backend.app import create_app
+from backend.server.app import create_app
 from backend.services import build_services
 from tests.admin_support import (TOKEN, admin_settings, annotate, client, labeled_images, services,  # noqa: F401
                                  train_rounds)
@@ -105,7 +105,7 @@ def test_the_page_shows_versions_with_a_learning_curve_and_escapes_job_errors(cl
     train_rounds(client, admin_settings, redis, services, 7, [2, 6])
     annotate(client, 8, labeled_images(1), config=None)
     client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 9}})
-    from worker.queueing import TrainingScheduler
+    from backend.common.queues import TrainingScheduler
     TrainingScheduler(redis, admin_settings).request("<script>alert(1)</script>", reason="hostile")
     run_burst_worker(admin_settings, redis, services)
     signed_in(client)

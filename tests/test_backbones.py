@@ -7,7 +7,7 @@ import torch
 
 from backend.core.backbones import REGISTRY, backbone_key, get_spec, load_backbone
 from backend.core.embedding import load_embedder
-from backend.errors import ConfigurationError, UnknownBackbone
+from backend.common.errors import ConfigurationError, UnknownBackbone
 
 REQUIRED = {"mobilenet_v2", "mobilenet_v3_large", "resnet18", "resnet50", "efficientnet_b0",
             "convnext_tiny", "vgg16", "vit_b_16"}

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from werkzeug.serving import make_server
 
-from backend.settings import SETTINGS, Settings
+from backend.common.settings import SETTINGS, Settings
 from tests.helpers import REPO, BackgroundServer, free_port
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -28,7 +28,7 @@ DOCKERIGNORE = REPO / ".dockerignore"
 
 HEADSTART_SERVICES = ("backend", "worker", "worker-cpu")
 SETTING_DEFAULTS = {setting.env: setting.default for setting in SETTINGS}
-# Where compose deliberately differs from backend/settings.py: the addresses of its own services.
+# Where compose deliberately differs from backend/common/settings.py: the addresses of its own services.
 COMPOSE_DEFAULTS = {
     "REDIS_URL": "redis://redis:6379/0",
     "LABEL_STUDIO_URL": "http://label-studio:8080",
@@ -79,7 +79,7 @@ def test_headstart_services_set_only_known_settings_under_their_own_names(declar
     entries = environment(declared[name])
     assert entries, f"{name} has no environment"
     unknown = set(entries) - set(SETTING_DEFAULTS)
-    assert not unknown, f"{name} sets {unknown}, which backend.settings.SETTINGS does not know"
+    assert not unknown, f"{name} sets {unknown}, which backend.common.settings.SETTINGS does not know"
     renamed = {n: m["var"] for n, m in entries.items() if m["var"] != n}
     assert not renamed, f"{name} reads settings from differently named host variables: {renamed}"
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from backend.app import create_app
+from backend.server.app import create_app
 from backend.core.trainer import train_version
 from backend.services import build_services
 from tests.helpers import HYMENOPTERA, LS_REQUESTS, dataset_images

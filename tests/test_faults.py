@@ -23,16 +23,16 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from backend.app import create_app
+from backend.server.app import create_app
 from backend.core.store import ModelStore
-from backend.label_store import LabelStore
+from backend.labelstudio.label_mirror import LabelStore
 from backend.services import build_services
-from backend.settings import Settings
+from backend.common.settings import Settings
 from tests.fake_label_studio import FakeLabelStudio
 from tests.helpers import CONFIG_2, HYMENOPTERA, REPO, RedisServer, dataset_images
 from tests.hostile_servers import ErrorServer
 from tests.loop_helpers import annotation_event, local_url, run_burst_worker
-from worker.queueing import RETRY_INTERVALS_S, TRAIN_QUEUE, queue
+from backend.common.queues import RETRY_INTERVALS_S, TRAIN_QUEUE, queue
 
 pytestmark = pytest.mark.faults
 
@@ -390,7 +390,7 @@ def test_label_studio_failing_during_training_is_retried_with_backoff_and_record
             server.stop()
     expected = RETRY_INTERVALS_S[:loop.job_retries]  # backoff between attempts (measured a moment later)
     assert len(delays) == len(expected) and all(i - 3 < d <= i for d, i in zip(delays, expected)), delays
-    assert reason.startswith("backend.errors.LabelStudioUnavailable: Could not read project 33 from Label Studio")
+    assert reason.startswith("backend.common.errors.LabelStudioUnavailable: Could not read project 33 from Label Studio")
     assert "Check LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY" in reason
     assert_serving(client, ModelStore(redis), 33, val[:3], ids, at_least=served)
     print(f"\nLabel Studio {failure}: {loop.job_retries + 1} attempts, retries scheduled "

@@ -17,10 +17,10 @@ import redis as redis_lib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backend.app import create_app
+from backend.server.app import create_app
 from backend.services import build_services
-from backend.settings import Settings
-from backend.webhook import OTHER_EVENTS, TRAINING_EVENTS
+from backend.common.settings import Settings
+from backend.server.webhook import OTHER_EVENTS, TRAINING_EVENTS
 from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
 from tests.reliability_helpers import CONFIG_AB, promote_real_head
 

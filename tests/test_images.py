@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from backend.core.images import decode_image
-from backend.errors import MediaError
+from backend.common.errors import MediaError
 from tests.helpers import HYMENOPTERA, dataset_images
 
 

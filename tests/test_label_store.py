@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from backend.label_store import LabelStore
-from backend.labeling import parse_label_config
+from backend.labelstudio.label_mirror import LabelStore
+from backend.labelstudio.labeling_config import parse_label_config
 from tests.helpers import CONFIG_2
 
 SPEC = parse_label_config(CONFIG_2)[0]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from backend.errors import UnsupportedLabelConfig
-from backend.labeling import choices_in, parse_label_config
+from backend.common.errors import UnsupportedLabelConfig
+from backend.labelstudio.labeling_config import choices_in, parse_label_config
 
 TWO_CONTROLS = ('<View><Image name="photo" value="$img"/>'
                 '<Choices name="species" toName="photo"><Choice value="ant"/><Choice value="bee"/></Choices>'

@@ -11,12 +11,12 @@ import torch
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from torchvision import models
 
-from backend.app import create_app
+from backend.server.app import create_app
 from backend.core.store import ModelStore
 from backend.services import build_services
 from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
 from tests.loop_helpers import annotation_event, deleted_event, local_url, run_burst_worker
-from worker.queueing import TRAIN_QUEUE, queue
+from backend.common.queues import TRAIN_QUEUE, queue
 
 PROJECT = 7
 

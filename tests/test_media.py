@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
-from backend.app import create_app
-from backend.errors import MediaError
-from backend.features import MediaItem
+from backend.server.app import create_app
+from backend.common.errors import MediaError
+from backend.loop.features import MediaItem
 from backend.services import build_services
 from tests.helpers import HYMENOPTERA, dataset_images
 from tests.hostile_servers import HostileServer

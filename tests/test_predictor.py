@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from backend.core.trainer import train_version
-from backend.predictor import model_version_of, project_id
-from backend.errors import BadRequest
-from backend.labeling import parse_label_config
+from backend.loop.predictor import model_version_of, project_id
+from backend.common.errors import BadRequest
+from backend.labelstudio.labeling_config import parse_label_config
 from backend.services import build_services
 from tests.helpers import HYMENOPTERA, dataset_images
 

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from backend.app import create_app
+from backend.server.app import create_app
 from backend.core.trainer import train_version
-from backend.features import MediaItem
+from backend.loop.features import MediaItem
 from backend.services import build_services
 from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
 

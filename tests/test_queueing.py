@@ -11,11 +11,11 @@ import pytest
 from rq import Worker
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
 
-from backend.app import create_app
+from backend.server.app import create_app
 from backend.core.store import ModelStore
 from tests.helpers import HYMENOPTERA, REPO, dataset_images
 from tests.loop_helpers import annotation_event, local_url
-from worker.queueing import TRAIN_QUEUE, TrainingScheduler, queue
+from backend.common.queues import TRAIN_QUEUE, TrainingScheduler, queue
 
 PROJECT = 9
 

@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from backend.settings import SETTINGS
+from backend.common.settings import SETTINGS
 from tests.helpers import REPO
 
 README = REPO / "README.md"

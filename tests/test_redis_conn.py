@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from backend.errors import StoreUnavailable
-from backend.redis_conn import connect, ensure_redis, ping
+from backend.common.errors import StoreUnavailable
+from backend.common.redis_conn import connect, ensure_redis, ping
 from tests.helpers import free_port
 
 

@@ -17,17 +17,17 @@ import pytest
 import torch
 from safetensors.torch import load as load_tensors
 
-from backend.app import create_app
+from backend.server.app import create_app
 from backend.core.store import PREFIX as HEAD_PREFIX
-from backend.errors import MediaError
-from backend.features import MediaItem
-from backend.media import MediaFetcher
+from backend.common.errors import MediaError
+from backend.loop.features import MediaItem
+from backend.labelstudio.media import MediaFetcher
 from backend.services import build_services
-from backend.ssrf import HostPolicy, is_public_address
+from backend.labelstudio.ssrf import HostPolicy, is_public_address
 from tests.helpers import HYMENOPTERA, REPO, dataset_images
 from tests.hostile_servers import HostileServer
 from tests.reliability_helpers import CONFIG_AB, promote_real_head
-from worker.queueing import QUEUE_NAMES, TRAIN_QUEUE, TrainingScheduler, queue
+from backend.common.queues import QUEUE_NAMES, TRAIN_QUEUE, TrainingScheduler, queue
 
 pytestmark = pytest.mark.security
 
@@ -171,7 +171,7 @@ def route_calls(app, prefix: str = "", exclude_prefix: str | None = None):
 
 
 def test_basic_auth_guards_every_label_studio_route_but_health(settings, services):
-    from backend import auth
+    from backend.server import basic_auth as auth
 
     assert "hmac.compare_digest" in Path(auth.__file__).read_text()  # constant-time comparison
     app = create_app(settings.replace(basic_auth_user="ls-user", basic_auth_pass="pw-123"), services=services)

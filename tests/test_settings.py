@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from backend.errors import ConfigurationError
-from backend.settings import SETTINGS, Settings
+from backend.common.errors import ConfigurationError
+from backend.common.settings import SETTINGS, Settings
 
 
 def test_defaults_match_the_table():

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from backend.app import create_app
+from backend.server.app import create_app
 from backend.core.store import ModelStore
-from backend.label_store import LabelStore
+from backend.labelstudio.label_mirror import LabelStore
 from backend.services import build_services
 from tests.fake_label_studio import FakeLabelStudio
 from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
 from tests.loop_helpers import run_burst_worker
-from worker.queueing import EMBED_QUEUE, queue
+from backend.common.queues import EMBED_QUEUE, queue
 
 PROJECT = 5
 

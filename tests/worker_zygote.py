@@ -16,10 +16,10 @@ import signal
 import sys
 
 from backend.core.embedding import set_torch_threads
-from backend.features import EmbedderPool
-from backend.redis_conn import connect
+from backend.loop.features import EmbedderPool
+from backend.common.redis_conn import connect
 from backend.services import build_services
-from backend.settings import Settings
+from backend.common.settings import Settings
 
 
 def run_worker(settings: Settings, embedders: EmbedderPool, name: str) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import threading
 
-from backend.redis_conn import connect
+from backend.common.redis_conn import connect
 from backend.services import Services, build_services
-from backend.settings import Settings
+from backend.common.settings import Settings
 
 _lock = threading.Lock()
 _installed: Services | None = None

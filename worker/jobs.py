@@ -12,16 +12,16 @@ from rq import get_current_job
 from backend.core.promotion import decide
 from backend.core.store import HeadVersion
 from backend.core.trainer import train_version
-from backend.errors import HeadMismatch, HeadstartError, NotEnoughLabels
-from backend.features import MediaItem
-from backend.label_store import Example, LabelStore
-from backend.label_studio import make_client
-from backend.labeling import HeadSpec, parse_label_config
-from backend.predictor import check_head_matches
+from backend.common.errors import HeadMismatch, HeadstartError, NotEnoughLabels
+from backend.loop.features import MediaItem
+from backend.labelstudio.label_mirror import Example, LabelStore
+from backend.labelstudio.client import make_client
+from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
+from backend.loop.predictor import check_head_matches
 from backend.services import Services
 from worker import context
-from worker.queueing import TrainingScheduler, enqueue_repredict
-from worker.sync import project_tasks, sync_project, unlabeled_tasks
+from backend.common.queues import TrainingScheduler, enqueue_repredict
+from backend.labelstudio.sync import project_tasks, sync_project, unlabeled_tasks
 
 log = logging.getLogger(__name__)
 

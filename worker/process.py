@@ -37,9 +37,9 @@ from rq.worker import WorkerStatus
 from backend.core.embedding import resolve_device, set_torch_threads
 from backend.core.training import fit_head
 from backend.services import Services, build_services
-from backend.settings import Settings
+from backend.common.settings import Settings
 from worker import context
-from worker.queueing import QUEUE_NAMES, TRAIN_JOB, TrainingScheduler, queue
+from backend.common.queues import QUEUE_NAMES, TRAIN_JOB, TrainingScheduler, queue
 
 log = logging.getLogger(__name__)
 

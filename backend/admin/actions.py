@@ -17,11 +17,11 @@ from rq.suspension import resume, suspend
 
 from backend.admin.errors import NotFound, Refused
 from backend.admin.views import fetch_job, known_project, served_version, worker_names
-from backend.errors import HeadMismatch
-from backend.labeling import parse_label_config
-from backend.predictor import check_head_matches
+from backend.common.errors import HeadMismatch
+from backend.labelstudio.labeling_config import parse_label_config
+from backend.loop.predictor import check_head_matches
 from backend.services import Services
-from worker.queueing import (EMBED_JOB, EMBED_QUEUE, FAILED_JOB_TTL_S, QUEUE_NAMES, RESULT_TTL_S, TRAIN_QUEUE,
+from backend.common.queues import (EMBED_JOB, EMBED_QUEUE, FAILED_JOB_TTL_S, QUEUE_NAMES, RESULT_TTL_S, TRAIN_QUEUE,
                              TrainingScheduler, enqueue_repredict, queue)
 
 RETRYABLE = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)

@@ -1,6 +1,6 @@
 """The admin's errors: part of headstart's one hierarchy, so the HTTP layer maps them like any other."""
 
-from backend.errors import HeadstartError
+from backend.common.errors import HeadstartError
 
 
 class NotFound(HeadstartError):

@@ -12,19 +12,18 @@ from datetime import datetime, timezone
 from urllib.parse import urlsplit, urlunsplit
 
 from redis import Redis
-from rq import Queue, Worker
+from rq import Worker
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
-from rq.suspension import is_suspended
 
 from backend.admin.errors import NotFound
-from backend.predictor import model_version_of, project_id
-from backend.redis_conn import LOCAL_REDIS_URL
+from backend.loop.predictor import model_version_of, project_id
+from backend.common.redis_conn import LOCAL_REDIS_URL
 from backend.services import Services
-from worker.queueing import QUEUE_NAMES, queue
+from backend.common.queue_state import queues, registries, suspended  # noqa: F401 (admin views too)
+from backend.common.queues import QUEUE_NAMES, queue
 
 RECENT_JOBS_PER_STATE = 50
-WORKER_STATES = ("idle", "busy", "suspended", "started")
 
 
 def iso(moment: datetime | float | None) -> str | None:
@@ -55,28 +54,6 @@ def redis_info(redis: Redis, url: str) -> dict:
     memory = redis.info("memory")
     return {"url": redacted(url), "version": info.get("redis_version"),
             "used_memory": memory.get("used_memory_human"), "db_keys": redis.dbsize()}
-
-
-def _registries(q: Queue) -> dict:
-    return {"started": q.started_job_registry, "deferred": q.deferred_job_registry,
-            "scheduled": q.scheduled_job_registry, "failed": q.failed_job_registry,
-            "finished": q.finished_job_registry, "canceled": q.canceled_job_registry}
-
-
-def queues(redis: Redis) -> list[dict]:
-    """Each headstart queue with its depth and the size of each of RQ's registries."""
-    views = []
-    for name in QUEUE_NAMES:
-        q = queue(name, redis)
-        # cleanup=False: only workers clean registries (with the handler that re-runs abandoned jobs at once)
-        counts = {"queued": q.count, **{state: registry.get_job_count(cleanup=False)
-                                        for state, registry in _registries(q).items()}}
-        views.append({"name": name, "counts": counts, "workers": Worker.count(queue=q)})
-    return views
-
-
-def suspended(redis: Redis) -> bool:
-    return bool(is_suspended(redis))
 
 
 def workers(redis: Redis) -> list[dict]:
@@ -124,7 +101,7 @@ def jobs(redis: Redis, *, per_state: int = RECENT_JOBS_PER_STATE) -> list[dict]:
     for name in QUEUE_NAMES:
         q = queue(name, redis)
         ids += q.get_job_ids(0, per_state - 1)
-        for registry in _registries(q).values():
+        for registry in registries(q).values():
             ids += registry.get_job_ids(0, per_state - 1, desc=True, cleanup=False)
     unique = list(dict.fromkeys(ids))
     found = [job for job in Job.fetch_many(unique, connection=redis, serializer=JSONSerializer) if job is not None]
@@ -281,18 +258,3 @@ def overview(services: Services) -> dict:
     return {"redis": redis_info(redis, services.settings.redis_url), "suspended": suspended(redis),
             "queues": queues(redis), "workers": workers(redis), "jobs": jobs(redis),
             "projects": [models(services, project) for project in services.projects.all()]}
-
-
-def scrape_gauges(redis: Redis) -> dict[str, float]:
-    """Gauges for /metrics, measured at scrape time so every gunicorn worker reports the same."""
-    gauges: dict[str, float] = {}
-    for view in queues(redis):
-        for state, count in view["counts"].items():
-            gauges[f'headstart_queue_jobs{{queue="{view["name"]}",state="{state}"}}'] = count
-    states = dict.fromkeys(WORKER_STATES, 0)
-    for worker in Worker.all(connection=redis, serializer=JSONSerializer):
-        state = worker.get_state()
-        states[state] = states.get(state, 0) + 1
-    gauges.update({f'headstart_workers{{state="{state}"}}': count for state, count in states.items()})
-    gauges["headstart_queues_suspended"] = float(suspended(redis))
-    return gauges

@@ -14,7 +14,7 @@ from backend.admin import actions, views
 from backend.admin.auth import (COOKIE, COOKIE_PATH, CSRF_HEADER, SESSION_TTL_S, bearer, csrf_token, new_session,
                                 same_origin, session_ok, token_ok)
 from backend.admin.chart import learning_curve
-from backend.errors import BadRequest
+from backend.common.errors import BadRequest
 from backend.services import Services
 
 admin = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates", static_folder="static")

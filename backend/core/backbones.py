@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from backend.errors import ConfigurationError, UnknownBackbone
+from backend.common.errors import ConfigurationError, UnknownBackbone
 
 
 def _drop_attr(attr: str) -> Callable[[nn.Module], None]:

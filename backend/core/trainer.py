@@ -16,7 +16,7 @@ from backend.core.embedding import Embedder
 from backend.core.store import ModelStore
 from backend.core.training import (HeadRecipe, Validation, calibrate, cross_validate, fit_head, fit_temperature,
                                    predicted_correctly)
-from backend.errors import NotEnoughLabels
+from backend.common.errors import NotEnoughLabels
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from backend.core.heads import build_head, head_probabilities
-from backend.errors import NotEnoughLabels
+from backend.common.errors import NotEnoughLabels
 
 MAX_FOLDS = 5
 LBFGS_MAX_ITER = 100

@@ -19,7 +19,7 @@ from tests.e2e.backend_pair import HeadstartPair
 from tests.e2e.dataset import Image
 from tests.e2e.ls_api import LabelStudioApi
 from tests.e2e.processes import wait_until
-from worker.queueing import TRAIN_QUEUE
+from backend.common.queues import TRAIN_QUEUE
 
 CONTROL = "label"
 OBJECT = "image"

@@ -21,7 +21,7 @@ from tests.e2e.labeling_session import LabelingSession, image_file_of
 from tests.e2e.ls_api import LabelStudioApi
 from tests.e2e.processes import wait_until
 from tests.helpers import CONFIG_2
-from worker.queueing import EMBED_QUEUE, REPREDICT_JOB
+from backend.common.queues import EMBED_QUEUE, REPREDICT_JOB
 
 pytestmark = pytest.mark.e2e
 

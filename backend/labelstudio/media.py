@@ -2,7 +2,7 @@
 
 The SDK's `get_local_path` knows every URL kind Label Studio puts in tasks (uploads, local files,
 cloud URIs presigned through the task, plain http(s)). We route its downloads through a session
-that applies the SSRF guard (`backend.ssrf`: scheme, host and address policy on every redirect
+that applies the SSRF guard (`backend.labelstudio.ssrf`: scheme, host and address policy on every redirect
 hop and on every socket) and limits on size and wall-clock time, and its local-files lookups
 through a resolver rooted at LOCAL_FILES_DOCUMENT_ROOT.
 """
@@ -19,10 +19,10 @@ from urllib.parse import urlparse
 import requests
 from label_studio_sdk._extensions.label_studio_tools.core.utils import io as ls_io
 
-from backend.errors import HeadstartError, MediaError
-from backend.label_studio import MediaToken
-from backend.settings import Settings
-from backend.ssrf import FetchGuard, GuardedAdapter, HostPolicy
+from backend.common.errors import HeadstartError, MediaError
+from backend.labelstudio.client import MediaToken
+from backend.common.settings import Settings
+from backend.labelstudio.ssrf import FetchGuard, GuardedAdapter, HostPolicy
 
 MAX_REDIRECTS = 3
 CHUNK_BYTES = 1 << 16

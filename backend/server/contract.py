@@ -8,9 +8,9 @@ import time
 from flask import Blueprint, Response, current_app, jsonify, request
 from redis.exceptions import RedisError
 
-from backend.admin.views import scrape_gauges
-from backend.errors import BadRequest
-from backend.predictor import project_id
+from backend.common.queue_state import scrape_gauges
+from backend.common.errors import BadRequest
+from backend.loop.predictor import project_id
 from backend.services import Services
 
 contract = Blueprint("contract", __name__)

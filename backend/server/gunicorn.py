@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gunicorn.app.base import BaseApplication
 
-from backend.settings import Settings
+from backend.common.settings import Settings
 
 # Label Studio allows /predict 100 s; a worker must outlive a large "Retrieve Predictions" batch.
 REQUEST_TIMEOUT_S = 120
@@ -28,6 +28,6 @@ class GunicornServer(BaseApplication):
         self.cfg.set("control_socket_disable", True)
 
     def load(self):
-        from backend.app import create_app
+        from backend.server.app import create_app
 
         return create_app(self.settings)

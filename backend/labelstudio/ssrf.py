@@ -31,8 +31,8 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from backend.errors import MediaError
-from backend.settings import Settings
+from backend.common.errors import MediaError
+from backend.common.settings import Settings
 
 ALLOWED_SCHEMES = ("http", "https")
 DEFAULT_PORTS = {"http": 80, "https": 443}

@@ -14,7 +14,7 @@ import time
 from redis import Redis
 from redis.exceptions import RedisError
 
-from backend.errors import ConfigurationError, StoreUnavailable
+from backend.common.errors import ConfigurationError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

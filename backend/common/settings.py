@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from backend.errors import ConfigurationError
+from backend.common.errors import ConfigurationError
 
 
 def _bool(raw: str) -> bool:

@@ -13,7 +13,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from label_studio_sdk.label_interface.control_tags import ChoicesTag
 from label_studio_sdk.label_interface.object_tags import ImageTag
 
-from backend.errors import UnsupportedLabelConfig
+from backend.common.errors import UnsupportedLabelConfig
 
 SUPPORTED = (
     'headstart serves image classification: a <Choices> control whose toName is an <Image>, '

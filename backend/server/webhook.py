@@ -14,11 +14,11 @@ from flask import Blueprint, Flask, current_app, jsonify
 from redis import Redis
 from redis.exceptions import RedisError
 
-from backend.errors import BadRequest
-from backend.label_store import LabelStore
-from backend.predictor import project_id
-from backend.routes import json_body
-from worker.queueing import TrainingScheduler
+from backend.common.errors import BadRequest
+from backend.labelstudio.label_mirror import LabelStore
+from backend.loop.predictor import project_id
+from backend.server.contract import json_body
+from backend.common.queues import TrainingScheduler
 
 webhook = Blueprint("webhook", __name__)
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Callable
 
-from backend.settings import Settings
+from backend.common.settings import Settings
 
 EXIT_OK, EXIT_REFUSED, EXIT_CONFIG = 0, 1, 2
 POLL_S = 0.5
@@ -58,8 +58,8 @@ def _run(handler):
         from redis.exceptions import RedisError
 
         from backend.admin.errors import NotFound, Refused
-        from backend.errors import HeadstartError
-        from backend.redis_conn import LOCAL_REDIS_URL, connect
+        from backend.common.errors import HeadstartError
+        from backend.common.redis_conn import LOCAL_REDIS_URL, connect
 
         url = settings.redis_url or LOCAL_REDIS_URL
         try:

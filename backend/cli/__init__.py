@@ -8,9 +8,9 @@ import os
 import subprocess
 import sys
 
-from backend.admin_cli import add_admin_commands
-from backend.errors import HeadstartError
-from backend.settings import Settings
+from backend.cli.admin import add_admin_commands
+from backend.common.errors import HeadstartError
+from backend.common.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings: Settings, args) -> int:
-    from backend.redis_conn import ensure_redis
-    from backend.server import GunicornServer
+    from backend.common.redis_conn import ensure_redis
+    from backend.server.gunicorn import GunicornServer
 
     settings = settings.replace(redis_url=ensure_redis(settings.redis_url, data_dir=_embedded_redis_dir(settings)))
     port = args.port or settings.port
@@ -57,9 +57,9 @@ def _serve(settings: Settings, args) -> int:
 
 
 def _worker(settings: Settings, args) -> int:
-    from backend.redis_conn import connect, ensure_redis
+    from backend.common.redis_conn import connect, ensure_redis
     from worker.process import build_worker
-    from worker.queueing import QUEUE_NAMES
+    from backend.common.queues import QUEUE_NAMES
 
     url = ensure_redis(settings.redis_url) if settings.redis_url else settings.redis_url
     worker = build_worker(settings, connect(url), queues=tuple(args.queues or QUEUE_NAMES), name=args.name)
@@ -68,7 +68,7 @@ def _worker(settings: Settings, args) -> int:
 
 
 def _up(settings: Settings, args) -> int:
-    from backend.redis_conn import ensure_redis
+    from backend.common.redis_conn import ensure_redis
 
     url = ensure_redis(settings.redis_url, data_dir=_embedded_redis_dir(settings))
     env = {**os.environ, "REDIS_URL": url}
@@ -95,6 +95,3 @@ def _backbones(settings: Settings, args) -> int:
 
 
 COMMANDS = {"serve": _serve, "worker": _worker, "up": _up, "backbones": _backbones}
-
-if __name__ == "__main__":
-    sys.exit(main())

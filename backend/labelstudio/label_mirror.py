@@ -1,6 +1,6 @@
 """A per-project mirror of Label Studio's annotations in Redis. Label Studio stays the source of truth.
 
-Fed by webhook payloads, and rebuilt from Label Studio's API (`worker.sync`) on START_TRAINING, on
+Fed by webhook payloads, and rebuilt from Label Studio's API (`backend.labelstudio.sync`) on START_TRAINING, on
 first contact with a project and whenever the mirror cannot be trusted.
 
 Which annotation wins when a task has several: a ground-truth annotation first; otherwise the most
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from redis import Redis
 
-from backend.errors import BadRequest
-from backend.labeling import HeadSpec, choices_in
+from backend.common.errors import BadRequest
+from backend.labelstudio.labeling_config import HeadSpec, choices_in
 
 PREFIX = "headstart:labels"
 

@@ -8,8 +8,8 @@ import time
 import jwt
 from label_studio_sdk.client import LabelStudio
 
-from backend.errors import ConfigurationError, LabelStudioUnavailable
-from backend.settings import Settings
+from backend.common.errors import ConfigurationError, LabelStudioUnavailable
+from backend.common.settings import Settings
 
 API_TIMEOUT_S = 30.0
 TOKEN_REFRESH_MARGIN_S = 30.0

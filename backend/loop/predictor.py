@@ -12,9 +12,9 @@ from redis.exceptions import RedisError
 
 from backend.core.heads import choose_classes, head_probabilities
 from backend.core.store import HeadVersion, ModelStore
-from backend.errors import BadRequest, HeadMismatch, MediaError
-from backend.features import EmbedderPool, FeatureSource, MediaItem
-from backend.labeling import HeadSpec, parse_label_config
+from backend.common.errors import BadRequest, HeadMismatch, MediaError
+from backend.loop.features import EmbedderPool, FeatureSource, MediaItem
+from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
 
 log = logging.getLogger(__name__)
 

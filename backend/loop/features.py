@@ -17,9 +17,9 @@ from redis.exceptions import RedisError
 from backend.core.embedding import Embedder, load_embedder
 from backend.core.embedding_cache import EmbeddingCache, MediaDigests, content_digest
 from backend.core.images import decode_image
-from backend.errors import HeadstartError, MediaError
-from backend.media import MediaFetcher
-from backend.metrics import Metrics
+from backend.common.errors import HeadstartError, MediaError
+from backend.labelstudio.media import MediaFetcher
+from backend.common.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import logging
 
 from label_studio_sdk.client import LabelStudio
 
-from backend.errors import LabelStudioUnavailable
-from backend.label_store import LabelStore, annotation_record
-from backend.projects import ProjectRegistry
+from backend.common.errors import LabelStudioUnavailable
+from backend.labelstudio.label_mirror import LabelStore, annotation_record
+from backend.labelstudio.projects import ProjectRegistry
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 from backend.admin.web import admin
-from backend.auth import basic_auth_ok
+from backend.server.basic_auth import basic_auth_ok
 from backend.core.embedding import set_torch_threads
-from backend.errors import HeadstartError
-from backend.redis_conn import connect
-from backend.routes import contract
+from backend.common.errors import HeadstartError
+from backend.common.redis_conn import connect
+from backend.server.contract import contract
 from backend.services import Services, build_services
-from backend.settings import Settings
-from backend.webhook import webhook
+from backend.common.settings import Settings
+from backend.server.webhook import webhook
 
 log = logging.getLogger(__name__)
 

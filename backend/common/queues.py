@@ -15,7 +15,7 @@ from rq import Queue, Retry
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from backend.settings import Settings
+from backend.common.settings import Settings
 
 TRAIN_QUEUE = "headstart-train"
 EMBED_QUEUE = "headstart-embed"
