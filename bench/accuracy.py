@@ -1,10 +1,10 @@
 """`accuracy`: learning curves on both shared sets, headstart's head against two references.
 
-Features come from the product's embedder (decode_image + Embedder.embed: MobileNetV2, resize 256,
+Features come from the product's encoder (decode_image + ImageEncoder.embed: MobileNetV2, resize 256,
 crop 224, L2-normalized). For k labeled images per class drawn from `train` (k = 1, 2, 5, 10, 20
 and all; 5 seeds), each method is fitted on the same features and scored on all of `val`:
 
-- headstart: backend.core.training.fit_head with the product's default recipe;
+- headstart: backend.core.head_fitting.fit_head with the product's default recipe;
 - ref_logreg: scikit-learn LogisticRegression(C=1);
 - ref_linear: a linear layer trained with Adam, 300 full-batch steps.
 
@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from backend.core.embedding import load_embedder, set_torch_threads
+from backend.core.image_encoder import load_image_encoder
+from backend.core.torch_runtime import set_torch_threads
 from backend.core.heads import head_probabilities
 from backend.core.images import decode_image
-from backend.core.training import fit_head
+from backend.core.head_fitting import fit_head
 from bench import data
 from bench.harness import RESULTS_DIR, Run, goal, median, print_table, rounded
 
@@ -53,12 +54,12 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
     params = QUICK if quick else FULL
     bench_run = Run(NAME, quick=quick, results_dir=results_dir)
     set_torch_threads(1)
-    embedder = load_embedder("mobilenet_v2")
+    encoder = load_image_encoder("mobilenet_v2")
     curves, fit_ms = {}, []
     for name in SETS:
         train, val = _capped(data.images(name, "train"), params), _capped(data.images(name, "val"), params)
         classes = data.classes_of(train)
-        x_train, x_val = _embed(embedder, train), _embed(embedder, val)
+        x_train, x_val = _embed(encoder, train), _embed(encoder, val)
         y_train = torch.tensor([classes.index(cls) for _, cls in train])
         y_val = torch.tensor([classes.index(cls) for _, cls in val])
         curves[name] = {}
@@ -81,7 +82,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
                "headstart_fit_ms_median": rounded(median(fit_ms), 1), "seeds": params.seeds,
                "ref_linear_recipe": {"optimizer": "adam", "lr": ADAM_LR, "steps": ADAM_STEPS, "full_batch": True}}
     notes = ["accuracy in % on all of val, mean (and std) over seeds; k labeled images per class from train",
-             "features: the product's embedder (MobileNetV2 ImageNet, L2-normalized), shared by all methods"]
+             "features: the product's encoder (MobileNetV2 ImageNet, L2-normalized), shared by all methods"]
     record = bench_run.finish(results, goals={"worst_gap": goal(results["worst_gap"], 0, at_least=True)},
                               notes=notes)
     for name, cells in curves.items():
@@ -105,12 +106,12 @@ def _capped(items, params: Params):
     return kept
 
 
-def _embed(embedder, items) -> torch.Tensor:
+def _embed(encoder, items) -> torch.Tensor:
     vectors = []
     for start in range(0, len(items), EMBED_CHUNK):
-        images = [decode_image(path.read_bytes(), max_pixels=10**9, min_side=embedder.resize_size)
+        images = [decode_image(path.read_bytes(), max_pixels=10**9, min_side=encoder.resize_size)
                   for path, _ in items[start:start + EMBED_CHUNK]]
-        vectors.append(embedder.embed(images))
+        vectors.append(encoder.embed(images))
     return torch.cat(vectors)
 
 

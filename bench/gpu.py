@@ -2,11 +2,11 @@
 
 Runs only where torch sees CUDA; elsewhere it writes a result saying it was not run and why.
 
-- embed_img_per_s: the product's Embedder on cuda (its batching and autocast) over flowers12's
+- embed_img_per_s: the product's ImageEncoder on cuda (its batching and autocast) over flowers12's
   960 images, decoded beforehand; decode_embed_img_per_s includes decoding them (on the CPU).
 - retrain_s: what a worker with DEVICE=cuda does for one new annotation on a ~1,000-label project,
   called directly: decode + embed the new image on the GPU, then fit the head and cross-validate
-  it (the promotion guard) on the cached features, as backend.core.trainer does.
+  it (the promotion guard) on the cached features, as backend.core.candidates does.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from backend.core.embedding import load_embedder
+from backend.core.image_encoder import load_image_encoder
 from backend.core.images import decode_image
-from backend.core.training import cross_validate, fit_head
+from backend.core.head_fitting import cross_validate, fit_head
 from bench import data
 from bench.harness import RESULTS_DIR, Run, median, print_table, rounded
 
@@ -34,16 +34,16 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
         return bench_run.finish({"run": False, "reason": reason}, goals={})
     items = data.images("flowers12", "train", "val")[: 64 if quick else None]
     classes = data.classes_of(items)
-    embedder = load_embedder("mobilenet_v2", device="cuda")
+    encoder = load_image_encoder("mobilenet_v2", device="cuda")
     started = time.perf_counter()
-    images = [decode_image(path.read_bytes(), max_pixels=10**9, min_side=embedder.resize_size) for path, _ in items]
+    images = [decode_image(path.read_bytes(), max_pixels=10**9, min_side=encoder.resize_size) for path, _ in items]
     decode_s = time.perf_counter() - started
-    embedder.embed(images[:64])  # warm-up: CUDA context, cuDNN autotuning
+    encoder.embed(images[:64])  # warm-up: CUDA context, cuDNN autotuning
     embed_times = []
     for _ in range(REPEATS):
         torch.cuda.synchronize()
         started = time.perf_counter()
-        features = embedder.embed(images)
+        features = encoder.embed(images)
         torch.cuda.synchronize()
         embed_times.append(time.perf_counter() - started)
     embed_s = median(embed_times)
@@ -52,8 +52,8 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
     for repeat in range(REPEATS):
         new_path = items[repeat][0]
         started = time.perf_counter()
-        image = decode_image(new_path.read_bytes(), max_pixels=10**9, min_side=embedder.resize_size)
-        all_features = torch.cat([features[1:], embedder.embed([image])])
+        image = decode_image(new_path.read_bytes(), max_pixels=10**9, min_side=encoder.resize_size)
+        all_features = torch.cat([features[1:], encoder.embed([image])])
         fit_head(all_features, targets, num_classes=len(classes), multi_label=False)
         cross_validate(all_features, targets, num_classes=len(classes), multi_label=False)
         retrain_times.append(time.perf_counter() - started)

@@ -26,10 +26,10 @@ from PIL import Image
 from torch import nn
 from torchvision import models
 
-from backend.core.embedding import set_torch_threads
-from backend.core.trainer import train_version
+from backend.core.torch_runtime import set_torch_threads
+from backend.loop.retrain import train_version
 from backend.loop.features import MediaItem
-from backend.services import build_services
+from backend.loop.services import build_services
 from backend.common.settings import Settings
 from bench import data
 from bench.harness import RESULTS_DIR, Run, goal, median, percentile, print_table, rounded
@@ -135,12 +135,12 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
 def _train_head(services, train, classes: list[str]) -> None:
     """A promoted head, so /predict embeds and classifies (an untrained project answers at once)."""
     chosen = [item for cls in classes for item in [i for i in train if i[1] == cls][:10]]
-    embedder = services.embedders.get()
+    encoder = services.encoders.get()
     items = [MediaItem(task_id, data.local_url(data.HYMENOPTERA, path)) for task_id, (path, _) in enumerate(chosen)]
-    features = torch.stack(services.features.features(str(PROJECT), items, embedder))
+    features = torch.stack(services.features.features(str(PROJECT), items, encoder))
     trained = train_version(services.store, project=str(PROJECT), control=data.CONTROL, classes=classes,
                             multi_label=False, features=features, labels=[[cls] for _, cls in chosen],
-                            task_ids=list(range(len(chosen))), embedder=embedder)
+                            task_ids=list(range(len(chosen))), encoder=encoder)
     services.store.promote(str(PROJECT), data.CONTROL, trained.number)
 
 

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from backend.core.embedding import set_torch_threads
+from backend.core.torch_runtime import set_torch_threads
 from backend.core.images import decode_image
-from backend.core.trainer import encode_targets
-from backend.core.training import cross_validate, fit_head
+from backend.core.head_fitting import encode_targets
+from backend.core.head_fitting import cross_validate, fit_head
 from backend.loop.features import MediaItem
 from backend.labelstudio.label_mirror import LabelStore, annotation_record
 from backend.labelstudio.projects import ProjectRegistry
-from backend.services import build_services
+from backend.loop.services import build_services
 from backend.common.settings import Settings
 from bench import data
 from bench.harness import RESULTS_DIR, Run, goal, median, print_table, rounded
@@ -155,10 +155,10 @@ def _seed(services, items, config: str) -> None:
         records[task_id] = annotation_record(data.annotation(task_id, task_id, cls),
                                              data.task(task_id, data.local_url(data.FLOWERS, path)))
     LabelStore(services.redis).replace_all(project, records)
-    embedder = services.embedders.get()
+    encoder = services.encoders.get()
     media = [MediaItem(task_id, data.local_url(data.FLOWERS, path)) for task_id, (path, _) in enumerate(items, 1)]
     for start in range(0, len(media), EMBED_CHUNK):
-        services.features.features(project, media[start:start + EMBED_CHUNK], embedder)
+        services.features.features(project, media[start:start + EMBED_CHUNK], encoder)
 
 
 def _annotate(stack: Stack, client, services, config: str, item, label_count: int) -> dict:
@@ -202,17 +202,17 @@ def _wait_for_version(stack: Stack, services, project: str, number: int) -> str:
 def _direct(services, items, classes: list[str]) -> dict:
     """The same work called directly: decode + embed the last item, fit a head on it plus the others'
     cached features (floor_s), and also run the guard's cross-validation (core_s)."""
-    embedder = services.embedders.get()
+    encoder = services.encoders.get()
     *known, (new_path, _) = items
     cached = services.features.features(
         str(PROJECT), [MediaItem(i, data.local_url(data.FLOWERS, path)) for i, (path, _) in enumerate(known, 1)],
-        embedder)
+        encoder)
     cached = torch.stack(cached)
     targets = encode_targets([[cls] for _, cls in items], classes, multi_label=False)
     started = time.perf_counter()
     image = decode_image(new_path.read_bytes(), max_pixels=services.settings.media_max_pixels,
-                         min_side=embedder.resize_size)
-    features = torch.cat([cached, embedder.embed([image])])
+                         min_side=encoder.resize_size)
+    features = torch.cat([cached, encoder.embed([image])])
     fit_head(features, targets, num_classes=len(classes), multi_label=False)
     floor_s = time.perf_counter() - started
     cross_validate(features, targets, num_classes=len(classes), multi_label=False)

@@ -1,8 +1,8 @@
-"""`python -m bench table`: the results as a markdown table, put between the README's performance markers.
+"""`python -m bench table`: the results as a markdown table, put between docs/performance.md's markers.
 
 The table is regenerated from bench/results/*.json only (it never measures anything), written to
 bench/results/TABLE.md, and replaces the text between `<!-- performance:start -->` and
-`<!-- performance:end -->` in README.md when those markers are there.
+`<!-- performance:end -->` in docs/performance.md when those markers are there.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def markdown(results_dir: Path = RESULTS_DIR) -> str:
         f"{gpu}, torch {machine.get('torch')}, {dates[0]}{'' if dates[0] == dates[-1] else ' to ' + dates[-1]}. "
         f"The machine was shared with other work (1-minute load average {min(loads):g} to {max(loads):g} "
         "around the runs), so each figure is set against its baseline measured in the same run. "
-        "Details and method: [bench/README.md](bench/README.md).",
+        "Details and method: [bench/README.md](../bench/README.md).",
         "",
         HEADER,
     ]
@@ -127,15 +127,15 @@ def markdown(results_dir: Path = RESULTS_DIR) -> str:
         record = found.get(name)
         lines += rows(record) if record else [f"| {name} | not measured yet | | | | | |"]
     lines += ["", "Why the missed goals are missed, and what would fix them: "
-              "[bench/README.md, Findings](bench/README.md#findings)."]
+              "[bench/README.md, Findings](../bench/README.md#findings)."]
     quick = [name for name, record in found.items() if record.get("quick")]
     if quick:
         lines += ["", f"Results of {', '.join(quick)} come from a `--quick` run and mean nothing."]
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: Path = REPO / "README.md", results_dir: Path = RESULTS_DIR) -> str:
-    """Write TABLE.md and, when README.md has the markers, the table between them. Says what it did."""
+def update_readme(readme: Path = REPO / "docs" / "performance.md", results_dir: Path = RESULTS_DIR) -> str:
+    """Write TABLE.md and, when docs/performance.md has the markers, the table between them. Says what it did."""
     table = markdown(results_dir)
     (results_dir / "TABLE.md").write_text(table)
     if not readme.exists():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from backend.server.app import create_app
-from backend.services import build_services
+from backend.loop.services import build_services
 from tests.fake_label_studio import FakeLabelStudio
 from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
 from tests.loop_helpers import annotation_event, local_url, run_burst_worker
@@ -21,8 +21,8 @@ def admin_settings(settings):
 
 
 @pytest.fixture
-def services(admin_settings, redis, embedders):
-    return build_services(admin_settings, redis, embedders=embedders)
+def services(admin_settings, redis, encoders):
+    return build_services(admin_settings, redis, encoders=encoders)
 
 
 @pytest.fixture

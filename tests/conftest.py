@@ -10,8 +10,8 @@ import redis as redis_lib
 import torch
 
 from backend.server.app import create_app
-from backend.loop.features import EmbedderPool
-from backend.services import build_services
+from backend.core.encoders import EncoderPool
+from backend.loop.services import build_services
 from backend.common.settings import Settings
 from tests.helpers import HYMENOPTERA, RedisServer, install_offline_weights
 
@@ -63,14 +63,14 @@ def settings(redis_url, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def embedders():
+def encoders():
     """One MobileNetV2 per test session (loading is the slow part, not what the tests test)."""
-    return EmbedderPool(default_name="mobilenet_v2")
+    return EncoderPool(default_name="mobilenet_v2")
 
 
 @pytest.fixture
-def services(settings, redis, embedders):
-    return build_services(settings, redis, embedders=embedders)
+def services(settings, redis, encoders):
+    return build_services(settings, redis, encoders=encoders)
 
 
 @pytest.fixture
@@ -84,16 +84,16 @@ def client(app):
 
 
 @pytest.fixture(scope="session")
-def hymenoptera_features(embedders):
+def hymenoptera_features(encoders):
     """Real MobileNetV2 features of 20 ants and 20 bees (train split) and their labels."""
     from backend.core.images import decode_image
     from tests.helpers import HYMENOPTERA, dataset_images
 
     train = dataset_images(HYMENOPTERA, "train")
     picked = [item for cls in ("ants", "bees") for item in [i for i in train if i[1] == cls][:20]]
-    embedder = embedders.get()
-    images = [decode_image(path.read_bytes(), max_pixels=10**9, min_side=embedder.resize_size) for path, _ in picked]
-    return embedder.embed(images), [cls for _, cls in picked]
+    encoder = encoders.get()
+    images = [decode_image(path.read_bytes(), max_pixels=10**9, min_side=encoder.resize_size) for path, _ in picked]
+    return encoder.embed(images), [cls for _, cls in picked]
 
 
 @pytest.fixture
@@ -103,5 +103,5 @@ def loop_settings(settings):
 
 
 @pytest.fixture
-def loop_services(loop_settings, redis, embedders):
-    return build_services(loop_settings, redis, embedders=embedders)
+def loop_services(loop_settings, redis, encoders):
+    return build_services(loop_settings, redis, encoders=encoders)

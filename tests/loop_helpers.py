@@ -7,7 +7,6 @@ import json
 
 from backend.common.settings import Settings
 from tests.helpers import CONFIG_2, HYMENOPTERA, LS_REQUESTS
-from worker import context
 from worker.process import build_worker
 
 _TEMPLATE = json.loads((LS_REQUESTS / "webhook-ANNOTATION_CREATED.json").read_text())["body"]
@@ -40,9 +39,5 @@ def deleted_event(*, project: int, annotation_ids: list[int]) -> dict:
 
 
 def run_burst_worker(settings: Settings, redis, services) -> None:
-    """Run every queued job in-process with the production worker class, then uninstall its context."""
-    worker = build_worker(settings, redis, services=services)
-    try:
-        worker.work(burst=True, with_scheduler=False)
-    finally:
-        context.uninstall()
+    """Run every queued job in-process with the production worker class."""
+    build_worker(settings, redis, services=services).work(burst=True, with_scheduler=False)

@@ -11,7 +11,7 @@ from backend.admin import actions, views
 from backend.admin.errors import NotFound, Refused
 from backend.core.heads import build_head
 from backend.core.store import ModelStore
-from backend.services import build_services
+from backend.loop.services import build_services
 from tests.admin_support import (admin_settings, annotate, client, fake_label_studio, labeled_images,  # noqa: F401
                                  served, services)
 from tests.helpers import CONFIG_2
@@ -142,12 +142,12 @@ def test_draining_an_unknown_worker_names_the_running_ones(redis):
         actions.drain_worker(redis, "ghost")
 
 
-def test_embed_caches_every_task_of_a_project_with_progress_in_the_job(admin_settings, redis, embedders, client):
+def test_embed_caches_every_task_of_a_project_with_progress_in_the_job(admin_settings, redis, encoders, client):
     items = labeled_images(3)
     fake = fake_label_studio(PROJECT, items)
     try:
         ls_settings = admin_settings.replace(label_studio_url=fake.url, label_studio_api_key=fake.legacy_token)
-        services = build_services(ls_settings, redis, embedders=embedders)
+        services = build_services(ls_settings, redis, encoders=encoders)
         client.post("/setup", json={"project": f"{PROJECT}.1", "schema": CONFIG_2})
         job_id = actions.embed(services, PROJECT)["job"]
         assert queue(EMBED_QUEUE, redis).job_ids == [job_id]

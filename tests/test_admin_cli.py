@@ -11,12 +11,11 @@ import pytest
 
 from backend.admin import views
 from backend.cli import main
-from backend.services import build_services
+from backend.loop.services import build_services
 from tests.admin_support import (TOKEN, admin_settings, annotate, client, fake_label_studio,  # noqa: F401
                                  labeled_images, served, services, train_rounds)
 from tests.helpers import CONFIG_2
 from tests.loop_helpers import run_burst_worker
-from worker import context
 from worker.process import build_worker
 from backend.common.queues import EMBED_QUEUE, TRAIN_QUEUE, queue
 
@@ -126,7 +125,6 @@ def test_workers_show_the_gpu_a_worker_published(capsys, client, admin_settings,
         assert run_json(capsys, "workers")[0]["device"] == gpu
     finally:
         worker.register_death()
-        context.uninstall()
 
 
 def run_while_a_worker_works(capsys, argv, settings, redis, services, queue_name) -> tuple[int, str, str]:
@@ -154,12 +152,12 @@ def test_train_wait_prints_the_new_model_version(capsys, client, admin_settings,
     assert '"model_version": "label-v1"' in out
 
 
-def test_embed_follows_the_job_with_a_progress_bar(capsys, client, admin_settings, redis, embedders):
+def test_embed_follows_the_job_with_a_progress_bar(capsys, client, admin_settings, redis, encoders):
     items = labeled_images(2)
     fake = fake_label_studio(PROJECT, items)
     try:
         ls_settings = admin_settings.replace(label_studio_url=fake.url, label_studio_api_key=fake.legacy_token)
-        services = build_services(ls_settings, redis, embedders=embedders)
+        services = build_services(ls_settings, redis, encoders=encoders)
         client.post("/setup", json={"project": f"{PROJECT}.1", "schema": CONFIG_2})
         code, out, err = run_while_a_worker_works(capsys, ["embed", str(PROJECT)], ls_settings, redis, services,
                                                   EMBED_QUEUE)

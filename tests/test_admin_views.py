@@ -1,8 +1,8 @@
-"""What the admin shows: versions with their metrics, jobs with durations and errors, workers, /metrics."""
+"""What the admin shows: versions with their metrics, jobs with durations and errors, workers.
+
+/metrics, which counts the same trainings and workers, is tested in test_metrics.py."""
 
 from __future__ import annotations
-
-import re
 
 import pytest
 
@@ -11,9 +11,7 @@ from backend.admin import views
 from backend.admin.errors import NotFound
 from tests.admin_support import (admin_settings, annotate, client, labeled_images, served, services,  # noqa: F401
                                  train_rounds)
-from tests.helpers import CONFIG_2
-from tests.loop_helpers import local_url, run_burst_worker
-from worker import context
+from tests.loop_helpers import run_burst_worker
 from worker.process import build_worker
 
 PROJECT = 7
@@ -64,42 +62,12 @@ def test_workers_show_host_device_backbone_and_counts(admin_settings, redis, ser
         (view,) = views.workers(redis)
         assert view["name"] == "viewed-worker" and view["state"] == "idle"
         assert view["device"] == {"type": "cpu", "name": "cpu", "memory_bytes": None}
-        assert view["backbone"] == services.embedders.get().key and view["host"]
+        assert view["backbone"] == services.encoders.get().key and view["host"]
         assert view["queues"] == ["headstart-train", "headstart-embed"]
         assert view["jobs_done"] == 0 and view["heartbeat_age_s"] < 60
         gauges = queue_state.scrape_gauges(redis)
         assert gauges['headstart_workers{state="idle"}'] == 1 and gauges['headstart_workers{state="busy"}'] == 0
     finally:
         worker.register_death()
-        context.uninstall()
     assert views.workers(redis) == []
 
-
-def sample(text: str, series: str) -> float:
-    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
-    assert match, f"{series} missing from /metrics"
-    return float(match.group(1))
-
-
-def test_metrics_count_predictions_latency_cache_hits_webhooks_trainings_and_gauges(
-        client, admin_settings, redis, services):
-    train_rounds(client, admin_settings, redis, services, PROJECT, [2])  # 4 webhooks, 1 promoted training
-    tasks = [{"id": 100 + i, "data": {"image": local_url(path)}} for i, (path, _) in enumerate(labeled_images(3))]
-    for _ in range(2):
-        body = {"tasks": tasks, "project": f"{PROJECT}.1", "label_config": CONFIG_2}
-        assert client.post("/predict", json=body).status_code == 200
-    text = client.get("/metrics").get_data(as_text=True)
-
-    assert sample(text, "headstart_predictions_total") == 12
-    assert sample(text, "headstart_predict_seconds_count") == 2
-    assert sample(text, 'headstart_predict_seconds_bucket{le="+Inf"}') == 2
-    assert "# TYPE headstart_predict_seconds histogram" in text
-    # training embedded 4 images; the first /predict computed the 2 unseen ones, reused 4; the second reused all 6
-    assert sample(text, "headstart_embedding_cache_misses_total") == 4 + 2
-    assert sample(text, "headstart_embedding_cache_hits_total") == 4 + 6
-    assert sample(text, 'headstart_webhook_events_total{action="ANNOTATION_CREATED"}') == 4
-    assert sample(text, 'headstart_trainings_total{outcome="promoted"}') == 1
-    assert sample(text, "headstart_training_seconds_count") == 1
-    assert sample(text, 'headstart_queue_jobs{queue="headstart-train",state="finished"}') == 1
-    assert sample(text, 'headstart_workers{state="idle"}') == 0
-    assert sample(text, "headstart_queues_suspended") == 0

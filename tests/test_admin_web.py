@@ -8,7 +8,7 @@ import pytest
 
 from backend.admin.auth import COOKIE, new_session, session_ok
 from backend.server.app import create_app
-from backend.services import build_services
+from backend.loop.services import build_services
 from tests.admin_support import (TOKEN, admin_settings, annotate, client, labeled_images, services,  # noqa: F401
                                  train_rounds)
 from tests.helpers import CONFIG_2
@@ -30,7 +30,7 @@ def signed_in(client) -> str:
 
 
 def test_without_admin_token_every_admin_route_is_refused_with_the_fix(settings, redis, services):
-    client = create_app(settings, services=build_services(settings, redis, embedders=services.embedders)).test_client()
+    client = create_app(settings, services=build_services(settings, redis, encoders=services.encoders)).test_client()
     for path in ("/admin", "/admin/login", "/admin/api/overview"):
         response = client.get(path, headers=BEARER)
         assert response.status_code == 403
@@ -88,7 +88,7 @@ def test_bearer_posts_need_no_csrf_but_a_foreign_origin_is_refused(client):
 
 def test_admin_has_its_own_token_when_basic_auth_guards_label_studio_routes(admin_settings, redis, services):
     guarded = admin_settings.replace(basic_auth_user="ls", basic_auth_pass="secret")
-    client = create_app(guarded, services=build_services(guarded, redis, embedders=services.embedders)).test_client()
+    client = create_app(guarded, services=build_services(guarded, redis, encoders=services.encoders)).test_client()
     assert client.post("/setup", json={"project": "1", "schema": CONFIG_2}).status_code == 401
     assert client.get("/admin/api/overview", headers=BEARER).status_code == 200
     assert client.get("/admin/api/overview", auth=("ls", "secret")).status_code == 401  # basic auth is not the admin

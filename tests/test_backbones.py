@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from backend.core.backbones import REGISTRY, backbone_key, get_spec, load_backbone
-from backend.core.embedding import load_embedder
+from backend.core.image_encoder import load_image_encoder
 from backend.common.errors import ConfigurationError, UnknownBackbone
 
 REQUIRED = {"mobilenet_v2", "mobilenet_v3_large", "resnet18", "resnet50", "efficientnet_b0",
@@ -33,11 +33,11 @@ def test_each_backbone_yields_features_of_its_declared_size(name):
 
 
 def test_mobilenet_v2_loads_its_imagenet_weights_through_the_torchvision_path():
-    embedder = load_embedder("mobilenet_v2")
-    assert embedder.key == "mobilenet_v2@IMAGENET1K_V1"
-    assert embedder.parameter_count == 2_223_872
-    assert all(not p.requires_grad for p in embedder.model.parameters())
-    assert embedder.preprocessing()["crop_size"] == [224] and embedder.preprocessing()["resize_size"] == [256]
+    encoder = load_image_encoder("mobilenet_v2")
+    assert encoder.key == "mobilenet_v2@IMAGENET1K_V1"
+    assert encoder.parameter_count == 2_223_872
+    assert all(not p.requires_grad for p in encoder.model.parameters())
+    assert encoder.preprocessing()["crop_size"] == [224] and encoder.preprocessing()["resize_size"] == [256]
 
 
 def test_a_local_weights_file_gives_its_own_identity(tmp_path, offline_weights):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from backend.server.app import create_app
-from backend.core.trainer import train_version
-from backend.services import build_services
+from backend.loop.retrain import train_version
+from backend.loop.services import build_services
 from tests.helpers import HYMENOPTERA, LS_REQUESTS, dataset_images
 
 
@@ -30,8 +30,8 @@ def media_root(tmp_path):
 
 
 @pytest.fixture
-def services(settings, redis, embedders, media_root):
-    return build_services(settings.replace(local_files_document_root=str(media_root)), redis, embedders=embedders)
+def services(settings, redis, encoders, media_root):
+    return build_services(settings.replace(local_files_document_root=str(media_root)), redis, encoders=encoders)
 
 
 @pytest.fixture
@@ -41,15 +41,15 @@ def local_client(services):
 
 def train_ab_head(services, project: str) -> int:
     """A real head for the recorded config (classes A/B) on real hymenoptera features."""
-    embedder = services.embedders.get()
+    encoder = services.encoders.get()
     from backend.core.images import decode_image
 
     pairs = dataset_images(HYMENOPTERA, "train")[:3] + dataset_images(HYMENOPTERA, "train")[-3:]
     images = [decode_image(path.read_bytes(), max_pixels=10**8) for path, _ in pairs]
     labels = [["A"] if cls == "ants" else ["B"] for _, cls in pairs]
     trained = train_version(services.store, project=project, control="label", classes=["A", "B"],
-                            multi_label=False, features=embedder.embed(images), labels=labels,
-                            task_ids=list(range(len(pairs))), embedder=embedder)
+                            multi_label=False, features=encoder.embed(images), labels=labels,
+                            task_ids=list(range(len(pairs))), encoder=encoder)
     services.store.promote(project, "label", trained.number)
     return trained.number
 

@@ -26,7 +26,7 @@ from rq.serializers import JSONSerializer
 from backend.server.app import create_app
 from backend.core.store import ModelStore
 from backend.labelstudio.label_mirror import LabelStore
-from backend.services import build_services
+from backend.loop.services import build_services
 from backend.common.settings import Settings
 from tests.fake_label_studio import FakeLabelStudio
 from tests.helpers import CONFIG_2, HYMENOPTERA, REPO, RedisServer, dataset_images
@@ -104,9 +104,9 @@ def own_redis():
     server.cleanup()
 
 
-def backend_for(settings: Settings, embedders):
+def backend_for(settings: Settings, encoders):
     connection = redis_lib.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=5)
-    services = build_services(settings, connection, embedders=embedders)
+    services = build_services(settings, connection, encoders=encoders)
     return connection, services, create_app(settings, services=services).test_client()
 
 
@@ -188,12 +188,12 @@ def images():
 
 # ---- workers killed mid-training ----------------------------------------------------------------------
 
-def test_workers_killed_mid_training_lose_no_label_and_no_version(own_redis, embedders, images, tmp_path):
+def test_workers_killed_mid_training_lose_no_label_and_no_version(own_redis, encoders, images, tmp_path):
     project = 31
     interleaved, val, ids = images
     settings = Settings(redis_url=own_redis.url, model_dir=str(tmp_path), local_files_document_root=str(HYMENOPTERA),
                         job_retries=3, train_min_interval_s=0, repredict_unlabeled=False)
-    redis, services, client = backend_for(settings, embedders)
+    redis, services, client = backend_for(settings, encoders)
     store = ModelStore(redis)
     fleet = WorkerFleet(worker_env(own_redis.url), tmp_path / "workers.log")
     rng = random.Random(7)
@@ -261,7 +261,7 @@ def fake_task(task_id: int, path: Path, choice: str) -> dict:
             "total_annotations": 1, "project": 32}
 
 
-def test_redis_going_away_and_coming_back(own_redis, embedders, images, tmp_path):
+def test_redis_going_away_and_coming_back(own_redis, encoders, images, tmp_path):
     project = 32
     interleaved, val, ids = images
     items, missed, later = interleaved[:12], interleaved[12], interleaved[13]
@@ -271,7 +271,7 @@ def test_redis_going_away_and_coming_back(own_redis, embedders, images, tmp_path
     settings = Settings(redis_url=own_redis.url, model_dir=str(tmp_path), local_files_document_root=str(HYMENOPTERA),
                         label_studio_url=label_studio.url, label_studio_api_key=label_studio.legacy_token,
                         job_retries=3, train_min_interval_s=0, repredict_unlabeled=False)
-    redis, services, client = backend_for(settings, embedders)
+    redis, services, client = backend_for(settings, encoders)
     store = ModelStore(redis)
     fleet = WorkerFleet(worker_env(own_redis.url, LABEL_STUDIO_URL=label_studio.url,
                                    LABEL_STUDIO_API_KEY=label_studio.legacy_token), tmp_path / "workers.log")
@@ -338,10 +338,10 @@ def test_redis_going_away_and_coming_back(own_redis, embedders, images, tmp_path
 # ---- Label Studio failing during a training -------------------------------------------------------------
 
 @pytest.fixture
-def in_process(settings, redis, embedders):
+def in_process(settings, redis, encoders):
     """A backend and burst workers in this process, fed by webhooks only (no Label Studio API)."""
     loop = settings.replace(local_files_document_root=str(HYMENOPTERA), job_retries=2, train_min_interval_s=0)
-    services = build_services(loop, redis, embedders=embedders)
+    services = build_services(loop, redis, encoders=encoders)
     return loop, services, create_app(loop, services=services).test_client()
 
 
@@ -370,7 +370,7 @@ def test_label_studio_failing_during_training_is_retried_with_backoff_and_record
           "html instead of json": (200, b"<html>login</html>", "text/html")}[failure]).start()
     broken = loop.replace(label_studio_url=server.url if server else "http://127.0.0.1:9",
                           label_studio_api_key="0" * 40)
-    broken_services = build_services(broken, redis, embedders=services.embedders)
+    broken_services = build_services(broken, redis, encoders=services.encoders)
     try:
         response = client.post("/webhook", json={"action": "START_TRAINING",
                                                  "project": {"id": 33, "label_config": CONFIG_2}})

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backend.server.app import create_app
-from backend.services import build_services
+from backend.loop.services import build_services
 from backend.common.settings import Settings
 from backend.server.webhook import OTHER_EVENTS, TRAINING_EVENTS
 from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
@@ -123,7 +123,7 @@ methods = st.sampled_from(["POST", "GET", "PUT", "DELETE", "PATCH"])
 # ---- the app under fuzz ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def fuzz_client(redis_url, embedders, tmp_path_factory):
+def fuzz_client(redis_url, encoders, tmp_path_factory):
     connection = redis_lib.Redis.from_url(redis_url)
     connection.flushdb()
     root = tmp_path_factory.mktemp("fuzz-media")
@@ -132,7 +132,7 @@ def fuzz_client(redis_url, embedders, tmp_path_factory):
                           local_files_document_root=str(root), label_studio_url="http://127.0.0.1:9",
                           label_studio_api_key="0" * 40, media_public_hosts=False, media_timeout_s=2,
                           job_retries=0, repredict_unlabeled=False)
-    services = build_services(configured, connection, embedders=embedders)
+    services = build_services(configured, connection, encoders=encoders)
     promote_real_head(services, "1")  # project 1 serves a real head for CONFIG_AB
     yield create_app(configured, services=services).test_client()
     connection.flushdb()

@@ -13,7 +13,7 @@ from torchvision import models
 
 from backend.server.app import create_app
 from backend.core.store import ModelStore
-from backend.services import build_services
+from backend.loop.services import build_services
 from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
 from tests.loop_helpers import annotation_event, deleted_event, local_url, run_burst_worker
 from backend.common.queues import TRAIN_QUEUE, queue
@@ -108,7 +108,7 @@ def test_an_updated_annotation_replaces_its_label(client, loop_settings, redis, 
     assert current_meta(redis)["trained_on"][str(ids[path])] == ["bees"]
 
 
-def test_a_worse_backbone_is_not_promoted(client, loop_settings, redis, services, images, embedders, tmp_path):
+def test_a_worse_backbone_is_not_promoted(client, loop_settings, redis, services, images, encoders, tmp_path):
     train, _, ids = images
     annotate(client, first_per_class(train, 20), ids)
     run_burst_worker(loop_settings, redis, services)
@@ -119,7 +119,7 @@ def test_a_worse_backbone_is_not_promoted(client, loop_settings, redis, services
     torch.manual_seed(1)
     torch.save(models.mobilenet_v2(weights=None).state_dict(), random_weights)
     worse = loop_settings.replace(backbone_weights_file=str(random_weights))
-    worse_services = build_services(worse, redis, embedders=type(embedders)(
+    worse_services = build_services(worse, redis, encoders=type(encoders)(
         default_name="mobilenet_v2", weights_file=str(random_weights)))
     worse_client = create_app(worse, services=worse_services).test_client()
     assert worse_client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT, "label_config": CONFIG_2}}).status_code == 200
@@ -142,7 +142,7 @@ def test_a_failing_job_lands_in_the_failed_registry_and_the_old_version_keeps_se
 
     # Label Studio is configured but unreachable: the resync that START_TRAINING asks for must fail loudly.
     unreachable = loop_settings.replace(label_studio_url="http://127.0.0.1:9", label_studio_api_key="0" * 40)
-    broken_services = build_services(unreachable, redis, embedders=services.embedders)
+    broken_services = build_services(unreachable, redis, encoders=services.encoders)
     broken_client = create_app(unreachable, services=broken_services).test_client()
     broken_client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT, "label_config": CONFIG_2}})
     run_burst_worker(unreachable, redis, broken_services)

@@ -16,7 +16,7 @@ import torch
 from backend.server.app import create_app
 from backend.common.errors import MediaError
 from backend.loop.features import MediaItem
-from backend.services import build_services
+from backend.loop.services import build_services
 from tests.helpers import HYMENOPTERA, dataset_images
 from tests.hostile_servers import HostileServer
 from tests.reliability_helpers import CONFIG_AB, promote_real_head
@@ -74,11 +74,11 @@ def servers():
 
 
 @pytest.fixture
-def media_services(settings, redis, embedders, servers, media_root):
+def media_services(settings, redis, encoders, servers, media_root):
     main, _ = servers
     limited = settings.replace(label_studio_url=main.url, label_studio_api_key="0" * 40, media_max_bytes=MAX_BYTES,
                                media_timeout_s=TIMEOUT_S, local_files_document_root=str(media_root))
-    return build_services(limited, redis, embedders=embedders)
+    return build_services(limited, redis, encoders=encoders)
 
 
 def url_of(spec: str, server: HostileServer) -> str:
@@ -92,7 +92,7 @@ def test_each_broken_or_hostile_file_is_refused_with_its_reason_within_the_limit
     specs = GOOD + [spec for _, spec, _ in HOSTILE]
     items = [MediaItem(task_id=index + 1, url=url_of(spec, main)) for index, spec in enumerate(specs)]
     started = time.monotonic()
-    outcomes = media_services.features.features(PROJECT, items, media_services.embedders.get())
+    outcomes = media_services.features.features(PROJECT, items, media_services.encoders.get())
     elapsed = time.monotonic() - started
 
     assert all(isinstance(outcome, torch.Tensor) for outcome in outcomes[:len(GOOD)])

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from backend.core.trainer import train_version
+from backend.loop.retrain import train_version
 from backend.loop.predictor import model_version_of, project_id
 from backend.common.errors import BadRequest
 from backend.labelstudio.labeling_config import parse_label_config
-from backend.services import build_services
+from backend.loop.services import build_services
 from tests.helpers import HYMENOPTERA, dataset_images
 
 CONFIG = ('<View><Image name="image" value="$image"/>'
@@ -18,20 +18,20 @@ CONFIG = ('<View><Image name="image" value="$image"/>'
 
 
 @pytest.fixture
-def services(settings, redis, embedders):
-    return build_services(settings.replace(local_files_document_root=str(HYMENOPTERA)), redis, embedders=embedders)
+def services(settings, redis, encoders):
+    return build_services(settings.replace(local_files_document_root=str(HYMENOPTERA)), redis, encoders=encoders)
 
 
 def test_each_control_gets_its_result_and_the_score_is_the_least_certain(services, hymenoptera_features):
     features, labels = hymenoptera_features
-    embedder = services.embedders.get()
+    encoder = services.encoders.get()
     ids = list(range(len(labels)))
     species = train_version(services.store, project="3", control="species", classes=["ants", "bees"],
                             multi_label=False, features=features, labels=[[n] for n in labels], task_ids=ids,
-                            embedder=embedder)
+                            encoder=encoder)
     tags = train_version(services.store, project="3", control="tags", classes=["insect", "ant", "bee"],
                          multi_label=True, features=features, labels=[["insect", n[:-1]] for n in labels],
-                         task_ids=ids, embedder=embedder)
+                         task_ids=ids, encoder=encoder)
     services.store.promote("3", "species", species.number)
     services.store.promote("3", "tags", tags.number)
 

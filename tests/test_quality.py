@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from backend.server.app import create_app
-from backend.core.trainer import train_version
+from backend.loop.retrain import train_version
 from backend.loop.features import MediaItem
-from backend.services import build_services
+from backend.loop.services import build_services
 from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
 
 DRAWS = 5
@@ -22,8 +22,8 @@ def local_url(path) -> str:
 
 
 @pytest.fixture
-def services(settings, redis, embedders):
-    return build_services(settings.replace(local_files_document_root=str(HYMENOPTERA)), redis, embedders=embedders)
+def services(settings, redis, encoders):
+    return build_services(settings.replace(local_files_document_root=str(HYMENOPTERA)), redis, encoders=encoders)
 
 
 def draw(train, seed: int):
@@ -38,17 +38,17 @@ def test_five_labels_per_class_reach_reference_accuracy(services):
     client = create_app(services.settings, services=services).test_client()
     train, val = dataset_images(HYMENOPTERA, "train"), dataset_images(HYMENOPTERA, "val")
     task_of = {path: index for index, (path, _) in enumerate(train + val)}
-    embedder = services.embedders.get()
+    encoder = services.encoders.get()
     val_tasks = [{"id": task_of[path], "data": {"image": local_url(path)}} for path, _ in val]
     accuracies = []
     for seed in range(DRAWS):
         labeled = draw(train, seed)
         vectors = services.features.features(
-            "1", [MediaItem(task_of[path], local_url(path)) for path, _ in labeled], embedder)
+            "1", [MediaItem(task_of[path], local_url(path)) for path, _ in labeled], encoder)
         trained = train_version(services.store, project="1", control="label", classes=["ants", "bees"],
                                 multi_label=False, features=torch.stack(vectors),
                                 labels=[[cls] for _, cls in labeled],
-                                task_ids=[task_of[path] for path, _ in labeled], embedder=embedder)
+                                task_ids=[task_of[path] for path, _ in labeled], encoder=encoder)
         services.store.promote("1", "label", trained.number)
         response = client.post("/predict", json={"tasks": val_tasks, "project": "1.17",
                                                  "label_config": CONFIG_2})

@@ -125,17 +125,12 @@ def test_a_training_abandoned_with_no_retry_left_releases_its_lock_and_queues_th
         redis, loop_settings, loop_services):
     from rq.exceptions import AbandonedJobError
 
-    from worker import context
-    from worker.process import rerun_abandoned_at_once
+    from worker.process import abandoned_job_handler
 
     scheduler = TrainingScheduler(redis, loop_settings)
     job = started_training(scheduler, redis)
     assert scheduler.request("3", reason="while it ran") == "coalesced"  # its worker then dies
     job.retries_left = 0
-    context.install(loop_services)
-    try:
-        rerun_abandoned_at_once(job, AbandonedJobError, AbandonedJobError(), None)
-    finally:
-        context.uninstall()
+    abandoned_job_handler(loop_services)(job, AbandonedJobError, AbandonedJobError(), None)
     assert not redis.exists("headstart:train:3:running")
     assert queue(TRAIN_QUEUE, redis).count == 1

@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load as load_tensors
 
 from backend.server.app import create_app
-from backend.core.store import PREFIX as HEAD_PREFIX
+from backend.common import redis_keys
 from backend.common.errors import MediaError
 from backend.loop.features import MediaItem
 from backend.labelstudio.media import MediaFetcher
-from backend.services import build_services
+from backend.loop.services import build_services
 from backend.labelstudio.ssrf import HostPolicy, is_public_address
 from tests.helpers import HYMENOPTERA, REPO, dataset_images
 from tests.hostile_servers import HostileServer
@@ -187,12 +187,12 @@ def test_basic_auth_guards_every_label_studio_route_but_health(settings, service
     assert client.get("/health").status_code == 200
 
 
-def test_every_admin_route_refuses_requests_without_the_token(settings, redis, embedders):
-    from backend.admin import web
+def test_every_admin_route_refuses_requests_without_the_token(settings, redis, encoders):
+    from backend.server import admin_routes as web
 
     token = "admin-token-for-the-test-0123456789"
     configured = settings.replace(admin_token=token)
-    app = create_app(configured, services=build_services(configured, redis, embedders=embedders))
+    app = create_app(configured, services=build_services(configured, redis, encoders=encoders))
     client = app.test_client()
     calls = route_calls(app, prefix="/admin")
     assert calls, "no /admin route is registered"
@@ -210,13 +210,13 @@ def test_every_admin_route_refuses_requests_without_the_token(settings, redis, e
             assert token not in response.get_data(as_text=True)
     ok = client.get("/admin/api/status", headers={"Authorization": f"Bearer {token}"})
     assert ok.status_code == 200, ok.get_data(as_text=True)[:300]  # with the token it gets through
-    disabled = create_app(settings, services=build_services(settings, redis, embedders=embedders)).test_client()
+    disabled = create_app(settings, services=build_services(settings, redis, encoders=encoders)).test_client()
     for method, path, _ in calls:
         assert disabled.open(path, method=method, headers={"Authorization": "Bearer "}).status_code >= 400
     print(f"\nadmin: {len(guarded)} guarded /admin routes refuse requests without ADMIN_TOKEN")
 
 
-def test_secrets_never_reach_logs_or_answers(settings, redis, embedders, servers, caplog):
+def test_secrets_never_reach_logs_or_answers(settings, redis, encoders, servers, caplog):
     from tests.loop_helpers import run_burst_worker
 
     label_studio, _ = servers
@@ -224,7 +224,7 @@ def test_secrets_never_reach_logs_or_answers(settings, redis, embedders, servers
     configured = settings.replace(label_studio_url=label_studio.url, label_studio_api_key=secrets["api_key"],
                                   basic_auth_user="ls", basic_auth_pass=secrets["basic"], admin_token=secrets["admin"],
                                   job_retries=0)
-    services = build_services(configured, redis, embedders=embedders)
+    services = build_services(configured, redis, encoders=encoders)
     client = create_app(configured, services=services).test_client()
     caplog.set_level(logging.DEBUG)
     answers = []
@@ -298,13 +298,13 @@ def test_nothing_is_unpickled_and_every_rq_object_uses_the_json_serializer():
     assert seen["serializer"] >= 3 and seen["torch.load"] >= 1  # the scan did find what it checks
 
 
-def test_heads_are_safetensors_and_json_and_jobs_are_json(settings, redis, embedders):
-    services = build_services(settings.replace(local_files_document_root=str(HYMENOPTERA)), redis, embedders=embedders)
+def test_heads_are_safetensors_and_json_and_jobs_are_json(settings, redis, encoders):
+    services = build_services(settings.replace(local_files_document_root=str(HYMENOPTERA)), redis, encoders=encoders)
     number = promote_real_head(services, "4")
     items = [MediaItem(task_id=1, url=f"/data/local-files/?d={path.relative_to(HYMENOPTERA)}")
              for path, _ in dataset_images(HYMENOPTERA, "val")[:2]]
-    assert all(isinstance(v, torch.Tensor) for v in services.features.features("4", items, embedders.get()))
-    blob = redis.hgetall(f"{HEAD_PREFIX}:4:label:{number}")
+    assert all(isinstance(v, torch.Tensor) for v in services.features.features("4", items, encoders.get()))
+    blob = redis.hgetall(redis_keys.head_version("4", "label", number))
     assert set(blob) == {b"tensors", b"meta"}
     meta = json.loads(blob[b"meta"])
     tensors = load_tensors(blob[b"tensors"])

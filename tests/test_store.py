@@ -9,15 +9,15 @@ import torch
 
 from backend.core.heads import build_head
 from backend.core.store import ModelStore
-from backend.core.trainer import train_version
+from backend.loop.retrain import train_version
 
 
-def test_a_saved_version_round_trips_and_is_not_served_until_promoted(redis, embedders, hymenoptera_features):
+def test_a_saved_version_round_trips_and_is_not_served_until_promoted(redis, encoders, hymenoptera_features):
     features, labels = hymenoptera_features
     store = ModelStore(redis)
     trained = train_version(store, project="4", control="label", classes=["ants", "bees"], multi_label=False,
                             features=features, labels=[[n] for n in labels], task_ids=list(range(len(labels))),
-                            embedder=embedders.get())
+                            encoder=encoders.get())
     assert store.current_number("4", "label") is None
     store.promote("4", "label", trained.number)
     assert store.current_number("4", "label") == trained.number

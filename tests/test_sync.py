@@ -11,7 +11,7 @@ import pytest
 from backend.server.app import create_app
 from backend.core.store import ModelStore
 from backend.labelstudio.label_mirror import LabelStore
-from backend.services import build_services
+from backend.loop.services import build_services
 from tests.fake_label_studio import FakeLabelStudio
 from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
 from tests.loop_helpers import run_burst_worker
@@ -52,8 +52,8 @@ def ls_settings(settings, label_studio):
     return settings.replace(label_studio_url=label_studio.url, label_studio_api_key=key, repredict_unlabeled=True)
 
 
-def test_start_training_resyncs_trains_and_writes_pre_labels_back(ls_settings, redis, embedders, label_studio):
-    services = build_services(ls_settings, redis, embedders=embedders)
+def test_start_training_resyncs_trains_and_writes_pre_labels_back(ls_settings, redis, encoders, label_studio):
+    services = build_services(ls_settings, redis, encoders=encoders)
     client = create_app(ls_settings, services=services).test_client()
     LabelStore(redis).put(str(PROJECT), {"id": 999, "task": 999, "result": []}, {"id": 999})  # stale junk
     response = client.post("/webhook", json={"action": "START_TRAINING",

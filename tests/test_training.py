@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from backend.core.trainer import encode_targets
-from backend.core.training import HeadRecipe, cross_validate, fit_head, predicted_correctly
+from backend.core.head_fitting import encode_targets
+from backend.core.head_fitting import HeadRecipe, cross_validate, fit_head, predicted_correctly
 
 
 def targets_of(labels):
@@ -57,7 +57,7 @@ def test_stronger_regularization_shrinks_the_weights(hymenoptera_features):
 
 def test_calibration_makes_confident_scores_without_changing_decisions(hymenoptera_features):
     from backend.core.heads import head_probabilities
-    from backend.core.training import calibrate, fit_temperature
+    from backend.core.head_fitting import calibrate, fit_temperature
 
     features, labels = hymenoptera_features
     targets = targets_of(labels)

@@ -15,20 +15,20 @@ import os
 import signal
 import sys
 
-from backend.core.embedding import set_torch_threads
-from backend.loop.features import EmbedderPool
+from backend.core.torch_runtime import set_torch_threads
+from backend.core.encoders import EncoderPool
 from backend.common.redis_conn import connect
-from backend.services import build_services
+from backend.loop.services import build_services
 from backend.common.settings import Settings
 
 
-def run_worker(settings: Settings, embedders: EmbedderPool, name: str) -> None:
+def run_worker(settings: Settings, encoders: EncoderPool, name: str) -> None:
     from worker.process import build_worker
 
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     redis = connect(settings.redis_url)
-    worker = build_worker(settings, redis, name=name, services=build_services(settings, redis, embedders=embedders))
+    worker = build_worker(settings, redis, name=name, services=build_services(settings, redis, encoders=encoders))
     worker.work(with_scheduler=True, logging_level=settings.log_level.upper())
 
 
@@ -36,8 +36,8 @@ def main() -> int:
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(process)d %(name)s: %(message)s")
     set_torch_threads(1)
-    embedders = EmbedderPool(default_name=settings.backbone, weights_file=settings.backbone_weights_file)
-    embedders.get()
+    encoders = EncoderPool(default_name=settings.backbone, weights_file=settings.backbone_weights_file)
+    encoders.get()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     print("ready", flush=True)
     for line in sys.stdin:
@@ -47,7 +47,7 @@ def main() -> int:
         pid = os.fork()
         if pid == 0:
             try:
-                run_worker(settings, embedders, name)
+                run_worker(settings, encoders, name)
             finally:
                 os._exit(0)
         print(f"{name} {pid}", flush=True)

@@ -31,15 +31,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import SimpleWorker
 from rq.exceptions import AbandonedJobError
+from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
-from backend.core.embedding import resolve_device, set_torch_threads
-from backend.core.training import fit_head
-from backend.services import Services, build_services
+from backend.core.torch_runtime import resolve_device, set_torch_threads
+from backend.core.head_fitting import fit_head
+from backend.common.errors import ConfigurationError
+from backend.common.queues import QUEUE_NAMES, TRAIN_JOB, queue
 from backend.common.settings import Settings
-from worker import context
-from backend.common.queues import QUEUE_NAMES, TRAIN_JOB, TrainingScheduler, queue
+from backend.loop.services import Services, build_services
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +63,45 @@ MISSED_BEATS = 3  # a running job's registry entry lapses after this many missed
 MAX_REDIS_WAIT_S = 10.0
 
 
-def rerun_abandoned_at_once(job, exc_type, exc_value, traceback) -> bool:
+class ServicesJob(Job):
+    """A job whose function receives the worker process's `Services` as its first argument.
+
+    The worker sets `services` on each job it dequeues, so a job reaches Redis, the stores and the
+    loaded encoder through what the worker built at start, never through a global or the environment.
+    """
+
+    services: Services | None = None
+
+    def _execute(self):
+        if self.services is None:
+            raise ConfigurationError(
+                f"Job {self.id} ({self.func_name}) was run outside `headstart worker`, which passes the job its "
+                "services: start workers with `headstart worker`, not `rq worker`.")
+        return self.func(self.services, *self.args, **self.kwargs)
+
+
+def abandoned_job_handler(services: Services):
     """RQ exception handler: an abandoned job's next retry starts now instead of after its backoff.
 
     RQ calls exception handlers while cleaning its StartedJobRegistry, before it applies the job's
     Retry, with the same job object; zeroing the interval of the retry about to be used makes RQ
     enqueue the job directly, without waiting for its scheduler.
     """
-    if exc_type is not AbandonedJobError:
+    def rerun_abandoned_at_once(job, exc_type, exc_value, traceback) -> bool:
+        if exc_type is not AbandonedJobError:
+            return True
+        if job.retries_left and job.retry_intervals:
+            index = max(len(job.retry_intervals) - job.retries_left, 0)
+            job.retry_intervals = [0 if i == index else s for i, s in enumerate(job.retry_intervals)]
+            log.warning("job %s (%s) was abandoned by its worker; re-running it now (%d retries left)",
+                        job.id, job.description, job.retries_left - 1)
+        elif job.func_name == TRAIN_JOB and job.args:
+            # No retry left: release the project's training lock it still holds, and queue the
+            # training that requests made while it "ran" were waiting for.
+            services.scheduler.finish(str(job.args[0]), job.id)
         return True
-    if job.retries_left and job.retry_intervals:
-        index = max(len(job.retry_intervals) - job.retries_left, 0)
-        job.retry_intervals = [0 if i == index else s for i, s in enumerate(job.retry_intervals)]
-        log.warning("job %s (%s) was abandoned by its worker; re-running it now (%d retries left)",
-                    job.id, job.description, job.retries_left - 1)
-    elif job.func_name == TRAIN_JOB and job.args:
-        # No retry left: release the project's training lock it still holds, and queue the
-        # training that requests made while it "ran" were waiting for.
-        TrainingScheduler(job.connection, context.current().settings).finish(str(job.args[0]), job.id)
-    return True
+
+    return rerun_abandoned_at_once
 
 
 class HeadstartWorker(SimpleWorker):
@@ -88,6 +109,7 @@ class HeadstartWorker(SimpleWorker):
     runs; waits out Redis outages instead of exiting."""
 
     headstart_info: dict = {}
+    services: Services | None = None
     max_connection_wait_time = MAX_REDIS_WAIT_S
 
     def register_birth(self):
@@ -99,6 +121,7 @@ class HeadstartWorker(SimpleWorker):
         return MISSED_BEATS * self.job_monitoring_interval
 
     def execute_job(self, job, queue):
+        job.services = self.services
         try:
             execution = self.prepare_execution(job)
             with self._beating(job, execution):
@@ -164,19 +187,20 @@ class HeadstartWorker(SimpleWorker):
 
 def build_worker(settings: Settings, redis: Redis, *, queues: tuple[str, ...] = QUEUE_NAMES,
                  name: str | None = None, services: Services | None = None) -> HeadstartWorker:
-    """Load the backbone, install the job context and return a worker ready to `work()`."""
+    """Load the encoder, build the process's services and return a worker ready to `work()`."""
     set_torch_threads(settings.torch_threads)
     device = resolve_device(settings.device)
     services = services or build_services(settings, redis, device=str(device))
-    embedder = services.embedders.get()
-    warm_up(embedder.feature_dim)
-    context.install(services)
+    encoder = services.encoders.get()
+    warm_up(encoder.feature_dim)
     beat = max(1, settings.worker_heartbeat_s)
     worker = HeadstartWorker([queue(name_, redis) for name_ in queues], connection=redis,
-                             serializer=JSONSerializer, name=name, exception_handlers=[rerun_abandoned_at_once],
+                             serializer=JSONSerializer, name=name, job_class=ServicesJob,
+                             exception_handlers=[abandoned_job_handler(services)],
                              job_monitoring_interval=beat, maintenance_interval=beat,
                              worker_ttl=beat + 15)  # RQ blocks worker_ttl - 15 s per dequeue: maintenance each beat
+    worker.services = services
     worker.headstart_info = {"host": socket.gethostname(), "device": device_description(device),
-                             "backbone": embedder.key, "torch_threads": settings.torch_threads}
-    log.info("worker %s ready on %s with %s", worker.name, device, embedder.key)
+                             "backbone": encoder.key, "torch_threads": settings.torch_threads}
+    log.info("worker %s ready on %s with %s", worker.name, device, encoder.key)
     return worker

@@ -20,9 +20,9 @@ from backend.admin.views import fetch_job, known_project, served_version, worker
 from backend.common.errors import HeadMismatch
 from backend.labelstudio.labeling_config import parse_label_config
 from backend.loop.predictor import check_head_matches
-from backend.services import Services
+from backend.loop.services import Services
 from backend.common.queues import (EMBED_JOB, EMBED_QUEUE, FAILED_JOB_TTL_S, QUEUE_NAMES, RESULT_TTL_S, TRAIN_QUEUE,
-                             TrainingScheduler, enqueue_repredict, queue)
+                             enqueue_repredict, queue)
 
 RETRYABLE = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
 CANCELABLE = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
@@ -178,7 +178,7 @@ def resume_queues(redis: Redis) -> dict:
 def train(services: Services, project: object) -> dict:
     """Ask for a training of `project` now, through the same coalescing scheduler the webhook uses."""
     project = known_project(services, project)
-    outcome = TrainingScheduler(services.redis, services.settings).request(project, reason="asked by an admin")
+    outcome = services.scheduler.request(project, reason="asked by an admin")
     train_queue = queue(TRAIN_QUEUE, services.redis)
     queued = [job.id for job in train_queue.get_jobs() if (job.meta or {}).get("project") == project]
     return {"project": project, "outcome": outcome, "job": queued[-1] if queued else None}

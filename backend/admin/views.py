@@ -19,7 +19,7 @@ from rq.serializers import JSONSerializer
 from backend.admin.errors import NotFound
 from backend.loop.predictor import model_version_of, project_id
 from backend.common.redis_conn import LOCAL_REDIS_URL
-from backend.services import Services
+from backend.loop.services import Services
 from backend.common.queue_state import queues, registries, suspended  # noqa: F401 (admin views too)
 from backend.common.queues import QUEUE_NAMES, queue
 

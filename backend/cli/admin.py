@@ -68,7 +68,7 @@ def _run(handler):
         except RedisError as exc:
             return _fail(f"Redis at {_redacted(url)} is unreachable ({exc}). Start Redis there or set REDIS_URL.",
                          EXIT_CONFIG)
-        from backend.services import build_services
+        from backend.loop.services import build_services
 
         out = Output(as_json=args.json)
         try:

@@ -15,6 +15,7 @@ from rq import Queue, Retry
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from backend.common import redis_keys
 from backend.common.settings import Settings
 
 TRAIN_QUEUE = "headstart-train"
@@ -34,7 +35,7 @@ def queue(name: str, redis: Redis) -> Queue:
 
 
 def _key(project: str, suffix: str) -> str:
-    return f"headstart:train:{project}:{suffix}"
+    return redis_keys.training(project, suffix)
 
 
 class TrainingScheduler:

@@ -2,7 +2,7 @@
 
 Only the edges (the app factory, the worker start, the CLI) call `Settings.from_env`; everything
 else receives the frozen `Settings` object. `SETTINGS` below is the single table of environment
-variables, their defaults and their meaning: the README's settings table is checked against it.
+variables, their defaults and their meaning: docs/settings.md's table is checked against it.
 """
 
 from __future__ import annotations

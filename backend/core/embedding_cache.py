@@ -12,7 +12,8 @@ from typing import Iterable
 import torch
 from redis import Redis
 
-PREFIX = "headstart"
+from backend.common import redis_keys
+
 
 
 def content_digest(data: bytes) -> str:
@@ -25,7 +26,7 @@ class EmbeddingCache:
         self.backbone_key = backbone_key
 
     def _key(self, digest: str) -> str:
-        return f"{PREFIX}:emb:{self.backbone_key}:{digest}"
+        return redis_keys.embedding(self.backbone_key, digest)
 
     def get_many(self, digests: Iterable[str]) -> dict[str, torch.Tensor]:
         digests = list(dict.fromkeys(digests))
@@ -51,7 +52,7 @@ class MediaDigests:
 
     def __init__(self, redis: Redis, project: str):
         self.redis = redis
-        self.key = f"{PREFIX}:media:{project}"
+        self.key = redis_keys.media_digests(project)
 
     def get_many(self, urls: Iterable[str]) -> dict[str, str]:
         urls = list(dict.fromkeys(urls))

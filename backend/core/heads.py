@@ -1,18 +1,46 @@
-"""The trainable head: one linear layer on frozen, L2-normalized features.
+"""The trainable heads, by type: each version's metadata names its type (`meta["head"]`) and the
+store rebuilds it from that record, so a new head type is one more entry in `HEAD_TYPES`.
 
-A softmax head serves single-choice controls; a sigmoid head (independent probabilities and a
-threshold) serves `choice="multiple"`.
+`linear`: one linear layer on frozen, L2-normalized features. A softmax over it serves
+single-choice controls; a sigmoid (independent probabilities and a threshold) serves
+`choice="multiple"`.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
 
 
 def build_head(feature_dim: int, num_classes: int) -> nn.Linear:
-    """A fresh head for every retrain."""
+    """A fresh linear head for every retrain."""
     return nn.Linear(feature_dim, num_classes)
+
+
+# head type -> builder from its record ({"type", "feature_dim", "num_classes"})
+HEAD_TYPES: dict[str, Callable[[dict], nn.Module]] = {
+    "linear": lambda record: build_head(record["feature_dim"], record["num_classes"]),
+}
+
+
+def head_record(head: nn.Module) -> dict:
+    """What rebuilding `head` takes, saved in its version's metadata."""
+    if isinstance(head, nn.Linear):
+        return {"type": "linear", "feature_dim": head.in_features, "num_classes": head.out_features}
+    raise TypeError(f"no head type is registered for {type(head).__name__}")
+
+
+def rebuild_head(meta: dict) -> nn.Module:
+    """An empty head of the type a version's metadata records (versions saved before the record: linear)."""
+    record = meta.get("head") or {"type": "linear", "feature_dim": meta["feature_dim"],
+                                  "num_classes": len(meta["classes"])}
+    try:
+        return HEAD_TYPES[record["type"]](record)
+    except KeyError:
+        raise TypeError(f"head type {record.get('type')!r} is not known to this headstart "
+                        f"(known: {', '.join(HEAD_TYPES)}); upgrade it to serve this version") from None
 
 
 @torch.no_grad()

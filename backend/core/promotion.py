@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 
 from backend.core.store import HeadVersion
-from backend.core.trainer import encode_targets
-from backend.core.training import predicted_correctly
+from backend.core.head_fitting import encode_targets
+from backend.core.head_fitting import predicted_correctly
 
 REJECT_Z = 2.0  # one-sided normal quantile of the paired test
 MIN_NET_LOSSES = 2  # never reject over a single example

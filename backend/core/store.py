@@ -1,8 +1,9 @@
 """Head versions in Redis: tensors as safetensors, metadata as JSON, a current pointer.
 
 Every gunicorn worker and RQ worker on any host reads the same keys, so they agree on the
-current version without a shared disk. A version's blob is written before any pointer names it,
-and the pointer moves with one SET, so no reader ever sees a half-written version.
+current version without a shared disk. A version is written once, complete (tensors, metadata and,
+when it is promoted, the pointer, in one transaction); later only its status changes (an admin's
+promotion or rollback), so no reader ever sees a half-written version.
 
 Keys, for project P and control C:
   headstart:head:P:C:N        hash {tensors, meta}   version N (immutable once written)
@@ -17,15 +18,14 @@ import json
 import time
 from dataclasses import dataclass
 
-import torch
 from redis import Redis
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from backend.core.heads import build_head
+from backend.common import redis_keys
+from backend.core.heads import rebuild_head
 
-PREFIX = "headstart:head"
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class HeadVersion:
     project: str
     control: str
     number: int
-    head: nn.Linear
+    head: nn.Module
     meta: dict
 
     @property
@@ -56,26 +56,38 @@ class ModelStore:
         self.redis = redis
 
     def _key(self, project: str, control: str, suffix: str | int) -> str:
-        return f"{PREFIX}:{project}:{control}:{suffix}"
+        if suffix == "next":
+            return redis_keys.head_counter(project, control)
+        if suffix == "current":
+            return redis_keys.head_current(project, control)
+        return redis_keys.head_version(project, control, int(suffix))
 
-    def save(self, project: str, control: str, head: nn.Linear, meta: dict) -> int:
-        """Write a new version (not yet served) and return its number."""
+    def save(self, project: str, control: str, head: nn.Module, meta: dict, *, promote: bool = False,
+             reason: str = "") -> int:
+        """Write a new version in one transaction and return its number.
+
+        The metadata is written once, complete: with `promote` the version is saved as promoted and
+        the current pointer moves to it in the same transaction; otherwise it is kept, unserved, with
+        its status (default "candidate") and `reason`.
+        """
         number = int(self.redis.incr(self._key(project, control, "next")))
+        now = time.time()
         meta = {**meta, "version": number, "project": project, "control": control,
-                "created_at": meta.get("created_at", time.time()), "status": meta.get("status", "candidate")}
+                "created_at": meta.get("created_at", now)}
+        if promote:
+            meta.update(status="promoted", status_reason=reason or "promoted", promoted_at=now)
+        else:
+            meta.setdefault("status", "candidate")
+            if reason:
+                meta["status_reason"] = reason
         tensors = save_tensors({name: value.detach().contiguous() for name, value in head.state_dict().items()})
-        pipe = self.redis.pipeline()
+        pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self._key(project, control, number), mapping={"tensors": tensors, "meta": json.dumps(meta)})
-        pipe.sadd(f"headstart:heads:{project}", control)
+        pipe.sadd(redis_keys.head_controls(project), control)
+        if promote:
+            pipe.set(self._key(project, control, "current"), number)
         pipe.execute()
         return number
-
-    def update_meta(self, project: str, control: str, number: int, **changes) -> None:
-        key = self._key(project, control, number)
-        raw = self.redis.hget(key, "meta")
-        if raw is None:
-            raise KeyError(f"No version {number} of {project}/{control}")
-        self.redis.hset(key, "meta", json.dumps({**json.loads(raw), **changes}))
 
     def promote(self, project: str, control: str, number: int, *, reason: str = "promoted") -> None:
         """Make `number` the version every process serves. Its status and the pointer change in one
@@ -146,7 +158,7 @@ class ModelStore:
             raise KeyError(f"No version {number} of {project}/{control}")
         meta = json.loads(meta)
         state = load_tensors(tensors)
-        head = build_head(meta["feature_dim"], len(meta["classes"]))
+        head = rebuild_head(meta)
         head.load_state_dict(state)
         head.eval()
         return HeadVersion(project=project, control=control, number=number, head=head, meta=meta)
@@ -164,4 +176,4 @@ class ModelStore:
         return [json.loads(raw) for raw in pipe.execute() if raw is not None]
 
     def controls(self, project: str) -> list[str]:
-        return sorted(member.decode() for member in self.redis.smembers(f"headstart:heads:{project}"))
+        return sorted(member.decode() for member in self.redis.smembers(redis_keys.head_controls(project)))

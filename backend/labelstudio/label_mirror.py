@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 from redis import Redis
 
+from backend.common import redis_keys
 from backend.common.errors import BadRequest
 from backend.labelstudio.labeling_config import HeadSpec, choices_in
 
-PREFIX = "headstart:labels"
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class LabelStore:
         self.redis = redis
 
     def _key(self, project: str, suffix: str = "") -> str:
-        return f"{PREFIX}:{project}" + (f":{suffix}" if suffix else "")
+        return redis_keys.labels_meta(project, suffix) if suffix else redis_keys.labels(project)
 
     def put(self, project: str, annotation: dict, task: dict) -> None:
         record = annotation_record(annotation, task)

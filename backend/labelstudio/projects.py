@@ -6,20 +6,22 @@ import time
 
 from redis import Redis
 
+from backend.common import redis_keys
+
 
 class ProjectRegistry:
     def __init__(self, redis: Redis):
         self.redis = redis
 
     def _key(self, project: str) -> str:
-        return f"headstart:project:{project}"
+        return redis_keys.project(project)
 
     def remember(self, project: str, label_config: str) -> bool:
         """Record the project's labeling config; True when it differs from the one known before."""
         key = self._key(project)
         previous = self.redis.hget(key, "label_config")
         self.redis.hset(key, mapping={"label_config": label_config, "seen_at": time.time()})
-        self.redis.sadd("headstart:projects", project)
+        self.redis.sadd(redis_keys.PROJECTS, project)
         return previous is None or previous.decode() != label_config
 
     def label_config(self, project: str) -> str | None:
@@ -27,4 +29,4 @@ class ProjectRegistry:
         return raw.decode() if raw is not None else None
 
     def all(self) -> list[str]:
-        return sorted((member.decode() for member in self.redis.smembers("headstart:projects")), key=int)
+        return sorted((member.decode() for member in self.redis.smembers(redis_keys.PROJECTS)), key=int)

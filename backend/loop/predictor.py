@@ -13,7 +13,8 @@ from redis.exceptions import RedisError
 from backend.core.heads import choose_classes, head_probabilities
 from backend.core.store import HeadVersion, ModelStore
 from backend.common.errors import BadRequest, HeadMismatch, MediaError
-from backend.loop.features import EmbedderPool, FeatureSource, MediaItem
+from backend.core.encoders import EncoderPool
+from backend.loop.features import FeatureSource, MediaItem
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,11 @@ class Served:
 
 class Predictor:
     def __init__(self, *, redis: Redis, store: ModelStore, features: FeatureSource,
-                 embedders: EmbedderPool, multi_label_threshold: float):
+                 encoders: EncoderPool, multi_label_threshold: float):
         self.redis = redis
         self.store = store
         self.features = features
-        self.embedders = embedders
+        self.encoders = encoders
         self.threshold = multi_label_threshold
         self._lock = threading.Lock()
         self._heads: dict[tuple[str, str, int], HeadVersion] = {}
@@ -103,9 +104,9 @@ class Predictor:
             head = served.heads.get(spec.control)
             if head is None:
                 continue
-            embedder = self.embedders.for_key(head.meta["backbone"], head.backbone_key)
+            encoder = self.encoders.for_key(head.meta["backbone"], head.backbone_key)
             items = [MediaItem(task_id=_task_id(task), url=_media_url(task, spec)) for task in tasks]
-            features = self.features.features(project, items, embedder)
+            features = self.features.features(project, items, encoder)
             usable = [index for index, vector in enumerate(features) if isinstance(vector, torch.Tensor)]
             for index, vector in enumerate(features):
                 if isinstance(vector, MediaError):

@@ -9,13 +9,14 @@ from redis import Redis
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
-from backend.admin.web import admin
 from backend.server.basic_auth import basic_auth_ok
-from backend.core.embedding import set_torch_threads
+from backend.core.torch_runtime import set_torch_threads
 from backend.common.errors import HeadstartError
 from backend.common.redis_conn import connect
+from backend.server.admin_routes import admin
 from backend.server.contract import contract
-from backend.services import Services, build_services
+from backend.server import current
+from backend.loop.services import Services, build_services
 from backend.common.settings import Settings
 from backend.server.webhook import webhook
 
@@ -33,7 +34,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
         services = build_services(settings, redis if redis is not None else connect(settings.redis_url))
     app = Flask("headstart")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes  # larger bodies get a 413
-    app.extensions["headstart"] = services
+    current.install(app, services)
     app.register_blueprint(contract)
     app.register_blueprint(webhook)
     app.register_blueprint(admin)  # /admin has its own ADMIN_TOKEN, so basic auth does not apply there

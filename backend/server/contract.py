@@ -5,22 +5,18 @@ from __future__ import annotations
 import logging
 import time
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 from redis.exceptions import RedisError
 
 from backend.common.queue_state import scrape_gauges
 from backend.common.errors import BadRequest
 from backend.loop.predictor import project_id
-from backend.services import Services
+from backend.server.current import services
 
 contract = Blueprint("contract", __name__)
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "headstart"
-
-
-def services() -> Services:
-    return current_app.extensions["headstart"]
 
 
 def json_body() -> dict:

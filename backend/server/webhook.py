@@ -11,14 +11,14 @@ import logging
 import threading
 
 from flask import Blueprint, Flask, current_app, jsonify
-from redis import Redis
 from redis.exceptions import RedisError
 
 from backend.common.errors import BadRequest
 from backend.labelstudio.label_mirror import LabelStore
 from backend.loop.predictor import project_id
 from backend.server.contract import json_body
-from backend.common.queues import TrainingScheduler
+from backend.server.current import services
+
 
 webhook = Blueprint("webhook", __name__)
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def receive():
     action = body.get("action")
     if not isinstance(action, str) or not action:
         raise BadRequest("A webhook body needs an 'action' string, e.g. ANNOTATION_CREATED.")
-    hub = current_app.extensions["headstart"]
+    hub = services()
     # only known names become metric labels: arbitrary ones would grow the metrics hash without bound
     hub.metrics.add("headstart_webhook_events_total",
                     action=action if action in TRAINING_EVENTS + OTHER_EVENTS else "other")
@@ -55,7 +55,7 @@ def receive():
 
 def _record(hub, body: dict, action: str, project: str) -> str:
     """Mirror the event into the label store and ask for a training; returns the scheduler's outcome."""
-    labels = LabelStore(hub.redis)
+    labels = hub.labels
     config = body["project"].get("label_config") if isinstance(body.get("project"), dict) else None
     if isinstance(config, str) and config and hub.projects.remember(project, config):
         labels.mark_stale(project)
@@ -68,7 +68,7 @@ def _record(hub, body: dict, action: str, project: str) -> str:
         labels.delete(project, _annotation_ids(body))
     else:  # START_TRAINING: Label Studio is asking for a fresh look at everything
         labels.mark_stale(project)
-    return TrainingScheduler(hub.redis, hub.settings).request(project, reason=action)
+    return hub.scheduler.request(project, reason=action)
 
 
 class MissedEvents:
@@ -90,10 +90,10 @@ class MissedEvents:
         with self._lock:
             return set(self._projects)
 
-    def flush(self, redis: Redis) -> None:
+    def flush(self, labels: LabelStore) -> None:
         for project in self.pending():
             try:
-                LabelStore(redis).mark_stale(project)
+                labels.mark_stale(project)
             except RedisError:
                 return  # still away; try again on the next request
             with self._lock:
@@ -110,7 +110,7 @@ def missed_events(app: Flask) -> MissedEvents:
 def mark_missed_projects_stale():
     missed = current_app.extensions.get("headstart_missed_events")
     if missed is not None and missed.pending():
-        missed.flush(current_app.extensions["headstart"].redis)
+        missed.flush(services().labels)
 
 
 def _project_of(body: dict) -> str:

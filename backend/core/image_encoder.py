@@ -1,4 +1,9 @@
-"""Turn decoded images into L2-normalized feature vectors with a frozen backbone."""
+"""The image encoder: a frozen torchvision backbone that turns image bytes into L2-normalized features.
+
+It is the `image` entry type of the encoder registry (`backend.core.encoders`): the weights record
+carries the exact preprocessing, `prepare` decodes untrusted bytes within the pixel limit, and
+`embed` runs the backbone.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,9 @@ from PIL import Image
 from torch import nn
 
 from backend.core.backbones import BackboneSpec, backbone_key, count_parameters, get_spec, load_backbone
+from backend.core.images import decode_image
+from backend.core.encoders import InputLimits
+from backend.core.torch_runtime import resolve_device
 
 EMBED_BATCH_SIZE = 32
 # On CPU the cost per image grows with the batch (a batch's activations overflow the caches): on a
@@ -18,21 +26,20 @@ EMBED_BATCH_SIZE = 32
 CPU_EMBED_BATCH_SIZE = 1
 
 
-def resolve_device(requested: str) -> torch.device:
-    """`auto` means CUDA when present, else CPU."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
 @dataclass
-class Embedder:
-    """A loaded backbone plus the preprocessing its weights prescribe. Build with `load_embedder`."""
+class ImageEncoder:
+    """A loaded backbone plus the preprocessing its weights prescribe. Build with `load_image_encoder`."""
 
     spec: BackboneSpec
     key: str
     model: nn.Module
     device: torch.device
+
+    modality = "image"
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     @property
     def feature_dim(self) -> int:
@@ -63,6 +70,10 @@ class Embedder:
             "l2_normalize": True,
         }
 
+    def prepare(self, data: bytes, limits: InputLimits) -> Image.Image:
+        """Decode one untrusted input (image bytes) into what `embed` takes; raises MediaError."""
+        return decode_image(data, max_pixels=limits.max_pixels, min_side=self.resize_size)
+
     @torch.no_grad()
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Features for `images`, shape (len(images), feature_dim), float32 on CPU."""
@@ -80,17 +91,8 @@ class Embedder:
         return nn.functional.normalize(torch.cat(outputs), dim=1)
 
 
-def load_embedder(name: str, *, weights_file: str = "", device: str = "cpu") -> Embedder:
+def load_image_encoder(name: str, *, weights_file: str = "", device: str = "cpu") -> ImageEncoder:
     spec = get_spec(name)
     target = resolve_device(device)
     model = load_backbone(name, weights_file).to(target)
-    return Embedder(spec=spec, key=backbone_key(name, weights_file), model=model, device=target)
-
-
-def set_torch_threads(count: int) -> None:
-    """Pin torch's CPU thread pools. Call once per process, at its start."""
-    torch.set_num_threads(max(1, count))
-    try:
-        torch.set_num_interop_threads(max(1, count))
-    except RuntimeError:
-        pass  # already set once in this process; the intra-op setting above still applies
+    return ImageEncoder(spec=spec, key=backbone_key(name, weights_file), model=model, device=target)

@@ -1,23 +1,27 @@
 """/admin: the page, its login, and the JSON API (/admin/api/...) the page's buttons call.
 
-A thin adapter: reads go through `views`, changes through `actions` (the CLI calls the same
-functions). Access rules are in `auth` and backend/admin/README.md.
+A thin adapter: reads go through `backend.admin.views`, changes through `backend.admin.actions` (the
+CLI calls the same functions). Access rules are in `backend.admin.auth` and backend/admin/README.md.
 """
 
 from __future__ import annotations
 
 import hmac
+from pathlib import Path
 
-from flask import (Blueprint, Response, current_app, g, jsonify, redirect, render_template, request)
+from flask import (Blueprint, Response, g, jsonify, redirect, render_template, request)
 
+import backend.admin
 from backend.admin import actions, views
 from backend.admin.auth import (COOKIE, COOKIE_PATH, CSRF_HEADER, SESSION_TTL_S, bearer, csrf_token, new_session,
                                 same_origin, session_ok, token_ok)
 from backend.admin.chart import learning_curve
 from backend.common.errors import BadRequest
-from backend.services import Services
+from backend.server.current import services
 
-admin = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates", static_folder="static")
+ASSETS = Path(backend.admin.__file__).parent  # the page's templates and static files live with the admin package
+admin = Blueprint("admin", __name__, url_prefix="/admin", template_folder=str(ASSETS / "templates"),
+                  static_folder=str(ASSETS / "static"))
 
 OPEN_ENDPOINTS = ("admin.login_form", "admin.login", "admin.static")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -34,10 +38,6 @@ SECURITY_HEADERS = {
 }
 
 
-def hub() -> Services:
-    return current_app.extensions["headstart"]
-
-
 def _is_api() -> bool:
     return request.path.startswith("/admin/api/")
 
@@ -51,7 +51,7 @@ def _refuse(status: int, error: str, message: str):
 @admin.before_request
 def guard():
     """Who may call this route, and for changes: from this site only."""
-    token = hub().settings.admin_token
+    token = services().settings.admin_token
     if not token:
         return _refuse(403, "AdminDisabled", DISABLED_MESSAGE)
     if request.endpoint in OPEN_ENDPOINTS:  # the sign-in checks its own Origin; static files are public code
@@ -97,7 +97,7 @@ def login_form():
 def login():
     if not same_origin(request, required=True):
         return _refuse(403, "Forbidden", "Cross-site sign-in refused: its Origin is not this backend.")
-    token = hub().settings.admin_token
+    token = services().settings.admin_token
     if not token_ok(token, request.form.get("token")):
         return render_template("login.html", error="That is not this backend's ADMIN_TOKEN."), 401
     response = redirect("/admin", code=303)
@@ -116,7 +116,7 @@ def logout():
 @admin.get("")
 @admin.get("/")
 def page():
-    data = views.overview(hub())
+    data = views.overview(services())
     curves = {(project["project"], control["control"]): learning_curve(
         control["versions"], title=f"project {project['project']} {control['control']}: accuracy vs labels")
         for project in data["projects"] for control in project["controls"]}
@@ -127,43 +127,43 @@ def page():
 
 @admin.get("/api/overview")
 def api_overview():
-    return jsonify(views.overview(hub()))
+    return jsonify(views.overview(services()))
 
 
 @admin.get("/api/status")
 def api_status():
-    return jsonify(views.status(hub()))
+    return jsonify(views.status(services()))
 
 
 @admin.get("/api/workers")
 def api_workers():
-    return jsonify(workers=views.workers(hub().redis))
+    return jsonify(workers=views.workers(services().redis))
 
 
 @admin.get("/api/queues")
 def api_queues():
-    redis = hub().redis
+    redis = services().redis
     return jsonify(queues=views.queues(redis), suspended=views.suspended(redis))
 
 
 @admin.get("/api/jobs")
 def api_jobs():
-    return jsonify(jobs=views.jobs(hub().redis))
+    return jsonify(jobs=views.jobs(services().redis))
 
 
 @admin.get("/api/jobs/<job_id>")
 def api_job(job_id: str):
-    return jsonify(views.job(hub().redis, job_id))
+    return jsonify(views.job(services().redis, job_id))
 
 
 @admin.get("/api/projects")
 def api_projects():
-    return jsonify(projects=views.projects(hub()))
+    return jsonify(projects=views.projects(services()))
 
 
 @admin.get("/api/projects/<project>/models")
 def api_models(project: str):
-    return jsonify(views.models(hub(), project))
+    return jsonify(views.models(services(), project))
 
 
 def _body() -> dict:
@@ -184,17 +184,17 @@ def _control(body: dict) -> str | None:
 
 @admin.post("/api/jobs/<job_id>/retry")
 def api_retry(job_id: str):
-    return jsonify(actions.retry_job(hub().redis, job_id))
+    return jsonify(actions.retry_job(services().redis, job_id))
 
 
 @admin.post("/api/jobs/retry-failed")
 def api_retry_failed():
-    return jsonify(actions.retry_failed(hub().redis))
+    return jsonify(actions.retry_failed(services().redis))
 
 
 @admin.post("/api/jobs/<job_id>/cancel")
 def api_cancel(job_id: str):
-    return jsonify(actions.cancel_job(hub().redis, job_id))
+    return jsonify(actions.cancel_job(services().redis, job_id))
 
 
 @admin.post("/api/projects/<project>/promote")
@@ -203,34 +203,34 @@ def api_promote(project: str):
     version = body.get("version")
     if isinstance(version, bool) or not isinstance(version, int):
         raise BadRequest('Send the version to promote as {"version": 3} (and "control" if the project has several).')
-    return jsonify(actions.promote(hub(), project, version, control=_control(body)))
+    return jsonify(actions.promote(services(), project, version, control=_control(body)))
 
 
 @admin.post("/api/projects/<project>/rollback")
 def api_rollback(project: str):
-    return jsonify(actions.rollback(hub(), project, control=_control(_body())))
+    return jsonify(actions.rollback(services(), project, control=_control(_body())))
 
 
 @admin.post("/api/projects/<project>/train")
 def api_train(project: str):
-    return jsonify(actions.train(hub(), project))
+    return jsonify(actions.train(services(), project))
 
 
 @admin.post("/api/projects/<project>/embed")
 def api_embed(project: str):
-    return jsonify(actions.embed(hub(), project))
+    return jsonify(actions.embed(services(), project))
 
 
 @admin.post("/api/workers/<name>/drain")
 def api_drain(name: str):
-    return jsonify(actions.drain_worker(hub().redis, name))
+    return jsonify(actions.drain_worker(services().redis, name))
 
 
 @admin.post("/api/queues/suspend")
 def api_suspend():
-    return jsonify(actions.suspend_queues(hub().redis))
+    return jsonify(actions.suspend_queues(services().redis))
 
 
 @admin.post("/api/queues/resume")
 def api_resume():
-    return jsonify(actions.resume_queues(hub().redis))
+    return jsonify(actions.resume_queues(services().redis))

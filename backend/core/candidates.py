@@ -1,6 +1,7 @@
-"""From features + labels to a saved head version: the one training entry point.
+"""From features + labels to a candidate head: fitted, cross-validated, calibrated, described.
 
-Used by the worker's training job, by tests and by benchmarks alike.
+Nothing here writes anything: the retrain pipeline (`backend.loop.retrain`) decides whether a
+candidate is served and saves it once, with that decision in its metadata.
 """
 
 from __future__ import annotations
@@ -10,40 +11,29 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from torch import nn
 
-from backend.core.backbones import count_parameters
-from backend.core.embedding import Embedder
-from backend.core.store import ModelStore
-from backend.core.training import (HeadRecipe, Validation, calibrate, cross_validate, fit_head, fit_temperature,
-                                   predicted_correctly)
 from backend.common.errors import NotEnoughLabels
+from backend.core.backbones import count_parameters
+from backend.core.encoders import Encoder
+from backend.core.head_fitting import (HeadRecipe, Validation, calibrate, cross_validate, encode_targets, fit_head,
+                                       fit_temperature, predicted_correctly)
+from backend.core.heads import head_record
 
 
 @dataclass(frozen=True)
-class TrainedVersion:
-    number: int
+class Candidate:
+    head: nn.Module
     meta: dict
     validation: Validation
 
 
-def encode_targets(labels: Sequence[Sequence[str]], classes: Sequence[str], *, multi_label: bool) -> torch.Tensor:
-    """Class indices (single choice) or a 0/1 matrix (multiple choice) in `classes` order."""
-    index = {name: position for position, name in enumerate(classes)}
-    if multi_label:
-        targets = torch.zeros(len(labels), len(classes))
-        for row, names in enumerate(labels):
-            for name in names:
-                targets[row, index[name]] = 1.0
-        return targets
-    return torch.tensor([index[names[0]] for names in labels], dtype=torch.long)
-
-
-def train_version(
-    store: ModelStore, *, project: str, control: str, classes: Sequence[str], multi_label: bool,
-    features: torch.Tensor, labels: Sequence[Sequence[str]], task_ids: Sequence[int],
-    embedder: Embedder, recipe: HeadRecipe = HeadRecipe(), extra_meta: dict | None = None,
-) -> TrainedVersion:
-    """Fit a head on all labels, cross-validate the recipe, and save it as a candidate version."""
+def fit_candidate(
+    *, control: str, classes: Sequence[str], multi_label: bool, features: torch.Tensor,
+    labels: Sequence[Sequence[str]], task_ids: Sequence[int], encoder: Encoder,
+    recipe: HeadRecipe = HeadRecipe(), extra_meta: dict | None = None,
+) -> Candidate:
+    """Fit a head on all labels, cross-validate the recipe and calibrate the head's scores."""
     classes = list(classes)
     if len(features) != len(labels) or len(labels) != len(task_ids):
         raise ValueError("features, labels and task_ids must have the same length")
@@ -64,10 +54,12 @@ def train_version(
         calibrate(head, temperature)
     train_correct = predicted_correctly(head, features, targets, multi_label=multi_label)
     meta = {
-        "backbone": embedder.spec.name,
-        "backbone_key": embedder.key,
-        "feature_dim": embedder.feature_dim,
-        "preprocessing": embedder.preprocessing(),
+        "backbone": encoder.name,
+        "backbone_key": encoder.key,
+        "modality": encoder.modality,
+        "feature_dim": encoder.feature_dim,
+        "preprocessing": encoder.preprocessing(),
+        "head": head_record(head),
         "classes": classes,
         "multi_label": multi_label,
         "label_count": len(labels),
@@ -77,7 +69,7 @@ def train_version(
             "cv_folds": validation.folds,
             "train_accuracy": sum(train_correct) / len(train_correct),
         },
-        "parameters": {"trainable": count_parameters(head), "non_trainable": embedder.parameter_count},
+        "parameters": {"trainable": count_parameters(head), "non_trainable": encoder.parameter_count},
         "recipe": recipe.as_dict(),
         "calibration": {"method": "temperature scaling on out-of-fold logits", "temperature": round(temperature, 4)},
         "trained_on": {str(task): list(names) for task, names in zip(task_ids, labels)},
@@ -88,5 +80,4 @@ def train_version(
         "train_seconds": round(time.perf_counter() - started, 4),
         **(extra_meta or {}),
     }
-    number = store.save(project, control, head, meta)
-    return TrainedVersion(number=number, meta=store.meta(project, control, number), validation=validation)
+    return Candidate(head=head, meta=meta, validation=validation)

@@ -8,6 +8,7 @@ images it takes well under a second on one CPU thread.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -46,6 +47,18 @@ class Validation:
         if not self.correct:
             return None
         return sum(self.correct) / len(self.correct)
+
+
+def encode_targets(labels: Sequence[Sequence[str]], classes: Sequence[str], *, multi_label: bool) -> torch.Tensor:
+    """Class indices (single choice) or a 0/1 matrix (multiple choice) in `classes` order."""
+    index = {name: position for position, name in enumerate(classes)}
+    if multi_label:
+        targets = torch.zeros(len(labels), len(classes))
+        for row, names in enumerate(labels):
+            for name in names:
+                targets[row, index[name]] = 1.0
+        return targets
+    return torch.tensor([index[names[0]] for names in labels], dtype=torch.long)
 
 
 def fit_head(

@@ -1,0 +1,83 @@
+"""Every Redis key headstart writes, with what it holds. Modules build key names only through here.
+
+RQ's own keys (`rq:*`: queues, jobs, registries, workers) are RQ's; headstart's all start with
+`headstart:`. P is a Label Studio project id, C a control name, N a version number.
+"""
+
+from __future__ import annotations
+
+PREFIX = "headstart"
+
+# --- head versions (backend.core.store) ---------------------------------------------------------
+
+
+def head_version(project: str, control: str, number: int) -> str:
+    """hash {tensors: safetensors bytes, meta: JSON}: version N of P/C, written once, complete."""
+    return f"{PREFIX}:head:{project}:{control}:{number}"
+
+
+def head_counter(project: str, control: str) -> str:
+    """integer: the last version number handed out for P/C."""
+    return f"{PREFIX}:head:{project}:{control}:next"
+
+
+def head_current(project: str, control: str) -> str:
+    """integer: the version of P/C being served."""
+    return f"{PREFIX}:head:{project}:{control}:current"
+
+
+def head_controls(project: str) -> str:
+    """set of C: the controls of P that have versions."""
+    return f"{PREFIX}:heads:{project}"
+
+
+# --- embeddings (backend.core.embedding_cache) --------------------------------------------------
+
+
+def embedding(encoder_key: str, digest: str) -> str:
+    """float32 bytes: the features of the input whose sha256 is `digest`, under that encoder."""
+    return f"{PREFIX}:emb:{encoder_key}:{digest}"
+
+
+def media_digests(project: str) -> str:
+    """hash media URL → sha256 of its content when last fetched (skips refetching known media)."""
+    return f"{PREFIX}:media:{project}"
+
+
+# --- the label mirror (backend.labelstudio.label_mirror) ----------------------------------------
+
+
+def labels(project: str) -> str:
+    """hash annotation id → JSON {task, data, result, ground_truth, cancelled, updated_at}."""
+    return f"{PREFIX}:labels:{project}"
+
+
+def labels_meta(project: str, what: str) -> str:
+    """Mirror bookkeeping: `stale` (resync before training), `synced` (read from Label Studio once),
+    `changes` (counter of webhook writes), `staging` (a resync's copy before it is swapped in)."""
+    return f"{PREFIX}:labels:{project}:{what}"
+
+
+# --- projects (backend.labelstudio.projects) ----------------------------------------------------
+
+
+def project(project_id: str) -> str:
+    """hash {label_config, seen_at}: what headstart knows of project P."""
+    return f"{PREFIX}:project:{project_id}"
+
+
+PROJECTS = f"{PREFIX}:projects"  # set of every project id seen
+
+
+# --- training coalescing (backend.common.queues) ------------------------------------------------
+
+
+def training(project_id: str, what: str) -> str:
+    """Per project: `dirty` (a request arrived; its reason), `queued` (the queued job's id),
+    `running` (the run lock: the running job's id), `last_start` (time of the last start)."""
+    return f"{PREFIX}:train:{project_id}:{what}"
+
+
+# --- metrics (backend.common.metrics) -----------------------------------------------------------
+
+METRICS = f"{PREFIX}:metrics"  # hash series → value: every counter and histogram sample

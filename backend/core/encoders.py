@@ -1,0 +1,114 @@
+"""The encoder registry: every frozen feature extractor a head can sit on, whatever input it takes.
+
+An entry says what input it takes (`modality`: "image" now; text joins with the text issue), its
+feature size, and how to load it. A loaded encoder (the `Encoder` protocol) carries the rest of the
+seam: its cache identity (`key`: architecture + weights), its preprocessing record (saved next to
+every head), `prepare` (untrusted bytes → an input, within limits; raises MediaError) and `embed`
+(inputs → L2-normalized float32 features). Inputs are identified in the embedding cache by
+(`key`, sha256 of their bytes), so a changed file or text is a new input and an unchanged one is
+never embedded twice.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+from backend.core import backbones
+from backend.common.errors import ConfigurationError, UnknownBackbone
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Bounds on what one untrusted input may expand to when prepared (a deployment setting)."""
+
+    max_pixels: int = 89_478_485
+
+
+class Encoder(Protocol):
+    name: str
+    modality: str
+    key: str
+    feature_dim: int
+    parameter_count: int
+
+    def preprocessing(self) -> dict: ...
+
+    def prepare(self, data: bytes, limits: InputLimits) -> Any: ...
+
+    def embed(self, inputs: Sequence[Any]) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    name: str
+    modality: str
+    feature_dim: int
+    load: Callable[..., Encoder]  # (weights_file=, device=) -> Encoder
+    key: Callable[[str], str]  # weights_file -> cache identity
+
+
+def _image_entry(spec: backbones.BackboneSpec) -> EncoderEntry:
+    def load(*, weights_file: str = "", device: str = "cpu") -> Encoder:
+        from backend.core.image_encoder import load_image_encoder
+
+        return load_image_encoder(spec.name, weights_file=weights_file, device=device)
+
+    return EncoderEntry(name=spec.name, modality="image", feature_dim=spec.feature_dim, load=load,
+                        key=lambda weights_file: backbones.backbone_key(spec.name, weights_file))
+
+
+def registry() -> dict[str, EncoderEntry]:
+    """Every encoder by name (image backbones from `backend.core.backbones`)."""
+    return {name: _image_entry(spec) for name, spec in backbones.REGISTRY.items()}
+
+
+def get_entry(name: str) -> EncoderEntry:
+    entries = registry()
+    try:
+        return entries[name]
+    except KeyError:
+        raise UnknownBackbone(
+            f"Unknown encoder {name!r}. Set BACKBONE to one of: {', '.join(sorted(entries))}."
+        ) from None
+
+
+def load_encoder(name: str, *, weights_file: str = "", device: str = "cpu") -> Encoder:
+    """Load the named encoder, frozen and in eval mode, on `device`."""
+    return get_entry(name).load(weights_file=weights_file, device=device)
+
+
+class EncoderPool:
+    """Encoders loaded once per process, on first use, keyed by (name, weights file)."""
+
+    def __init__(self, *, default_name: str, weights_file: str = "", device: str = "cpu"):
+        self.default_name = default_name
+        self.weights_file = weights_file
+        self.device = device
+        self._lock = threading.Lock()
+        self._loaded: dict[tuple[str, str], Encoder] = {}
+
+    def get(self, name: str | None = None, weights_file: str | None = None) -> Encoder:
+        name = name or self.default_name
+        if weights_file is None:
+            weights_file = self.weights_file if name == self.default_name else ""
+        with self._lock:
+            if (name, weights_file) not in self._loaded:
+                self._loaded[(name, weights_file)] = load_encoder(
+                    name, weights_file=weights_file, device=self.device)
+            return self._loaded[(name, weights_file)]
+
+    def for_key(self, name: str, key: str) -> Encoder:
+        """The encoder whose identity is `key` (as saved with a head), if this process can load it."""
+        encoder = self.get(name)
+        if encoder.key != key:
+            encoder = self.get(name, "")
+        if encoder.key != key:
+            raise ConfigurationError(
+                f"This head was trained on backbone {key}, which this process cannot load "
+                f"(it has {encoder.key}). Set BACKBONE / BACKBONE_WEIGHTS_FILE to match, or retrain."
+            )
+        return encoder
