@@ -17,7 +17,7 @@ from tests.admin_support import (TOKEN, admin_settings, annotate, client, fake_l
 from tests.helpers import CONFIG_2
 from tests.loop_helpers import run_burst_worker
 from worker.process import build_worker
-from backend.common.queues import EMBED_QUEUE, TRAIN_QUEUE, queue
+from backend.common.queues import EMBED_CHUNK_JOB, EMBED_JOB, EMBED_QUEUE, TRAIN_QUEUE, queue
 
 PROJECT = 7
 
@@ -165,5 +165,7 @@ def test_embed_follows_the_job_with_a_progress_bar(capsys, client, admin_setting
         fake.stop()
     assert code == 0, err
     assert f"embedding project {PROJECT}" in out and f"{len(items)}/{len(items)}" in out
-    (job,) = views.jobs(redis)
+    jobs = views.jobs(redis)
+    (job,) = [job for job in jobs if job["function"] == EMBED_JOB]  # the rest are its chunks, run by any worker
     assert job["progress"] == {"done": len(items), "total": len(items), "failed": 0}
+    assert {job["function"] for job in jobs} == {EMBED_JOB, EMBED_CHUNK_JOB}

@@ -13,18 +13,19 @@ import uuid
 
 from rq import get_current_job
 
+from backend.common import redis_keys
 from backend.common.errors import HeadstartError, NotEnoughLabels
-from backend.common.queues import enqueue_repredict
+from backend.common.queues import enqueue_embed_chunk, enqueue_index, enqueue_repredict, training_waiting
 from backend.labelstudio.labeling_config import parse_label_config
-from backend.labelstudio.sync import project_tasks, unlabeled_tasks
+from backend.labelstudio.task_index import read_tasks
 from backend.loop.features import MediaItem
+from backend.loop.repredict import repredict, served_version
 from backend.loop.retrain import retrain_project
 from backend.loop.services import Services
 
 log = logging.getLogger(__name__)
 
-REPREDICT_BATCH = 64
-EMBED_BATCH = 32
+EMBED_CHUNK = 32  # tasks per embedding job: about a second of CPU, the longest a training waits
 
 
 def train_project(services: Services, project: str) -> dict:
@@ -50,52 +51,88 @@ def train_project(services: Services, project: str) -> dict:
     return summary
 
 
-def predict_unlabeled(services: Services, project: str, model_version: str) -> dict:
-    """Write fresh pre-labels (with confidence scores) for every unlabeled task into Label Studio."""
-    config = services.projects.label_config(project)
-    if config is None or services.predictor.served(project, config).model_version != model_version:
-        return {"project": project, "status": f"skipped: {model_version} is no longer current"}
-    client = services.label_studio()
-    tasks = unlabeled_tasks(client, project)
-    written = 0
-    for start in range(0, len(tasks), REPREDICT_BATCH):
-        batch = tasks[start:start + REPREDICT_BATCH]
-        predictions = services.predictor.predict(batch, project=project, label_config=config)
-        payload = [{"task": task["id"], "result": prediction["result"], "score": prediction["score"],
-                    "model_version": prediction["model_version"]}
-                   for task, prediction in zip(batch, predictions) if prediction["result"]]
-        if payload:
-            client.projects.import_predictions(id=int(project), request=payload)
-            written += len(payload)
-    return {"project": project, "model_version": model_version, "tasks": len(tasks), "predictions": written}
+def predict_unlabeled(services: Services, project: str, model_version: str, task_ids: list[int] | None = None) -> dict:
+    """Write `model_version`'s pre-labels (with scores) for the unlabeled tasks into Label Studio, from cached
+    features; yields to a waiting training between write batches by queueing the rest as a new job."""
+    if not services.tasks.is_built(project):
+        enqueue_index(services.redis, services.settings, project)  # it predicts what it embeds
+        return {"project": project, "status": "queued: the task index is built first"}
+    summary = repredict(services, project, model_version, task_ids,
+                        should_yield=lambda: training_waiting(services.redis))
+    if summary.get("remaining"):
+        enqueue_repredict(services.redis, services.settings, project, model_version, summary["remaining"])
+    return {**summary, "remaining": len(summary.get("remaining") or [])}
+
+
+def index_tasks(services: Services, project: str, task_ids: list[int] | None = None) -> dict:
+    """List the project's tasks (every one, or the created `task_ids`, read back from Label Studio by id) into
+    the task index, queue embedding chunks for inputs never embedded, and predict what is already cached."""
+    config = _config(services, project)
+    tasks = read_tasks(services.label_studio(), project, ids=task_ids)
+    if task_ids is None:
+        services.tasks.replace_all(project, tasks)
+    else:
+        services.tasks.put_many(project, tasks)
+    encoder = services.encoders.get()
+    keys = list(dict.fromkeys(spec.data_key for spec in parse_label_config(config)))
+    items = [item for task in tasks for key in keys if (item := _item(task, key)).url]
+    cached = services.features.cached(project, items, encoder)
+    pending = sorted({item.task_id for item, vector in zip(items, cached) if vector is None})
+    done = sum(vector is not None for vector in cached)
+    progress = redis_keys.embedding_progress(project)
+    if task_ids is None:
+        services.redis.hset(progress, mapping={"total": len(items), "done": done, "failed": 0})
+    else:
+        services.redis.hincrby(progress, "total", len(items))
+        services.redis.hincrby(progress, "done", done)
+    for start in range(0, len(pending), EMBED_CHUNK):
+        enqueue_embed_chunk(services.redis, services.settings, project, pending[start:start + EMBED_CHUNK])
+    version = served_version(services, project)
+    predicted = repredict(services, project, version, [task["id"] for task in tasks]) if version else {}
+    return {"project": project, "tasks": len(tasks), "media": len(items), "to_embed": len(pending),
+            "chunks": -(-len(pending) // EMBED_CHUNK), "predictions": predicted.get("predictions", 0),
+            "backbone": encoder.key}
+
+
+def embed_chunk(services: Services, project: str, task_ids: list[int]) -> dict:
+    """Embed the inputs of a few tasks (a unit of bounded duration), then predict them with the served version."""
+    config = _config(services, project)
+    data = services.tasks.data(project, task_ids)
+    encoder = services.encoders.get()
+    items = [item for task in task_ids if task in data for spec in parse_label_config(config)
+             if (item := _item({"id": task, "data": data[task]}, spec.data_key)).url]
+    items = list(dict.fromkeys(items))
+    vectors = services.features.features(project, items, encoder)
+    failed = sum(isinstance(vector, HeadstartError) for vector in vectors)
+    pipe = services.redis.pipeline(transaction=False)
+    pipe.hincrby(redis_keys.embedding_progress(project), "done", len(vectors) - failed)
+    pipe.hincrby(redis_keys.embedding_progress(project), "failed", failed)
+    pipe.execute()
+    version = served_version(services, project)
+    predicted = repredict(services, project, version, task_ids) if version else {}
+    return {"project": project, "tasks": len(data), "media": len(vectors), "failed": failed,
+            "predictions": predicted.get("predictions", 0)}
 
 
 def embed_tasks(services: Services, project: str) -> dict:
-    """Embed the media of every task of a project into the shared cache, ahead of predictions and trainings.
+    """`headstart embed`: index every task of the project and embed their inputs in chunks that every worker
+    shares. Progress (done, total, failed, in inputs) is the project's embedding progress, read by the CLI and
+    /admin through this job's meta."""
+    job = get_current_job()
+    if job is not None:
+        job.meta["progress_key"] = redis_keys.embedding_progress(project)
+        job.save_meta()
+    return index_tasks(services, project)
 
-    Tasks are read from Label Studio's API. Progress (done, total, failed) goes to the job's meta
-    after every batch, where `headstart embed` and /admin read it.
-    """
+
+def _config(services: Services, project: str) -> str:
     config = services.projects.label_config(project)
     if config is None:
         raise NotEnoughLabels(f"Project {project} has no known labeling config yet: connect the backend in Label "
                               "Studio (Settings → Model) so /setup records it.")
-    tasks = project_tasks(services.label_studio(), project)
-    keys = list(dict.fromkeys(spec.data_key for spec in parse_label_config(config)))
-    items = [MediaItem(task_id=task["id"], url=task["data"][key]) for task in tasks for key in keys
-             if isinstance((task.get("data") or {}).get(key), str)]
-    encoder = services.encoders.get()
-    job = get_current_job()
-    failed = 0
-    _report_progress(job, done=0, total=len(items), failed=0)
-    for start in range(0, len(items), EMBED_BATCH):
-        batch = items[start:start + EMBED_BATCH]
-        failed += sum(isinstance(vector, HeadstartError) for vector in services.features.features(project, batch, encoder))
-        _report_progress(job, done=start + len(batch), total=len(items), failed=failed)
-    return {"project": project, "tasks": len(tasks), "media": len(items), "failed": failed, "backbone": encoder.key}
+    return config
 
 
-def _report_progress(job, *, done: int, total: int, failed: int) -> None:
-    if job is not None:
-        job.meta["progress"] = {"done": done, "total": total, "failed": failed}
-        job.save_meta()
+def _item(task: dict, key: str) -> MediaItem:
+    value = (task.get("data") or {}).get(key)
+    return MediaItem(task_id=task["id"], url=value if isinstance(value, str) else "")

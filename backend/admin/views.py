@@ -155,9 +155,20 @@ def job_view(job: Job) -> dict:
         "error": _last_line(traceback),
         "traceback": traceback,
         "result": result.return_value if result is not None and status == "finished" else None,
-        "progress": (job.meta or {}).get("progress"),
+        "progress": _progress(job),
         "retries_left": job.retries_left,
     }
+
+
+def _progress(job: Job) -> dict | None:
+    """{done, total, failed}: a job's own progress, or the progress it points at (an embedding pass whose
+    chunks run as separate jobs on every worker)."""
+    meta = job.meta or {}
+    if meta.get("progress_key"):
+        raw = job.connection.hgetall(meta["progress_key"])
+        if raw:
+            return {name: int(raw.get(name.encode(), 0)) for name in ("done", "total", "failed")}
+    return meta.get("progress")
 
 
 def _aware(moment: datetime) -> datetime:

@@ -328,7 +328,9 @@ def _embed(services, args, out: Output) -> int:
 
 
 def _wait_for_job(redis, job_id: str, *, on_progress) -> dict:
-    """Poll a job until it is finished, failed, stopped or canceled; feed its meta progress to `on_progress`."""
+    """Poll a job until it is over (finished, failed, stopped or canceled) and, when it reports progress, until
+    that progress is complete (an embedding pass goes on in chunk jobs after its job finished); feed the progress
+    to `on_progress`."""
     from backend.admin import views
 
     while True:
@@ -336,7 +338,9 @@ def _wait_for_job(redis, job_id: str, *, on_progress) -> dict:
         progress = job["progress"]
         if on_progress is not None and progress:
             on_progress(progress["done"], progress["total"])
-        if job["status"] in ("finished", "failed", "stopped", "canceled"):
+        over = job["status"] in ("finished", "failed", "stopped", "canceled")
+        complete = not progress or progress["done"] + progress["failed"] >= progress["total"]
+        if over and (complete or job["status"] != "finished"):
             return job
         time.sleep(POLL_S)
 

@@ -28,6 +28,8 @@ RESULT_TTL_S = 24 * 3600
 TRAIN_JOB = "worker.jobs.train_project"
 REPREDICT_JOB = "worker.jobs.predict_unlabeled"
 EMBED_JOB = "worker.jobs.embed_tasks"
+INDEX_JOB = "worker.jobs.index_tasks"
+EMBED_CHUNK_JOB = "worker.jobs.embed_chunk"
 
 
 def queue(name: str, redis: Redis) -> Queue:
@@ -130,10 +132,36 @@ def _fetch(job_id: str, redis: Redis) -> Job | None:
         return None
 
 
-def enqueue_repredict(redis: Redis, settings: Settings, project: str, model_version: str) -> Job:
+def training_waiting(redis: Redis) -> bool:
+    """True while a training job waits in the queue: background work yields to it between chunks."""
+    return queue(TRAIN_QUEUE, redis).count > 0
+
+
+def _enqueue_background(redis: Redis, settings: Settings, job: str, args: tuple, description: str,
+                        project: str) -> Job:
+    """Embedding and re-prediction: small units on the embed queue, which every worker serves after trainings."""
     return queue(EMBED_QUEUE, redis).enqueue(
-        REPREDICT_JOB, args=(project, model_version), job_timeout=settings.job_timeout_s,
+        job, args=args, job_timeout=settings.job_timeout_s,
         retry=Retry(max=2, interval=[10, 60]), failure_ttl=FAILED_JOB_TTL_S, result_ttl=RESULT_TTL_S,
-        description=f"pre-label unlabeled tasks of project {project} with {model_version}",
-        meta={"project": project},
+        description=description, meta={"project": project},
     )
+
+
+def enqueue_repredict(redis: Redis, settings: Settings, project: str, model_version: str,
+                      task_ids: list[int] | None = None) -> Job:
+    """Pre-label the project's unlabeled tasks (or `task_ids`, the rest of an interrupted pass) with `model_version`."""
+    what = "unlabeled tasks" if task_ids is None else f"{len(task_ids)} more unlabeled tasks"
+    return _enqueue_background(redis, settings, REPREDICT_JOB, (project, model_version, task_ids),
+                               f"pre-label {what} of project {project} with {model_version}", project)
+
+
+def enqueue_index(redis: Redis, settings: Settings, project: str, task_ids: list[int] | None = None) -> Job:
+    """List the project's tasks (all, or those created: `task_ids`) into the task index, then embed them in chunks."""
+    what = "every task" if task_ids is None else f"{len(task_ids)} new task(s)"
+    return _enqueue_background(redis, settings, INDEX_JOB, (project, task_ids),
+                               f"index and embed {what} of project {project}", project)
+
+
+def enqueue_embed_chunk(redis: Redis, settings: Settings, project: str, task_ids: list[int]) -> Job:
+    return _enqueue_background(redis, settings, EMBED_CHUNK_JOB, (project, task_ids),
+                               f"embed {len(task_ids)} task(s) of project {project}", project)

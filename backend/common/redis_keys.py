@@ -53,9 +53,31 @@ def labels(project: str) -> str:
 
 
 def labels_meta(project: str, what: str) -> str:
-    """Mirror bookkeeping: `stale` (resync before training), `synced` (read from Label Studio once),
+    """Mirror bookkeeping: `stale` (a counter, bumped whenever the mirror must be fully re-read before training),
+    `synced` (fully read from Label Studio once),
     `changes` (counter of webhook writes), `staging` (a resync's copy before it is swapped in)."""
     return f"{PREFIX}:labels:{project}:{what}"
+
+
+def label_hints(project: str) -> str:
+    """set of `task:ID`, `annotation:ID` (what webhooks said changed) and `check` (START_TRAINING: look for
+    changes no webhook announced), for the next training to confirm against Label Studio."""
+    return f"{PREFIX}:labels:{project}:hints"
+
+
+def label_hints_confirming(project: str) -> str:
+    """set: the hints a training took to confirm; kept (and retried) until that confirmation is written."""
+    return f"{PREFIX}:labels:{project}:hints:confirming"
+
+
+def label_watermark(project: str) -> str:
+    """string: the newest task `updated_at` a full or incremental read of Label Studio has seen."""
+    return f"{PREFIX}:labels:{project}:watermark"
+
+
+def label_read_config(project: str) -> str:
+    """string: the labeling config the mirror was last fully read under (a change means a full read)."""
+    return f"{PREFIX}:labels:{project}:config"
 
 
 # --- projects (backend.labelstudio.projects) ----------------------------------------------------
@@ -81,3 +103,29 @@ def training(project_id: str, what: str) -> str:
 # --- metrics (backend.common.metrics) -----------------------------------------------------------
 
 METRICS = f"{PREFIX}:metrics"  # hash series → value: every counter and histogram sample
+
+
+# --- the task index (backend.labelstudio.task_index) --------------------------------------------
+
+
+def task_index(project_id: str) -> str:
+    """hash task id → JSON of the task's data: every task of P that Label Studio listed."""
+    return f"{PREFIX}:tasks:{project_id}"
+
+
+def task_index_built(project_id: str) -> str:
+    """set once P's tasks were listed completely from Label Studio."""
+    return f"{PREFIX}:tasks:{project_id}:built"
+
+
+# --- predictions written (backend.loop.repredict, backend.server.contract) ----------------------
+
+
+def predicted(project_id: str, model_version: str) -> str:
+    """set of task ids of P that already carry a prediction of `model_version` in Label Studio."""
+    return f"{PREFIX}:predicted:{project_id}:{model_version}"
+
+
+def embedding_progress(project_id: str) -> str:
+    """hash {total, done, failed}: inputs of P's indexed tasks to embed, embedded, failed (latest pass)."""
+    return f"{PREFIX}:embedding:{project_id}"

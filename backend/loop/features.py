@@ -38,17 +38,21 @@ class FeatureSource:
         self.metrics = metrics
         self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="headstart-fetch")
 
-    def features(
-        self, project: str, items: list[MediaItem], encoder: Encoder
-    ) -> list[torch.Tensor | MediaError]:
-        """One feature vector (or the reason there is none) per item, in order."""
+    def cached(self, project: str, items: list[MediaItem], encoder: Encoder) -> list[torch.Tensor | None]:
+        """The cached feature vector of each item, or None where its input was never embedded. Fetches nothing."""
         digests = MediaDigests(self.redis, project)
         cache = EmbeddingCache(self.redis, encoder.key)
         known = self._cache(lambda: digests.get_many(item.url for item in items), {})
         cached = self._cache(lambda: cache.get_many(known.values()), {})
-        results: list[torch.Tensor | MediaError | None] = [
-            cached.get(known.get(item.url, ""), None) for item in items
-        ]
+        return [cached.get(known.get(item.url, ""), None) for item in items]
+
+    def features(
+        self, project: str, items: list[MediaItem], encoder: Encoder
+    ) -> list[torch.Tensor | MediaError]:
+        """One feature vector (or the reason there is none) per item, in order."""
+        cache = EmbeddingCache(self.redis, encoder.key)
+        digests = MediaDigests(self.redis, project)
+        results: list[torch.Tensor | MediaError | None] = list(self.cached(project, items, encoder))
         missing = [index for index, result in enumerate(results) if result is None]
         metrics = self.metrics
         if not missing:

@@ -94,19 +94,33 @@ class Predictor:
 
     def predict(self, tasks: list[dict], *, project: str, label_config: str) -> list[dict]:
         """One prediction per task, in order. Tasks whose media fails get an empty result."""
+        return self._predict(tasks, project=project, label_config=label_config, cached_only=False)[0]
+
+    def predict_cached(self, tasks: list[dict], *, project: str, label_config: str) -> tuple[list[dict], list[int]]:
+        """Predictions from cached features only (nothing fetched or embedded), and the indices of the tasks
+        that could not be predicted because an input of theirs was never embedded."""
+        return self._predict(tasks, project=project, label_config=label_config, cached_only=True)
+
+    def _predict(self, tasks: list[dict], *, project: str, label_config: str,
+                 cached_only: bool) -> tuple[list[dict], list[int]]:
         served = self.served(project, label_config)
         version = served.model_version
         predictions = [{"model_version": version, "score": 0.0, "result": []} for _ in tasks]
         if not served.heads:
-            return predictions
+            return predictions, []
         per_task_scores: list[list[float]] = [[] for _ in tasks]
+        not_embedded: set[int] = set()
         for spec in served.specs:
             head = served.heads.get(spec.control)
             if head is None:
                 continue
             encoder = self.encoders.for_key(head.meta["backbone"], head.backbone_key)
             items = [MediaItem(task_id=_task_id(task), url=_media_url(task, spec)) for task in tasks]
-            features = self.features.features(project, items, encoder)
+            if cached_only:
+                features = self.features.cached(project, items, encoder)
+                not_embedded.update(index for index, vector in enumerate(features) if vector is None)
+            else:
+                features = self.features.features(project, items, encoder)
             usable = [index for index, vector in enumerate(features) if isinstance(vector, torch.Tensor)]
             for index, vector in enumerate(features):
                 if isinstance(vector, MediaError):
@@ -119,9 +133,11 @@ class Predictor:
                     probabilities, head.classes, multi_label=head.multi_label, threshold=self.threshold)):
                 predictions[index]["result"].append(spec.result(choices))
                 per_task_scores[index].append(score)
+        for index in not_embedded:  # a partial prediction (some controls only) waits for the rest
+            predictions[index]["result"], per_task_scores[index] = [], []
         for prediction, scores in zip(predictions, per_task_scores):
             prediction["score"] = round(min(scores), 6) if scores else 0.0
-        return predictions
+        return predictions, sorted(not_embedded)
 
     def _current_numbers(self, project: str, specs: list[HeadSpec]) -> dict[str, int | None]:
         """Current pointers from Redis; while Redis is away, the last ones this process saw."""

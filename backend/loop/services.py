@@ -21,6 +21,7 @@ from backend.labelstudio.client import MediaToken, make_client
 from backend.labelstudio.label_mirror import LabelStore
 from backend.labelstudio.media import MediaFetcher
 from backend.labelstudio.projects import ProjectRegistry
+from backend.labelstudio.task_index import TaskIndex
 from backend.loop.features import FeatureSource
 from backend.loop.predictor import Predictor
 
@@ -32,6 +33,7 @@ class Services:
     store: ModelStore  # head versions
     labels: LabelStore  # the mirror of Label Studio's annotations
     projects: ProjectRegistry  # labeling configs
+    tasks: TaskIndex  # every task's id and data, listed from Label Studio
     scheduler: TrainingScheduler  # coalesced training requests
     encoders: EncoderPool  # frozen encoders, loaded on first use
     features: FeatureSource  # cached features of task inputs
@@ -60,5 +62,5 @@ def build_services(settings: Settings, redis: Redis, *, device: str = "cpu",
     predictor = Predictor(redis=redis, store=store, features=features, encoders=encoders,
                           multi_label_threshold=settings.multi_label_threshold)
     return Services(settings=settings, redis=redis, store=store, labels=LabelStore(redis),
-                    projects=ProjectRegistry(redis), scheduler=TrainingScheduler(redis, settings),
+                    projects=ProjectRegistry(redis), tasks=TaskIndex(redis), scheduler=TrainingScheduler(redis, settings),
                     encoders=encoders, features=features, predictor=predictor, metrics=metrics)

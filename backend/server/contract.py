@@ -9,8 +9,10 @@ from flask import Blueprint, Response, jsonify, request
 from redis.exceptions import RedisError
 
 from backend.common.queue_state import scrape_gauges
+from backend.common.queues import enqueue_index
 from backend.common.errors import BadRequest
 from backend.loop.predictor import project_id
+from backend.loop.repredict import PredictionLedger
 from backend.server.current import services
 
 contract = Blueprint("contract", __name__)
@@ -58,7 +60,10 @@ def setup():
     hub = services()
     served = hub.predictor.served(project, schema)
     try:
-        hub.projects.remember(project, schema)
+        if hub.projects.remember(project, schema) and hub.can_reach_label_studio:
+            # first contact or a new config: list and embed the project's tasks in the background now,
+            # so re-predicting after the first promotion is a pass over cached features
+            enqueue_index(hub.redis, hub.settings, project)
     except RedisError as exc:  # Label Studio calls /setup before every predict: keep answering
         log.warning("project %s: labeling config not recorded, Redis is unreachable: %s", project, exc)
     return jsonify(model_version=served.model_version)
@@ -77,10 +82,24 @@ def predict():
     if not isinstance(label_config, str):
         raise BadRequest("'label_config' is missing and this project has not been set up yet.")
     results = hub.predictor.predict(tasks, project=project, label_config=label_config)
+    _record_answered(hub, project, tasks, results)
     hub.metrics.add("headstart_predict_requests_total")
     hub.metrics.add("headstart_predictions_total", len(tasks))
     hub.metrics.observe("headstart_predict_seconds", time.perf_counter() - started)
     return jsonify(results=results)
+
+
+def _record_answered(hub, project: str, tasks: list[dict], results: list[dict]) -> None:
+    """Label Studio saves each answer as a prediction of its model_version: the worker must not write another."""
+    answered: dict[str, list[int]] = {}
+    for task, result in zip(tasks, results):
+        if result["result"] and isinstance(task.get("id"), int):
+            answered.setdefault(result["model_version"], []).append(task["id"])
+    try:
+        for version, task_ids in answered.items():
+            PredictionLedger(hub.redis).record(project, version, task_ids)
+    except RedisError as exc:  # predictions still go out; at worst a task gets the version twice
+        log.warning("project %s: answered predictions not recorded, Redis is unreachable: %s", project, exc)
 
 
 def _first_project(tasks: list[dict]):

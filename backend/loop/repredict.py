@@ -1,0 +1,99 @@
+"""Keep every unlabeled task carrying the served version's prediction, from cached features.
+
+After a promotion, the unlabeled tasks of the task index get the new version's prediction in one
+vectorized pass over their cached features (a matrix product per control) and bulk writes to Label
+Studio. Tasks whose inputs were never embedded are left to the embedding chunks, which predict
+their own tasks as they finish. A task gets at most one prediction per version: the ledger remembers
+what was written (by this pass, by a chunk, or by Label Studio saving a `/predict` answer). The
+pass yields to a waiting training between write batches, and a newer promotion supersedes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from redis import Redis
+
+from backend.common import redis_keys
+from backend.loop.services import Services
+
+log = logging.getLogger(__name__)
+
+WRITE_BATCH = 500
+LEDGER_TTL_S = 30 * 24 * 3600
+
+
+class PredictionLedger:
+    """Which tasks already carry a prediction of a version in Label Studio."""
+
+    def __init__(self, redis: Redis):
+        self.redis = redis
+
+    def unwritten(self, project: str, model_version: str, task_ids: list[int]) -> list[int]:
+        if not task_ids:
+            return []
+        written = self.redis.smismember(redis_keys.predicted(project, model_version), task_ids)
+        return [task for task, done in zip(task_ids, written) if not done]
+
+    def record(self, project: str, model_version: str, task_ids: list[int]) -> None:
+        if task_ids:
+            key = redis_keys.predicted(project, model_version)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.sadd(key, *task_ids)
+            pipe.expire(key, LEDGER_TTL_S)
+            pipe.execute()
+
+
+def unlabeled_task_ids(services: Services, project: str) -> list[int]:
+    """Indexed tasks without a (non-cancelled) annotation in the label mirror."""
+    labeled = {record["task"] for record in services.labels.records(project) if not record.get("cancelled")}
+    return sorted(task for task in services.tasks.data(project) if task not in labeled)
+
+
+def served_version(services: Services, project: str) -> str | None:
+    """The model_version served now, or None when the project has no config or no head yet."""
+    config = services.projects.label_config(project)
+    if config is None:
+        return None
+    served = services.predictor.served(project, config)
+    return served.model_version if served.heads else None
+
+
+def repredict(services: Services, project: str, model_version: str, task_ids: list[int] | None = None, *,
+              should_yield: Callable[[], bool] = lambda: False) -> dict:
+    """Write `model_version`'s prediction for the unlabeled tasks (or those of `task_ids` still unlabeled).
+
+    Returns a summary; `remaining` lists the tasks left when it yielded to a training (queue them again).
+    """
+    if served_version(services, project) != model_version:
+        return {"project": project, "status": f"skipped: {model_version} is no longer current"}
+    config = services.projects.label_config(project)
+    unlabeled = unlabeled_task_ids(services, project)
+    if task_ids is not None:
+        wanted = set(task_ids)
+        unlabeled = [task for task in unlabeled if task in wanted]
+    ledger = PredictionLedger(services.redis)
+    todo = ledger.unwritten(project, model_version, unlabeled)
+    data = services.tasks.data(project, todo)
+    tasks = [{"id": task, "data": data[task]} for task in todo if task in data]
+    predictions, not_embedded = services.predictor.predict_cached(tasks, project=project, label_config=config)
+    payload = [{"task": task["id"], "result": prediction["result"], "score": prediction["score"],
+                "model_version": prediction["model_version"]}
+               for task, prediction in zip(tasks, predictions)
+               if prediction["result"] and prediction["model_version"] == model_version]
+    written, client = 0, None
+    for start in range(0, len(payload), WRITE_BATCH):
+        if start and (should_yield() or served_version(services, project) != model_version):
+            remaining = [item["task"] for item in payload[start:]]
+            return {"project": project, "model_version": model_version, "predictions": written,
+                    "not_embedded": len(not_embedded), "remaining": remaining}
+        batch = payload[start:start + WRITE_BATCH]
+        client = client or services.label_studio()
+        client.projects.import_predictions(id=int(project), request=batch)
+        ledger.record(project, model_version, [item["task"] for item in batch])
+        written += len(batch)
+    log.info("project %s: wrote %d predictions of %s (%d tasks not embedded yet)",
+             project, written, model_version, len(not_embedded))
+    return {"project": project, "model_version": model_version, "tasks": len(tasks), "predictions": written,
+            "not_embedded": len(not_embedded), "remaining": []}

@@ -1,0 +1,146 @@
+"""Re-prediction from cached features: the task index, embedding chunks, one prediction per task and version,
+yielding to trainings, and superseded versions (backend/loop/repredict.py, worker/jobs.py).
+
+Label Studio's API is the local stand-in (tests/fake_label_studio.py); tests/e2e drives the real one.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from backend.common.queues import EMBED_QUEUE, TRAIN_QUEUE, enqueue_index, queue
+from backend.loop.repredict import PredictionLedger, repredict, unlabeled_task_ids
+from backend.loop.services import build_services
+from backend.server.app import create_app
+from tests.fake_label_studio import FakeLabelStudio
+from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
+from tests.loop_helpers import annotation_event, run_burst_worker
+from worker import jobs
+
+PROJECT = 6
+
+
+def _task(task_id: int, name: str) -> dict:
+    return {"id": task_id, "data": {"image": f"/data/upload/{PROJECT}/{name}"}, "annotations": [],
+            "predictions": [], "total_annotations": 0, "project": PROJECT}
+
+
+@pytest.fixture
+def label_studio():
+    images = dataset_images(HYMENOPTERA, "val")
+    picked = [item for cls in ("ants", "bees") for item in [i for i in images if i[1] == cls][:8]]
+    fake = FakeLabelStudio(label_config=CONFIG_2)
+    for index, (path, cls) in enumerate(picked, start=1):
+        fake.files[f"upload/{PROJECT}/{index}-{path.name}"] = path.read_bytes()
+        fake.tasks.append(_task(index, f"{index}-{path.name}"))
+        fake.tasks[-1]["class"] = cls
+    yield fake.start()
+    fake.stop()
+
+
+@pytest.fixture
+def ls_services(settings, redis, encoders, label_studio):
+    configured = settings.replace(label_studio_url=label_studio.url, label_studio_api_key=label_studio.legacy_token,
+                                  repredict_unlabeled=True, train_min_interval_s=0)
+    return build_services(configured, redis, encoders=encoders)
+
+
+def _label(client, label_studio, task_ids: list[int]) -> None:
+    """Annotate tasks through webhooks (and in the stand-in, so a resync agrees)."""
+    for task in label_studio.tasks:
+        if task["id"] in task_ids:
+            annotation = {"id": 1000 + task["id"], "task": task["id"], "was_cancelled": False, "ground_truth": False,
+                          "updated_at": "2026-12-01T12:00:00Z",
+                          "result": [{"from_name": "label", "to_name": "image", "type": "choices",
+                                      "value": {"choices": [task["class"]]}}]}
+            task["annotations"], task["total_annotations"] = [annotation], 1
+            event = annotation_event(project=PROJECT, task_id=task["id"], annotation_id=1000 + task["id"],
+                                     url=task["data"]["image"], choice=task["class"])
+            assert client.post("/webhook", json=event).status_code == 200
+
+
+def _connected(ls_services, redis, label_studio):
+    """/setup as Label Studio calls it on connecting: the project's tasks are indexed and embedded in chunks."""
+    client = create_app(ls_services.settings, services=ls_services).test_client()
+    assert client.post("/setup", json={"project": f"{PROJECT}.1", "schema": CONFIG_2}).status_code == 200
+    assert queue(EMBED_QUEUE, redis).count == 1  # the index job, queued at first contact
+    run_burst_worker(ls_services.settings, redis, ls_services)
+    assert ls_services.tasks.count(str(PROJECT)) == len(label_studio.tasks)
+    return client
+
+
+def test_first_contact_indexes_and_embeds_every_task_before_any_label(ls_services, redis, label_studio):
+    _connected(ls_services, redis, label_studio)
+    encoder = ls_services.encoders.get()
+    items = [jobs.MediaItem(task["id"], task["data"]["image"]) for task in label_studio.tasks]
+    assert all(vector is not None for vector in ls_services.features.cached(str(PROJECT), items, encoder))
+    assert label_studio.imported_predictions == []  # nothing is served yet
+
+
+def test_after_a_promotion_every_unlabeled_task_gets_exactly_one_prediction_of_the_version(
+        ls_services, redis, label_studio):
+    client = _connected(ls_services, redis, label_studio)
+    labeled = [1, 2, 9, 10]  # two ants, two bees
+    _label(client, label_studio, labeled)
+    run_burst_worker(ls_services.settings, redis, ls_services)
+    served = ls_services.predictor.served(str(PROJECT), CONFIG_2).model_version
+    pushed = label_studio.imported_predictions
+    unlabeled = [task["id"] for task in label_studio.tasks if task["id"] not in labeled]
+    assert sorted(p["task"] for p in pushed) == unlabeled
+    assert {p["model_version"] for p in pushed} == {served}
+    # a second pass for the same version (a duplicate job, a retry) writes nothing more
+    assert repredict(ls_services, str(PROJECT), served)["predictions"] == 0
+    assert len(label_studio.imported_predictions) == len(unlabeled)
+
+
+def test_a_task_answered_by_predict_is_not_written_again_for_that_version(ls_services, redis, label_studio):
+    client = _connected(ls_services, redis, label_studio)
+    _label(client, label_studio, [1, 2, 9, 10])
+    jobs_before = queue(TRAIN_QUEUE, redis).count
+    assert jobs_before == 1
+    # train only (the re-prediction job it queues is dropped), then answer /predict for task 3 the way
+    # Label Studio does before it saves the answer as a prediction
+    jobs.train_project(ls_services, str(PROJECT))
+    queue(EMBED_QUEUE, redis).empty()
+    queue(TRAIN_QUEUE, redis).empty()
+    answer = client.post("/predict", json={"project": f"{PROJECT}.1", "label_config": CONFIG_2,
+                                           "tasks": [label_studio.tasks[2]]}).get_json()["results"][0]
+    assert answer["result"]
+    repredict(ls_services, str(PROJECT), answer["model_version"])
+    assert 3 not in {p["task"] for p in label_studio.imported_predictions}
+    assert len(label_studio.imported_predictions) == len(label_studio.tasks) - 4 - 1
+
+
+def test_re_prediction_yields_to_a_waiting_training_and_a_newer_version_supersedes_it(
+        ls_services, redis, label_studio, monkeypatch):
+    from backend.loop import repredict as module
+
+    client = _connected(ls_services, redis, label_studio)
+    _label(client, label_studio, [1, 2, 9, 10])
+    jobs.train_project(ls_services, str(PROJECT))
+    queue(EMBED_QUEUE, redis).empty()
+    version = ls_services.predictor.served(str(PROJECT), CONFIG_2).model_version
+    monkeypatch.setattr(module, "WRITE_BATCH", 3)
+    summary = repredict(ls_services, str(PROJECT), version, should_yield=lambda: True)
+    assert summary["predictions"] == 3 and len(summary["remaining"]) == len(unlabeled_task_ids(
+        ls_services, str(PROJECT))) - 3
+    # a newer promotion makes the rest of the older pass a no-op
+    _label(client, label_studio, [3, 11])
+    jobs.train_project(ls_services, str(PROJECT))
+    assert ls_services.predictor.served(str(PROJECT), CONFIG_2).model_version != version
+    assert repredict(ls_services, str(PROJECT), version, summary["remaining"])["status"].startswith("skipped")
+
+
+def test_new_tasks_are_read_back_by_id_embedded_and_predicted(ls_services, redis, label_studio):
+    client = _connected(ls_services, redis, label_studio)
+    _label(client, label_studio, [1, 2, 9, 10])
+    run_burst_worker(ls_services.settings, redis, ls_services)
+    before = len(label_studio.imported_predictions)
+    source = label_studio.tasks[4]
+    label_studio.tasks.append({**_task(99, source["data"]["image"].rsplit("/", 1)[1]), "class": source["class"]})
+    enqueue_index(redis, ls_services.settings, str(PROJECT), [99])
+    run_burst_worker(ls_services.settings, redis, ls_services)
+    assert ls_services.tasks.count(str(PROJECT)) == len(label_studio.tasks)
+    new = [p for p in label_studio.imported_predictions[before:]]
+    assert [p["task"] for p in new] == [99]
+    assert PredictionLedger(redis).unwritten(str(PROJECT), new[0]["model_version"], [99]) == []
