@@ -104,7 +104,7 @@ def test_a_fresh_server_exposes_every_family_at_zero_on_its_first_scrape(client,
             assert bounds == [*BUCKETS_S[name], math.inf]
             assert {s.name for s in family.samples} == {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
     assert series_of(parsed["headstart_trainings_total"]) == {
-        f'headstart_trainings_total{{outcome="{outcome}"}}': 0 for outcome in ("promoted", "rejected", "failed")}
+        f'headstart_trainings_total{{outcome="{outcome}"}}': 0 for outcome in ("promoted", "rejected", "superseded", "failed")}
     assert redis.hlen(KEY) == 0  # zeros are filled in when rendering, not written
 
 

@@ -134,3 +134,15 @@ def test_a_training_abandoned_with_no_retry_left_releases_its_lock_and_queues_th
     abandoned_job_handler(loop_services)(job, AbandonedJobError, AbandonedJobError(), None)
     assert not redis.exists("headstart:train:3:running")
     assert queue(TRAIN_QUEUE, redis).count == 1
+
+
+def test_a_request_that_died_while_enqueueing_blocks_trainings_only_briefly(redis, loop_settings):
+    """The "pending" marker a request sets just before enqueueing expires within seconds, not an hour."""
+    from backend.common.queues import PENDING_MARKER_TTL_S
+
+    redis.set("headstart:train:3:queued", "pending", ex=PENDING_MARKER_TTL_S)  # as left by a process killed there
+    scheduler = TrainingScheduler(redis, loop_settings)
+    assert scheduler.request("3", reason="next submit") == "coalesced"
+    assert 0 < redis.ttl("headstart:train:3:queued") <= PENDING_MARKER_TTL_S <= 60
+    redis.delete("headstart:train:3:queued")  # what expiry does
+    assert scheduler.request("3", reason="the submit after") == "queued"

@@ -157,6 +157,21 @@ def test_local_files_paths_cannot_escape_their_root(settings, tmp_path):
     print(f"\nlocal files: {len(escapes)} escape attempts refused")
 
 
+def test_a_symbolic_link_inside_the_local_files_root_cannot_reach_outside_it(settings, tmp_path):
+    root = tmp_path / "root" / "media"
+    root.mkdir(parents=True)
+    secret = tmp_path / "secret.jpg"
+    shutil.copyfile(dataset_images(HYMENOPTERA, "val")[0][0], secret)
+    (root / "link.jpg").symlink_to(secret)
+    (root / "inside").mkdir()
+    shutil.copyfile(dataset_images(HYMENOPTERA, "val")[1][0], root / "inside" / "real.jpg")
+    (root / "alias.jpg").symlink_to(root / "inside" / "real.jpg")  # a link that stays inside is fine
+    media = MediaFetcher(settings.replace(local_files_document_root=str(root)))
+    with pytest.raises(MediaError, match="outside LOCAL_FILES_DOCUMENT_ROOT"):
+        media.fetch("/data/local-files/?d=link.jpg")
+    assert media.fetch("/data/local-files/?d=alias.jpg")[:2] == b"\xff\xd8"
+
+
 def route_calls(app, prefix: str = "", exclude_prefix: str | None = None):
     """(method, path) for every rule of the app, path arguments filled in."""
     calls = []

@@ -25,3 +25,15 @@ def test_values_are_parsed():
 def test_a_bad_value_names_the_variable_and_its_meaning():
     with pytest.raises(ConfigurationError, match="TORCH_THREADS='many'.*Torch CPU threads"):
         Settings.from_env({"TORCH_THREADS": "many"})
+
+
+@pytest.mark.parametrize("environ, named", [
+    ({"BASIC_AUTH_USER": "ls"}, "BASIC_AUTH_PASS"),
+    ({"BASIC_AUTH_PASS": "secret"}, "BASIC_AUTH_USER"),
+    ({"ADMIN_TOKEN": "short"}, "ADMIN_TOKEN"),
+])
+def test_settings_that_would_weaken_access_control_are_refused(environ, named):
+    with pytest.raises(ConfigurationError, match=named):
+        Settings.from_env(environ)
+    assert Settings.from_env({"BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "secret",
+                              "ADMIN_TOKEN": "x" * 16}).basic_auth_pass == "secret"

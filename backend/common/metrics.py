@@ -50,7 +50,8 @@ WEBHOOK_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELE
                    "PROJECT_DELETED", "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED", "other")
 LABELS = {
     "headstart_webhook_events_total": {"action": WEBHOOK_ACTIONS},
-    "headstart_trainings_total": {"outcome": ("promoted", "rejected", "failed")},  # failed: the job raised
+    # failed: the job raised; superseded: a newer head was promoted while this one was judged
+    "headstart_trainings_total": {"outcome": ("promoted", "rejected", "superseded", "failed")},
 }
 
 # Upper bounds (seconds) of histogram buckets: /predict answers in ms..s, trainings in s..minutes.

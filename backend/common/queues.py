@@ -22,6 +22,7 @@ TRAIN_QUEUE = "headstart-train"
 EMBED_QUEUE = "headstart-embed"
 QUEUE_NAMES = (TRAIN_QUEUE, EMBED_QUEUE)
 RETRY_INTERVALS_S = [5, 30, 120]
+PENDING_MARKER_TTL_S = 30  # how long a request's "enqueueing now" marker may stand before the job id replaces it
 FAILED_JOB_TTL_S = 7 * 24 * 3600
 RESULT_TTL_S = 24 * 3600
 
@@ -55,10 +56,12 @@ class TrainingScheduler:
         self.redis.set(_key(project, "dirty"), reason)
         if self._running_job(project) is not None:
             return "coalesced"
-        if not self.redis.set(_key(project, "queued"), "pending", nx=True, ex=self.settings.job_timeout_s * 2):
+        # "pending" lives only as long as enqueueing can take: a process dying between this SET and the
+        # enqueue below must not block the project's trainings for long
+        if not self.redis.set(_key(project, "queued"), "pending", nx=True, ex=PENDING_MARKER_TTL_S):
             if self._queued_job_alive(project):
                 return "coalesced"
-            self.redis.set(_key(project, "queued"), "pending", ex=self.settings.job_timeout_s * 2)
+            self.redis.set(_key(project, "queued"), "pending", ex=PENDING_MARKER_TTL_S)
         job = queue(TRAIN_QUEUE, self.redis).enqueue(
             TRAIN_JOB, args=(project,), job_timeout=self.settings.job_timeout_s,
             retry=self._retry(), failure_ttl=FAILED_JOB_TTL_S, result_ttl=RESULT_TTL_S,

@@ -28,6 +28,9 @@ def _host_list(raw: str) -> tuple[str, ...]:
     return tuple(host.strip().lower() for host in raw.split(",") if host.strip())
 
 
+MIN_ADMIN_TOKEN_LENGTH = 16
+
+
 @dataclass(frozen=True)
 class Setting:
     env: str
@@ -151,7 +154,20 @@ class Settings:
                 raise ConfigurationError(
                     f"{setting.env}={raw!r} is not valid ({exc}). {setting.help}"
                 ) from None
-        return cls(**values)
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse combinations that would silently weaken access control."""
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            missing = "BASIC_AUTH_PASS" if self.basic_auth_user else "BASIC_AUTH_USER"
+            raise ConfigurationError(f"{missing} is empty while the other half of basic auth is set: set both "
+                                     "BASIC_AUTH_USER and BASIC_AUTH_PASS (or neither, for no basic auth).")
+        if self.admin_token and len(self.admin_token) < MIN_ADMIN_TOKEN_LENGTH:
+            raise ConfigurationError(
+                f"ADMIN_TOKEN is {len(self.admin_token)} characters; use at least {MIN_ADMIN_TOKEN_LENGTH}, e.g. "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))'.")
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

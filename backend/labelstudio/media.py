@@ -162,6 +162,11 @@ class MediaFetcher:
         except ValueError:
             raise MediaError(f"Local file path {relative_path[:200]!r} escapes LOCAL_FILES_DOCUMENT_ROOT; "
                              "refused.") from None
+        real_root, real_path = os.path.realpath(root), os.path.realpath(path)
+        if os.path.commonpath([real_root, real_path]) != real_root:  # a symbolic link inside the root
+            raise MediaError(f"Local file {relative_path[:200]!r} is a link to a place outside "
+                             "LOCAL_FILES_DOCUMENT_ROOT; refused.")
+        path = real_path
         try:
             info = os.stat(path)
         except (OSError, ValueError) as exc:
