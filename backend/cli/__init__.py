@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
 
     up = commands.add_parser("up", help="backend + one worker on this host (embedded Redis if needed)")
     up.add_argument("--port", type=int, help="port (default: PORT, 9090)")
-    up.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
+    up.add_argument("--host", default="127.0.0.1",
+                    help="bind address (default 127.0.0.1, this host only; 0.0.0.0 to reach it from others)")
 
     commands.add_parser("backbones", help="list the available backbones")
     admin_commands = add_admin_commands(commands)
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(settings: Settings, args) -> int:
     from backend.common.redis_conn import ensure_redis
     from backend.server.gunicorn import GunicornServer
+
+    warn_if_open(settings, args.host, args.port or settings.port)
 
     settings = settings.replace(redis_url=ensure_redis(settings.redis_url, data_dir=_embedded_redis_dir(settings)))
     port = args.port or settings.port
@@ -78,6 +81,17 @@ def _up(settings: Settings, args) -> int:
     finally:
         worker.terminate()
         worker.wait(timeout=30)
+
+
+def warn_if_open(settings: Settings, host: str, port: int) -> None:
+    """Say loudly when anyone who reaches the port may call every Label Studio route."""
+    if settings.basic_auth_user:
+        return
+    where = "from this host only" if host in ("127.0.0.1", "localhost", "::1") else f"from any address ({host})"
+    logging.getLogger("headstart").warning(
+        "No BASIC_AUTH_USER/BASIC_AUTH_PASS: /predict, /setup and /webhook answer anyone who reaches port %s "
+        "%s. Set BASIC_AUTH_USER and BASIC_AUTH_PASS and give Label Studio the same user and password in "
+        "the model's settings.", port, where)
 
 
 def _embedded_redis_dir(settings: Settings) -> str:
