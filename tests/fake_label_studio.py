@@ -7,8 +7,10 @@ drives the same code paths against a real Label Studio. Loopback only.
 from __future__ import annotations
 
 import base64
+import json
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import jwt
 from flask import Flask, abort, jsonify, redirect, request
@@ -17,6 +19,12 @@ from werkzeug.serving import make_server
 from tests.helpers import BackgroundServer
 
 SECRET = "fake-label-studio-signing-key-for-tests"
+DATETIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # label_studio/data_manager/managers.py: Datetime filter values
+
+
+def now() -> str:
+    """A timestamp as Label Studio's serializers write one."""
+    return datetime.now(timezone.utc).strftime(DATETIME_FORMAT)
 
 
 def personal_access_token(user_id: int = 1) -> str:
@@ -36,6 +44,43 @@ class FakeLabelStudio:
     imported_predictions: list[dict] = field(default_factory=list)
     refreshes: int = 0
     media_auth: list[str] = field(default_factory=list)
+    api_requests: list[str] = field(default_factory=list)  # "GET /api/tasks/" per API call (not media, not tokens)
+    fail_api_with: int | None = None  # answer every API call with this status (Label Studio down)
+
+    # changing labels the way Label Studio does: each write moves the task's updated_at
+
+    def task(self, task_id: int) -> dict:
+        return next(task for task in self.tasks if task["id"] == task_id)
+
+    def annotate(self, task_id: int, annotation_id: int, choice: str, *, cancelled: bool = False) -> dict:
+        stamp = now()
+        annotation = {"id": annotation_id, "task": task_id, "was_cancelled": cancelled, "ground_truth": False,
+                      "created_at": stamp, "updated_at": stamp,
+                      "result": [] if cancelled else [{"from_name": "label", "to_name": "image", "type": "choices",
+                                                       "value": {"choices": [choice]}}]}
+        task = self.task(task_id)
+        task["annotations"].append(annotation)
+        task["updated_at"] = now()
+        return annotation
+
+    def change(self, annotation_id: int, choice: str) -> dict:
+        for task in self.tasks:
+            for annotation in task["annotations"]:
+                if annotation["id"] == annotation_id:
+                    annotation["result"][0]["value"]["choices"] = [choice]
+                    annotation["updated_at"] = now()
+                    task["updated_at"] = now()
+                    return annotation
+        raise KeyError(annotation_id)
+
+    def delete_annotation(self, annotation_id: int) -> None:
+        for task in self.tasks:
+            if any(annotation["id"] == annotation_id for annotation in task["annotations"]):
+                task["annotations"] = [a for a in task["annotations"] if a["id"] != annotation_id]
+                task["updated_at"] = now()
+
+    def delete_task(self, task_id: int) -> None:
+        self.tasks = [task for task in self.tasks if task["id"] != task_id]
 
     def start(self) -> "FakeLabelStudio":
         self._background = BackgroundServer(make_server("127.0.0.1", 0, self._app(), threaded=True))
@@ -64,6 +109,10 @@ class FakeLabelStudio:
         def check_auth():
             if request.path != "/api/token/refresh/" and not self._authorized():
                 abort(401)
+            if request.path.startswith("/api/") and request.path != "/api/token/refresh/":
+                self.api_requests.append(f"{request.method} {request.path}")
+                if self.fail_api_with is not None:
+                    abort(self.fail_api_with)
 
         @app.post("/api/token/refresh/")
         def refresh():
@@ -79,13 +128,20 @@ class FakeLabelStudio:
 
         @app.get("/api/tasks/")
         def tasks():
+            # Label Studio 1.23.2's Data Manager task list (data_manager/api.py TaskListAPI): `only_annotated`
+            # is ignored; `query` carries Data Manager filters, ordering and selectedItems.
             page, size = int(request.args.get("page", 1)), int(request.args.get("page_size", 100))
-            selected = [t for t in self.tasks if request.args.get("only_annotated") != "true" or t["annotations"]]
+            project = int(request.args["project"])
+            query = json.loads(request.args.get("query") or "{}")
+            selected = [self._stamped(t) for t in self.tasks if t.get("project", project) == project]
+            selected = _select(_filter(selected, query.get("filters")), query.get("selectedItems"))
+            selected = _order(selected, query.get("ordering") or [])
             if (page - 1) * size >= len(selected) and page > 1:
                 abort(404)  # like Label Studio: past the last page
-            chunk = selected[(page - 1) * size: page * size]
+            chunk = [self._as_listed(t, all_fields=request.args.get("fields") == "all")
+                     for t in selected[(page - 1) * size: page * size]]
             return jsonify(tasks=chunk, total=len(selected),
-                           total_annotations=sum(len(t["annotations"]) for t in selected), total_predictions=0)
+                           total_annotations=sum(_live(t) for t in selected), total_predictions=0)
 
         @app.post("/api/projects/<int:project>/import/predictions")
         def import_predictions(project):
@@ -107,3 +163,77 @@ class FakeLabelStudio:
             return data, 200, {"Content-Type": "image/jpeg"}
 
         return app
+
+    @staticmethod
+    def _stamped(task: dict) -> dict:
+        """A task appended without `updated_at` counts as created now (Label Studio stamps every save)."""
+        task.setdefault("updated_at", now())
+        return task
+
+    @staticmethod
+    def _as_listed(task: dict, *, all_fields: bool) -> dict:
+        listed = {**task, "total_annotations": _live(task),
+                  "cancelled_annotations": sum(bool(a["was_cancelled"]) for a in task["annotations"])}
+        if not all_fields:  # data_manager/serializers.py: annotations and predictions only with fields=all
+            listed.pop("annotations", None)
+            listed.pop("predictions", None)
+        return listed
+
+
+def _live(task: dict) -> int:
+    """Task.total_annotations: annotations that are not cancelled."""
+    return sum(not a["was_cancelled"] for a in task["annotations"])
+
+
+FIELDS = {"id": lambda t: t["id"], "total_annotations": _live,
+          "cancelled_annotations": lambda t: sum(bool(a["was_cancelled"]) for a in t["annotations"]),
+          "updated_at": lambda t: t["updated_at"]}
+OPERATORS = {"equal": lambda a, b: a == b, "not_equal": lambda a, b: a != b, "greater": lambda a, b: a > b,
+             "less": lambda a, b: a < b, "greater_or_equal": lambda a, b: a >= b,
+             "less_or_equal": lambda a, b: a <= b}
+
+
+def _filter(tasks: list[dict], filters: dict | None) -> list[dict]:
+    """The subset of data_manager/managers.py `apply_filters` headstart uses; anything else is refused."""
+    if not filters:
+        return tasks
+    tests = []
+    for item in filters["items"]:
+        field_name = item["filter"].removeprefix("filter:tasks:")
+        if field_name not in FIELDS or item["operator"] not in OPERATORS or item["type"] not in ("Number", "Datetime"):
+            abort(400, f"the fake Label Studio does not implement the filter {item}")
+        value = item["value"]
+        if item["type"] == "Datetime":
+            value = datetime.strptime(value, DATETIME_FORMAT).replace(tzinfo=timezone.utc)
+        tests.append((field_name, OPERATORS[item["operator"]], value, item["type"]))
+
+    def matches(task: dict, test) -> bool:
+        field_name, operator, value, kind = test
+        actual = FIELDS[field_name](task)
+        if kind == "Datetime":
+            actual = datetime.fromisoformat(actual)
+        return operator(actual, value)
+
+    combine = any if filters.get("conjunction") == "or" else all
+    return [task for task in tasks if combine(matches(task, test) for test in tests)]
+
+
+def _select(tasks: list[dict], selected: dict | None) -> list[dict]:
+    """data_manager/managers.py `TaskQuerySet.prepared`: an empty `included` selects every task, as there."""
+    if not selected:
+        return tasks
+    if selected.get("all") is False and selected.get("included"):
+        return [task for task in tasks if task["id"] in set(selected["included"])]
+    if selected.get("all") is True and selected.get("excluded"):
+        return [task for task in tasks if task["id"] not in set(selected["excluded"])]
+    return tasks
+
+
+def _order(tasks: list[dict], ordering: list[str]) -> list[dict]:
+    if not ordering:
+        return sorted(tasks, key=lambda task: task["id"])
+    name = ordering[0].lstrip("-").removeprefix("filter:").removeprefix("tasks:")
+    if name not in FIELDS:
+        abort(400, f"the fake Label Studio does not implement ordering by {ordering[0]}")
+    key = (lambda task: datetime.fromisoformat(task["updated_at"])) if name == "updated_at" else FIELDS[name]
+    return sorted(tasks, key=key, reverse=ordering[0].startswith("-"))

@@ -1,4 +1,4 @@
-"""The label mirror: which annotation wins, deletions, unknown labels, resync replacement."""
+"""The label mirror: which annotation wins, deletions, unknown labels, full-read replacement, hints to confirm."""
 
 from __future__ import annotations
 
@@ -57,3 +57,58 @@ def test_a_resync_replaces_everything_at_once(redis):
     labels.replace_all("1", {9: record})
     assert [(e.task_id, e.choices) for e in labels.examples("1", SPEC)[0]] == [(20, ["bees"])]
     assert not labels.needs_sync("1")
+
+
+def record(task, choice, *, cancelled=False, updated="2026-01-01T00:00:00Z"):
+    annotation_, task_ = annotation(0, task, choice, cancelled=cancelled, updated=updated)
+    return {"task": task, "data": task_["data"], "result": annotation_["result"], "ground_truth": False,
+            "cancelled": cancelled, "updated_at": updated}
+
+
+def test_hints_are_taken_for_confirmation_and_kept_until_it_is_written(redis):
+    labels = LabelStore(redis)
+    labels.add_hints("1", tasks=[10], annotations=[7])
+    taken = labels.take_hints("1")
+    assert (taken.tasks, taken.annotations, taken.check) == ({10}, {7}, False)
+    labels.add_hints("1", tasks=[11], check=True)  # arrives while the first confirmation fails
+    retried = labels.take_hints("1")  # the retry takes the old hints again, with the new ones
+    assert (retried.tasks, retried.annotations, retried.check) == ({10, 11}, {7}, True)
+    labels.add_hints("1", tasks=[12])
+    labels.hints_confirmed("1")
+    assert labels.hints_pending("1") and labels.take_hints("1").tasks == {12}  # only what was taken is forgotten
+    labels.hints_confirmed("1")
+    assert not labels.hints_pending("1") and not labels.take_hints("1")
+
+
+def test_confirmed_tasks_hold_exactly_what_label_studio_has(redis):
+    labels = LabelStore(redis)
+    labels.replace_all("1", {1: record(10, "ants"), 2: record(10, "bees", cancelled=True), 3: record(11, "bees"),
+                             4: record(12, "ants")})
+    assert labels.counts("1") == (3, 3)
+    assert labels.tasks_of("1", [1, 3, 99]) == {10, 11}
+    # task 10 now has one annotation (id 5), task 11 is gone from Label Studio, task 12 was not asked about
+    labels.replace_tasks("1", [10, 11], {5: record(10, "bees", updated="2026-01-03T00:00:00Z")})
+    assert [(e.task_id, e.choices) for e in labels.examples("1", SPEC)[0]] == [(10, ["bees"]), (12, ["ants"])]
+    assert labels.counts("1") == (2, 2)
+    confirmed = record(10, "bees", updated="2026-01-03T00:00:00Z")
+    assert labels.is_confirmed("1", 5, confirmed)
+    assert not labels.is_confirmed("1", 5, {**confirmed, "updated_at": "2026-01-04T00:00:00Z"})
+    assert not labels.is_confirmed("1", 5, record(10, "ants", updated="2026-01-03T00:00:00Z"))
+    assert labels.knows_any("1", [99, 4]) and not labels.knows_any("1", [99])
+
+
+def test_a_full_read_that_overlaps_a_loss_keeps_the_mirror_stale(redis):
+    labels = LabelStore(redis)
+    labels.add_hints("1", tasks=[10])
+    started = labels.begin_full_read("1")  # takes the hints the read will cover
+    assert started.hints.tasks == {10}
+    labels.add_hints("1", tasks=[11])  # arrives during the read: not covered
+    labels.mark_stale("1")  # e.g. webhooks Redis could not record, noted during the read
+    labels.replace_all("1", {1: record(10, "ants")}, started=started, watermark="2026-01-01T00:00:00+00:00",
+                       config="<View/>")
+    assert labels.needs_sync("1") and labels.take_hints("1").tasks == {11}
+    assert labels.watermark("1") == "2026-01-01T00:00:00+00:00" and labels.read_config("1") == "<View/>"
+    labels.hints_confirmed("1")
+    again = labels.begin_full_read("1")
+    labels.replace_all("1", {1: record(10, "ants")}, started=again)
+    assert not labels.needs_sync("1") and not labels.hints_pending("1")

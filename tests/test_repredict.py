@@ -144,3 +144,22 @@ def test_new_tasks_are_read_back_by_id_embedded_and_predicted(ls_services, redis
     new = [p for p in label_studio.imported_predictions[before:]]
     assert [p["task"] for p in new] == [99]
     assert PredictionLedger(redis).unwritten(str(PROJECT), new[0]["model_version"], [99]) == []
+
+
+def test_tasks_created_and_deleted_webhooks_keep_the_index_current_without_trusting_the_body(
+        ls_services, redis, label_studio):
+    client = _connected(ls_services, redis, label_studio)
+    source = label_studio.tasks[5]
+    label_studio.tasks.append({**_task(77, source["data"]["image"].rsplit("/", 1)[1]), "class": source["class"]})
+    forged = {"id": 78, "data": {"image": "http://169.254.169.254/latest/meta-data"}, "project": PROJECT}
+    body = {"action": "TASKS_CREATED", "project": {"id": PROJECT}, "tasks": [{"id": 77, "data": {}}, forged]}
+    assert client.post("/webhook", json=body).get_json()["status"] == "queued"
+    run_burst_worker(ls_services.settings, redis, ls_services)
+    indexed = ls_services.tasks.data(str(PROJECT))
+    assert 77 in indexed and indexed[77] == source["data"]  # what Label Studio has, not what the body said
+    assert 78 not in indexed  # Label Studio has no task 78: nothing of the forged body is kept
+    body = {"action": "TASKS_DELETED", "project": {"id": PROJECT}, "tasks": [{"id": 77}]}
+    assert client.post("/webhook", json=body).get_json()["status"] == "recorded"
+    assert 77 not in ls_services.tasks.data(str(PROJECT))
+    unknown = {"action": "TASKS_CREATED", "project": {"id": 999}, "tasks": [{"id": 1}]}
+    assert client.post("/webhook", json=unknown).get_json()["status"].startswith("ignored")

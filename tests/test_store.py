@@ -62,3 +62,15 @@ def test_promoting_a_missing_version_fails_and_keeps_the_pointer(redis):
     with pytest.raises(KeyError):
         store.promote("4", "label", 99)
     assert store.current_number("4", "label") == number
+
+
+def test_a_promotion_judged_against_an_older_head_does_not_replace_a_newer_one(redis):
+    """A training re-run after its worker was thought dead races the one that replaced it: the stale one loses."""
+    store = ModelStore(redis)
+    meta = {"classes": ["a", "b"], "feature_dim": 8, "multi_label": False}
+    first = store.save("4", "label", build_head(8, 2), meta, promote=True, replaces=None)
+    newer = store.save("4", "label", build_head(8, 2), meta, promote=True, replaces=first)
+    stale = store.save("4", "label", build_head(8, 2), meta, promote=True, replaces=first)  # judged against v1
+    assert store.current_number("4", "label") == newer
+    assert store.meta("4", "label", stale)["status"] == "superseded"
+    assert store.meta("4", "label", newer)["status"] == "promoted"

@@ -28,6 +28,9 @@ from backend.core.heads import rebuild_head
 
 
 
+ANY_CURRENT = -1  # `ModelStore.save(replaces=...)`: promote whatever version is served now
+
+
 @dataclass(frozen=True)
 class HeadVersion:
     """A stored head and everything needed to use it correctly."""
@@ -63,30 +66,43 @@ class ModelStore:
         return redis_keys.head_version(project, control, int(suffix))
 
     def save(self, project: str, control: str, head: nn.Module, meta: dict, *, promote: bool = False,
-             reason: str = "") -> int:
+             reason: str = "", replaces: int | None = ANY_CURRENT) -> int:
         """Write a new version in one transaction and return its number.
 
         The metadata is written once, complete: with `promote` the version is saved as promoted and
         the current pointer moves to it in the same transaction; otherwise it is kept, unserved, with
-        its status (default "candidate") and `reason`.
+        its status (default "candidate") and `reason`. A promotion is judged against the version served
+        when the candidate was compared (`replaces`: its number, or None for none; ANY_CURRENT skips the check):
+        if another process moved the pointer
+        meanwhile (a job re-run after its worker was thought dead, racing the job that replaced it), the
+        candidate is saved as "superseded" instead of replacing a newer head.
         """
         number = int(self.redis.incr(self._key(project, control, "next")))
         now = time.time()
-        meta = {**meta, "version": number, "project": project, "control": control,
-                "created_at": meta.get("created_at", now)}
-        if promote:
-            meta.update(status="promoted", status_reason=reason or "promoted", promoted_at=now)
-        else:
-            meta.setdefault("status", "candidate")
-            if reason:
-                meta["status_reason"] = reason
         tensors = save_tensors({name: value.detach().contiguous() for name, value in head.state_dict().items()})
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self._key(project, control, number), mapping={"tensors": tensors, "meta": json.dumps(meta)})
-        pipe.sadd(redis_keys.head_controls(project), control)
-        if promote:
-            pipe.set(self._key(project, control, "current"), number)
-        pipe.execute()
+        current_key = self._key(project, control, "current")
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.watch(current_key)
+            current = pipe.get(current_key)
+            current = int(current) if current is not None else None
+            record = {**meta, "version": number, "project": project, "control": control,
+                      "created_at": meta.get("created_at", now)}
+            if promote and replaces != ANY_CURRENT and current != replaces:
+                promote = False
+                record.update(status="superseded", status_reason=(
+                    f"not served: v{current} replaced v{replaces} while this candidate was judged"))
+            elif promote:
+                record.update(status="promoted", status_reason=reason or "promoted", promoted_at=now)
+            else:
+                record.setdefault("status", "candidate")
+                if reason:
+                    record["status_reason"] = reason
+            pipe.multi()
+            pipe.hset(self._key(project, control, number), mapping={"tensors": tensors, "meta": json.dumps(record)})
+            pipe.sadd(redis_keys.head_controls(project), control)
+            if promote:
+                pipe.set(current_key, number)
+            pipe.execute()
         return number
 
     def promote(self, project: str, control: str, number: int, *, reason: str = "promoted") -> None:

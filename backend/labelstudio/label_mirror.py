@@ -1,22 +1,29 @@
 """A per-project mirror of Label Studio's annotations in Redis. Label Studio stays the source of truth.
 
-Fed by webhook payloads, and rebuilt from Label Studio's API (`backend.labelstudio.sync`) on START_TRAINING, on
-first contact with a project and whenever the mirror cannot be trusted.
+With Label Studio's API configured, only what Label Studio's API answers is written here
+(`backend.labelstudio.sync`): webhooks leave *hints* (the tasks and annotations they say changed), and
+the next training confirms them by id. Without the API, webhook payloads are written directly.
 
 Which annotation wins when a task has several: a ground-truth annotation first; otherwise the most
 recently updated one. Cancelled (skipped) annotations never count. The choice is made per
 control, among the annotations that make a choice for that control.
 
-Keys, for project P:
-  headstart:labels:P          hash annotation id → JSON {task, data, result, ground_truth, cancelled, updated_at}
-  headstart:labels:P:stale    set when the mirror must be rebuilt from Label Studio before training
-  headstart:labels:P:changes  counter of webhook writes (a resync that overlaps one stays stale)
+Keys, for project P (all named in `backend.common.redis_keys`):
+  headstart:labels:P                  hash annotation id → JSON {task, data, result, ground_truth, cancelled, updated_at}
+  headstart:labels:P:stale            counter, bumped when the mirror must be fully re-read before training
+  headstart:labels:P:synced           set once the mirror was fully read from Label Studio
+  headstart:labels:P:changes          counter of webhook writes (a full read that overlaps one stays stale)
+  headstart:labels:P:hints            set of task:ID / annotation:ID / check, for the next training to confirm
+  headstart:labels:P:hints:confirming the hints a training is confirming (kept until written, merged on retry)
+  headstart:labels:P:watermark        the newest task updated_at a full or incremental read has seen
+  headstart:labels:P:config           the labeling config of the last full read
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterable
 
 from redis import Redis
 
@@ -24,6 +31,10 @@ from backend.common import redis_keys
 from backend.common.errors import BadRequest
 from backend.labelstudio.labeling_config import HeadSpec, choices_in
 
+
+
+CHECK = "check"  # the hint START_TRAINING leaves: look for changes no webhook announced
+SAME_EVENT = ("updated_at", "result", "ground_truth", "cancelled")  # what tells one annotation event from another
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,25 @@ def annotation_record(annotation: dict, task: dict) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Hints:
+    """What webhooks said changed since the last confirmation."""
+    tasks: frozenset[int] = frozenset()
+    annotations: frozenset[int] = frozenset()
+    check: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.tasks or self.annotations or self.check)
+
+
+@dataclass(frozen=True)
+class FullRead:
+    """The mirror's bookkeeping when a full read began: what may not be lost if it changes meanwhile."""
+    changes: int
+    stale: bytes | None
+    hints: Hints = field(default_factory=Hints)
+
+
 class LabelStore:
     def __init__(self, redis: Redis):
         self.redis = redis
@@ -62,6 +92,7 @@ class LabelStore:
         return redis_keys.labels_meta(project, suffix) if suffix else redis_keys.labels(project)
 
     def put(self, project: str, annotation: dict, task: dict) -> None:
+        """Write a webhook's annotation as the label (only where Label Studio's API is not configured)."""
         record = annotation_record(annotation, task)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self._key(project), str(annotation["id"]), json.dumps(record))
@@ -69,7 +100,8 @@ class LabelStore:
         pipe.execute()
 
     def delete(self, project: str, annotation_ids: list[int]) -> bool:
-        """Forget these annotations. False when some were unknown (the mirror is then marked stale)."""
+        """Forget these annotations (a webhook's word, without the API). False when some were unknown (the
+        mirror is then marked stale)."""
         if not annotation_ids:
             return True
         pipe = self.redis.pipeline(transaction=True)
@@ -85,17 +117,22 @@ class LabelStore:
         """How many webhook writes the mirror has had; a resync reads it before reading Label Studio."""
         return int(self.redis.get(self._key(project, "changes")) or 0)
 
-    def replace_all(self, project: str, records: dict[int, dict], *, changes_before: int | None = None) -> None:
-        """Swap in a full copy (from a resync) atomically, and mark the mirror trusted.
+    def replace_all(self, project: str, records: dict[int, dict], *, changes_before: int | None = None,
+                    started: FullRead | None = None, watermark: str | None = None, config: str | None = None) -> None:
+        """Swap in a full copy (from a full read) atomically, and mark the mirror trusted.
 
-        If webhook writes arrived since `change_count` answered `changes_before`, the copy may
-        predate them: it is still swapped in, but the mirror stays stale, so the next training
-        (which those webhooks queued) resyncs instead of training without them forever.
+        If webhook writes arrived (or the mirror was marked stale) since the read began (`started`,
+        or `changes_before` from `change_count`), the copy may predate them: it is still swapped in,
+        but the mirror stays stale, so the next training reads everything again instead of training
+        without them forever. `watermark` and `config` record where incremental reads start from.
         """
-        staging, changes = self._key(project, "staging"), self._key(project, "changes")
+        staging, changes, stale = self._key(project, "staging"), self._key(project, "changes"), self._key(project, "stale")
+        if started is not None:
+            changes_before = started.changes
 
         def swap(pipe) -> None:
             missed = changes_before is not None and int(pipe.get(changes) or 0) != changes_before
+            missed = missed or (started is not None and pipe.get(stale) != started.stale)
             pipe.multi()
             pipe.delete(staging)
             if records:
@@ -104,20 +141,109 @@ class LabelStore:
             else:
                 pipe.delete(self._key(project))
             if missed:
-                pipe.set(self._key(project, "stale"), 1)
+                pipe.incr(stale)
             else:
-                pipe.delete(self._key(project, "stale"))
+                pipe.delete(stale)
             pipe.set(self._key(project, "synced"), 1)
+            if watermark is not None:
+                pipe.set(redis_keys.label_watermark(project), watermark)
+            if config is not None:
+                pipe.set(redis_keys.label_read_config(project), config)
+            if started is not None and started.hints:
+                pipe.delete(redis_keys.label_hints_confirming(project))  # the read covered them
 
-        self.redis.transaction(swap, changes)
+        self.redis.transaction(swap, changes, stale)
+
+    def begin_full_read(self, project: str) -> FullRead:
+        """Note the bookkeeping before reading everything from Label Studio (and take the hints it covers)."""
+        hints = self.take_hints(project)
+        changes, stale = self.redis.mget(self._key(project, "changes"), self._key(project, "stale"))
+        return FullRead(changes=int(changes or 0), stale=stale, hints=hints)
 
     def mark_stale(self, project: str) -> None:
-        self.redis.set(self._key(project, "stale"), 1)
+        self.redis.incr(self._key(project, "stale"))
 
     def needs_sync(self, project: str) -> bool:
-        """Stale, or never synced from Label Studio (first contact)."""
+        """Stale, or never fully read from Label Studio (first contact, or Redis lost the mirror)."""
         stale, synced = self.redis.mget(self._key(project, "stale"), self._key(project, "synced"))
         return stale is not None or synced is None
+
+    # --- hints: what webhooks said changed, confirmed against Label Studio by the next training ---
+
+    def add_hints(self, project: str, *, tasks: Iterable[int] = (), annotations: Iterable[int] = (),
+                  check: bool = False) -> None:
+        members = [f"task:{i}" for i in tasks] + [f"annotation:{i}" for i in annotations] + ([CHECK] if check else [])
+        if members:
+            self.redis.sadd(redis_keys.label_hints(project), *members)
+
+    def take_hints(self, project: str) -> Hints:
+        """Move the pending hints into the confirming set (merged with any a failed training left there)."""
+        pending, confirming = redis_keys.label_hints(project), redis_keys.label_hints_confirming(project)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.sunionstore(confirming, [confirming, pending])
+        pipe.delete(pending)
+        pipe.smembers(confirming)
+        members = {member.decode() for member in pipe.execute()[-1]}
+        return _parse_hints(members)
+
+    def hints_confirmed(self, project: str) -> None:
+        """The confirmation of the taken hints is written: forget them."""
+        self.redis.delete(redis_keys.label_hints_confirming(project))
+
+    def hints_pending(self, project: str) -> bool:
+        """Hints wait for a training, or a training is confirming some."""
+        return bool(self.redis.exists(redis_keys.label_hints(project), redis_keys.label_hints_confirming(project)))
+
+    def is_confirmed(self, project: str, annotation_id: int, record: dict) -> bool:
+        """The mirror already holds this annotation exactly so (same `updated_at`, result and flags): a
+        repeated delivery of one event changes nothing."""
+        if not record.get("updated_at"):
+            return False
+        raw = self.redis.hget(self._key(project), str(annotation_id))
+        held = json.loads(raw) if raw is not None else None
+        return held is not None and all(held[name] == record[name] for name in SAME_EVENT)
+
+    def knows_any(self, project: str, annotation_ids: list[int]) -> bool:
+        return bool(annotation_ids) and any(self.redis.hmget(self._key(project), [str(i) for i in annotation_ids]))
+
+    def tasks_of(self, project: str, annotation_ids: Iterable[int]) -> set[int]:
+        """The tasks these annotations belong to, as far as the mirror knows them."""
+        ids = [str(i) for i in annotation_ids]
+        raws = self.redis.hmget(self._key(project), ids) if ids else []
+        return {json.loads(raw)["task"] for raw in raws if raw is not None}
+
+    def replace_tasks(self, project: str, task_ids: Iterable[int], records: dict[int, dict]) -> None:
+        """Make the mirror hold exactly `records` (annotation id → record, as Label Studio has them) for these
+        tasks: annotations Label Studio no longer has, or of tasks it no longer has, are removed."""
+        wanted = set(task_ids) | {record["task"] for record in records.values()}
+        if not wanted:
+            return
+        gone = [annotation for annotation, raw in self.redis.hgetall(self._key(project)).items()
+                if json.loads(raw)["task"] in wanted and int(annotation) not in records]
+        pipe = self.redis.pipeline(transaction=True)
+        if gone:
+            pipe.hdel(self._key(project), *gone)
+        if records:
+            pipe.hset(self._key(project), mapping={str(i): json.dumps(r) for i, r in records.items()})
+        pipe.execute()
+
+    def counts(self, project: str) -> tuple[int, int]:
+        """(tasks with a non-cancelled annotation, non-cancelled annotations): what Label Studio's task list
+        reports as `total` and `total_annotations` for the tasks whose `total_annotations` > 0."""
+        live = [record for record in self.records(project) if not record["cancelled"]]
+        return len({record["task"] for record in live}), len(live)
+
+    def watermark(self, project: str) -> str | None:
+        raw = self.redis.get(redis_keys.label_watermark(project))
+        return raw.decode() if raw is not None else None
+
+    def set_watermark(self, project: str, watermark: str) -> None:
+        self.redis.set(redis_keys.label_watermark(project), watermark)
+
+    def read_config(self, project: str) -> str | None:
+        """The labeling config the mirror was last fully read under."""
+        raw = self.redis.get(redis_keys.label_read_config(project))
+        return raw.decode() if raw is not None else None
 
     def records(self, project: str) -> list[dict]:
         return [json.loads(raw) for raw in self.redis.hvals(self._key(project))]
@@ -150,3 +276,14 @@ class LabelStore:
 
 def _rank(record: dict) -> tuple[bool, str]:
     return record["ground_truth"], record["updated_at"]
+
+
+def _parse_hints(members: set[str]) -> Hints:
+    tasks, annotations = set(), set()
+    for member in members:
+        kind, _, value = member.partition(":")
+        if kind == "task" and value.isdigit():
+            tasks.add(int(value))
+        elif kind == "annotation" and value.isdigit():
+            annotations.add(int(value))
+    return Hints(tasks=frozenset(tasks), annotations=frozenset(annotations), check=CHECK in members)

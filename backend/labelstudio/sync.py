@@ -1,73 +1,123 @@
-"""Rebuild a project's label mirror (and its labeling config) from Label Studio's API."""
+"""Keep a project's label mirror equal to Label Studio's annotations, reading only what changed.
+
+A training calls `refresh_mirror` first (with Label Studio's API configured). It reads, through the
+counted queries of `backend.labelstudio.label_reads`:
+- a **full read** of every annotated task (never the unlabeled ones) on first contact or when Redis
+  lost the mirror, when the labeling config changed since the last full read, and when something
+  may have been missed (webhooks Redis could not record, or a check below that disagrees);
+- otherwise the tasks the webhooks' **hints** name, by id, in batches: what Label Studio has for
+  them replaces what the mirror had, so annotations or tasks deleted there are dropped;
+- and, when START_TRAINING asked for it, an **incremental read**: annotated tasks newest first, down
+  to the watermark of the last full or incremental read. The totals on its first page are
+  compared with the mirror; a disagreement (a change no webhook announced and no `updated_at`
+  shows, such as a missed deletion) costs one full read.
+Nothing is written unless Label Studio answered: when it is slow or down the training raises
+`LabelStudioUnavailable` (RQ retries it with backoff) and the hints stay pending.
+"""
 
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
 
 from label_studio_sdk.client import LabelStudio
 
-from backend.common.errors import LabelStudioUnavailable
 from backend.labelstudio.label_mirror import LabelStore, annotation_record
+from backend.labelstudio.label_reads import RECENT_PAGE_SIZE, LabelReader, updated_at
+from backend.labelstudio.labeling_config import parse_label_config
 from backend.labelstudio.projects import ProjectRegistry
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = 500
+# An incremental read goes this far behind the watermark: a change saved just before the last read
+# may have been committed just after it.
+WATERMARK_SLACK = timedelta(seconds=60)
 
 
-def _plain(value):
-    return value.model_dump() if hasattr(value, "model_dump") else value
+def refresh_mirror(client: LabelStudio, labels: LabelStore, projects: ProjectRegistry, project: str, *,
+                   recent_page_size: int = RECENT_PAGE_SIZE, slack: timedelta = WATERMARK_SLACK) -> dict:
+    """Bring the mirror up to date with Label Studio; returns what was read: {reads, tasks_read, ls_requests}."""
+    reader = LabelReader(client, project)
+    done = {"reads": [], "tasks_read": 0}
+    if _needs_full_read(labels, projects, project):
+        _full_read(reader, labels, projects, project, done)
+    else:
+        hints = labels.take_hints(project)
+        task_ids = set(hints.tasks) | labels.tasks_of(project, hints.annotations)
+        if task_ids:
+            tasks = [task for task in reader.tasks_by_id(sorted(task_ids)) if task.get("id") in task_ids]
+            labels.replace_tasks(project, task_ids, _records(tasks))
+            _note(done, "hints", tasks)
+        if hints.check:
+            _incremental_read(reader, labels, projects, project, done, page_size=recent_page_size, slack=slack)
+        labels.hints_confirmed(project)
+    log.info("project %s: labels read from Label Studio: %s (%d tasks, %d requests)", project,
+             "+".join(done["reads"]) or "nothing", done["tasks_read"], reader.requests)
+    return {**done, "ls_requests": reader.requests}
 
 
-def _all_tasks(client: LabelStudio, project: str, *, only_annotated: bool) -> list[dict]:
-    """Every task page by page, stopping at the reported total (past it Label Studio may answer 404)."""
-    tasks: list[dict] = []
-    page = 1
-    while True:
-        pager = client.tasks.list(project=int(project), fields="all", only_annotated=only_annotated or None,
-                                  page=page, page_size=PAGE_SIZE)
-        batch = [_plain(task) for task in pager.items or []]
-        tasks += batch
-        total = getattr(pager.response, "total", None)
-        if not batch or (total is not None and len(tasks) >= total):
-            return tasks
-        page += 1
+def _needs_full_read(labels: LabelStore, projects: ProjectRegistry, project: str) -> bool:
+    if labels.needs_sync(project):
+        return True
+    read_under, known = labels.read_config(project), projects.label_config(project)
+    return read_under is not None and known is not None and not _same_config(read_under, known)
 
 
-def sync_project(client: LabelStudio, labels: LabelStore, projects: ProjectRegistry, project: str) -> int:
-    """Replace the mirror with every annotation Label Studio has; returns how many were read."""
-    changes_before = labels.change_count(project)
+def _same_config(a: str, b: str) -> bool:
+    """Whether two labeling configs define the same heads (whitespace or unrelated tags do not count)."""
+    if a == b:
+        return True
     try:
-        config = client.projects.get(id=int(project)).label_config
-        records = {}
-        for task in _all_tasks(client, project, only_annotated=True):
-            for annotation in task.get("annotations") or []:
-                annotation = _plain(annotation)
-                if isinstance(annotation, dict) and isinstance(annotation.get("id"), int):
-                    records[annotation["id"]] = annotation_record({**annotation, "task": task["id"]}, task)
-    except Exception as exc:
-        raise LabelStudioUnavailable(
-            f"Could not read project {project} from Label Studio ({type(exc).__name__}: {exc}). "
-            "Check LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY and that the user can see the project."
-        ) from None
+        return parse_label_config(a) == parse_label_config(b)
+    except Exception:
+        return False
+
+
+def _full_read(reader: LabelReader, labels: LabelStore, projects: ProjectRegistry, project: str, done: dict) -> None:
+    started = labels.begin_full_read(project)
+    config = reader.label_config()
+    tasks, totals = reader.annotated_tasks()
     if config:
         projects.remember(project, config)
-    labels.replace_all(project, records, changes_before=changes_before)
-    log.info("project %s: synced %d annotations from Label Studio", project, len(records))
-    return len(records)
+    newest = max(filter(None, map(updated_at, tasks)), default=None)
+    labels.replace_all(project, _records(tasks), started=started, config=config or None,
+                       watermark=newest.isoformat() if newest else None)
+    if totals is not None and totals.tasks != len({task.get("id") for task in tasks}):
+        # the list changed while it was read: let the next training check the result
+        labels.add_hints(project, check=True)
+    _note(done, "full", tasks)
 
 
-def project_tasks(client: LabelStudio, project: str) -> list[dict]:
-    """Every task of the project, as plain dicts."""
-    try:
-        return _all_tasks(client, project, only_annotated=False)
-    except Exception as exc:
-        raise LabelStudioUnavailable(
-            f"Could not list tasks of project {project} ({type(exc).__name__}: {exc})."
-        ) from None
+def _incremental_read(reader: LabelReader, labels: LabelStore, projects: ProjectRegistry, project: str,
+                      done: dict, *, page_size: int, slack: timedelta) -> None:
+    watermark = _parse(labels.watermark(project))
+    tasks, totals = reader.recently_updated(watermark - slack if watermark else None, page_size=page_size)
+    labels.replace_tasks(project, {task["id"] for task in tasks}, _records(tasks))
+    newest = max(filter(None, map(updated_at, tasks)), default=None)
+    if newest is not None and (watermark is None or newest > watermark):
+        labels.set_watermark(project, newest.isoformat())
+    _note(done, "check", tasks)
+    mirror = labels.counts(project)
+    if totals is not None and mirror != (totals.tasks, totals.annotations):
+        log.warning("project %s: the label mirror holds %d tasks / %d annotations, Label Studio %d / %d: "
+                    "reading every annotated task again", project, *mirror, totals.tasks, totals.annotations)
+        _full_read(reader, labels, projects, project, done)
 
 
-def unlabeled_tasks(client: LabelStudio, project: str) -> list[dict]:
-    """Every task of the project without an annotation, as plain dicts."""
-    return [task for task in project_tasks(client, project)
-            if not task.get("annotations") and not task.get("total_annotations")]
+def _records(tasks: list[dict]) -> dict[int, dict]:
+    records = {}
+    for task in tasks:
+        for annotation in task.get("annotations") or []:
+            annotation = annotation.model_dump() if hasattr(annotation, "model_dump") else annotation
+            if isinstance(annotation, dict) and isinstance(annotation.get("id"), int):
+                records[annotation["id"]] = annotation_record({**annotation, "task": task["id"]}, task)
+    return records
+
+
+def _note(done: dict, read: str, tasks: list[dict]) -> None:
+    done["reads"].append(read)
+    done["tasks_read"] += len(tasks)
+
+
+def _parse(watermark: str | None) -> datetime | None:
+    return updated_at({"updated_at": watermark}) if watermark else None

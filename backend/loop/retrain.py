@@ -22,7 +22,7 @@ from backend.core.promotion import decide
 from backend.core.store import HeadVersion, ModelStore
 from backend.labelstudio.label_mirror import Example
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
-from backend.labelstudio.sync import sync_project
+from backend.labelstudio.sync import refresh_mirror
 from backend.loop.features import MediaItem
 from backend.loop.predictor import check_head_matches
 from backend.loop.services import Services
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def retrain_project(services: Services, project: str, *, job_id: str) -> dict:
     """Train every control of the project once; returns a summary (with `promoted`: the controls promoted)."""
-    refresh_labels(services, project)
+    labels_read = refresh_labels(services, project)
     config = services.projects.label_config(project)
     if config is None:
         raise NotEnoughLabels(f"Project {project} has no known labeling config yet: connect the backend "
@@ -41,17 +41,21 @@ def retrain_project(services: Services, project: str, *, job_id: str) -> dict:
                 for spec in parse_label_config(config)}
     promoted = [control for control, outcome in outcomes.items() if outcome["status"] == "promoted"]
     model_version = services.predictor.served(project, config).model_version
-    return {"project": project, "model_version": model_version, "controls": outcomes, "promoted": promoted}
+    return {"project": project, "model_version": model_version, "controls": outcomes, "promoted": promoted,
+            "ls_requests": labels_read["ls_requests"], "labels_read": labels_read}
 
 
-def refresh_labels(services: Services, project: str) -> None:
-    """Resynchronise the label mirror from Label Studio when it cannot be trusted (or was never read)."""
-    if not services.labels.needs_sync(project):
-        return
+def refresh_labels(services: Services, project: str) -> dict:
+    """Confirm what webhooks said changed (and, after START_TRAINING, look for what they missed) against
+    Label Studio's API, or read every annotated task when the mirror cannot be trusted; returns what was
+    read, with `ls_requests`. Without LABEL_STUDIO_URL/API_KEY the webhook payloads are the labels."""
     if services.can_reach_label_studio:
-        sync_project(services.label_studio(), services.labels, services.projects, project)
-    else:
+        return refresh_mirror(services.label_studio(), services.labels, services.projects, project)
+    if services.labels.take_hints(project):
+        services.labels.hints_confirmed(project)  # nothing to confirm them against
+    if services.labels.needs_sync(project):
         log.warning("project %s: LABEL_STUDIO_URL/API_KEY not set; training on webhook data only", project)
+    return {"reads": [], "tasks_read": 0, "ls_requests": 0}
 
 
 def retrain_control(services: Services, project: str, spec: HeadSpec, *, job_id: str) -> dict:
@@ -71,6 +75,7 @@ def retrain_control(services: Services, project: str, spec: HeadSpec, *, job_id:
                 "media_errors": media_errors}
     task_ids = [example.task_id for example in examples]
     labels = [example.choices for example in examples]
+    served_number = services.store.current_number(project, spec.control)  # what the candidate is meant to replace
     candidate = fit_candidate(
         control=spec.control, classes=spec.classes, multi_label=spec.multi_label, features=features,
         labels=labels, task_ids=task_ids, encoder=encoder,
@@ -83,7 +88,8 @@ def retrain_control(services: Services, project: str, spec: HeadSpec, *, job_id:
     status = "promoted" if decision.promote else "rejected"
     number = services.store.save(project, spec.control, candidate.head,
                                  {**candidate.meta, "promotion": decision.as_dict(), "status": status},
-                                 promote=decision.promote, reason=decision.reason)
+                                 promote=decision.promote, reason=decision.reason, replaces=served_number)
+    status = services.store.meta(project, spec.control, number)["status"]  # "superseded" if a newer head won
     services.metrics.add("headstart_trainings_total", outcome=status)
     log.info("project %s %s-v%d: %s (%s)", project, spec.control, number, status, decision.reason)
     return {"status": status, "version": number, "reason": decision.reason, "labels": len(examples),

@@ -1,8 +1,11 @@
-"""POST /webhook: Label Studio's project events become label-mirror updates and queued trainings.
+"""POST /webhook: Label Studio's project events become hints for the label mirror and queued trainings.
 
-Answers in milliseconds: nothing here trains or talks to Label Studio. Label Studio does not retry
-webhooks, so whenever the mirror may have missed something it is marked stale and the next
-training resynchronises it from Label Studio's API.
+Answers in milliseconds: nothing here trains or talks to Label Studio. A webhook is a *hint* of what
+changed (its body could be forged, and Label Studio does not retry one that fails): it records
+which tasks and annotations to confirm, and the training confirms them against Label Studio's API
+(`backend.labelstudio.sync`). Only where this process has no LABEL_STUDIO_URL/API_KEY is the body
+itself written as the label. Whenever the mirror may have missed something it is marked stale, and
+the next training reads every annotated task again.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from flask import Blueprint, Flask, current_app, jsonify
 from redis.exceptions import RedisError
 
 from backend.common.errors import BadRequest
-from backend.labelstudio.label_mirror import LabelStore
+from backend.common.queues import enqueue_index
+from backend.labelstudio.label_mirror import LabelStore, annotation_record
 from backend.loop.predictor import project_id
 from backend.server.contract import json_body
 from backend.server.current import services
@@ -23,8 +27,10 @@ from backend.server.current import services
 webhook = Blueprint("webhook", __name__)
 log = logging.getLogger(__name__)
 
-TRAINING_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "START_TRAINING")
-OTHER_EVENTS = ("ANNOTATIONS_CREATED", "TASKS_CREATED", "TASKS_DELETED", "PROJECT_CREATED", "PROJECT_UPDATED",
+TRAINING_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED",
+                   "START_TRAINING")
+TASK_EVENTS = ("TASKS_CREATED", "TASKS_DELETED")
+OTHER_EVENTS = (*TASK_EVENTS, "PROJECT_CREATED", "PROJECT_UPDATED",
                 "PROJECT_DELETED", "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED")
 
 
@@ -38,11 +44,12 @@ def receive():
     # only known names become metric labels: arbitrary ones would grow the metrics hash without bound
     hub.metrics.add("headstart_webhook_events_total",
                     action=action if action in TRAINING_EVENTS + OTHER_EVENTS else "other")
-    if action not in TRAINING_EVENTS:
+    if action not in TRAINING_EVENTS + TASK_EVENTS:
         return jsonify(status="ignored", action=action)
     project = _project_of(body)
     try:
-        outcome = _record(hub, body, action, project)
+        outcome = _record_tasks(hub, body, action, project) if action in TASK_EVENTS else \
+            _record(hub, body, action, project)
     except RedisError as exc:
         missed_events(current_app).note(project)
         log.error("project %s: %s not recorded, Redis is unreachable: %s", project, action, exc)
@@ -54,21 +61,65 @@ def receive():
 
 
 def _record(hub, body: dict, action: str, project: str) -> str:
-    """Mirror the event into the label store and ask for a training; returns the scheduler's outcome."""
+    """Leave hints (and, without the API, the labels) in the mirror and ask for a training; returns the
+    scheduler's outcome, or `unchanged` for a repeated delivery of an event already confirmed."""
     labels = hub.labels
     config = body["project"].get("label_config") if isinstance(body.get("project"), dict) else None
-    if isinstance(config, str) and config and hub.projects.remember(project, config):
-        labels.mark_stale(project)
+    # a changed config makes the next training read everything (and train heads for it)
+    config_changed = isinstance(config, str) and bool(config) and hub.projects.remember(project, config)
+    writes = not hub.can_reach_label_studio  # without the API, the webhook's word is all there is
+    # whether the mirror can tell a repeated delivery: it holds what was confirmed (or, without the API, written)
+    repeated = not config_changed and (writes or not labels.needs_sync(project))
     if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
         annotation, task = body.get("annotation"), body.get("task")
         if not isinstance(annotation, dict):
             raise BadRequest(f"{action} needs an 'annotation' object.")
-        labels.put(project, annotation, task if isinstance(task, dict) else {})
+        record = annotation_record(annotation, task if isinstance(task, dict) else {})
+        if repeated and labels.is_confirmed(project, annotation["id"], record):
+            return "unchanged"
+        labels.add_hints(project, tasks=[record["task"]])
+        if writes:
+            labels.put(project, annotation, task if isinstance(task, dict) else {})
+    elif action == "ANNOTATIONS_CREATED":  # in bulk (e.g. the Data Manager's "predictions to annotations")
+        pairs = _created_in_bulk(body)
+        labels.add_hints(project, tasks=[annotation_record(a, t)["task"] for a, t in pairs])
+        if writes:
+            for annotation, task in pairs:
+                labels.put(project, annotation, task)
     elif action == "ANNOTATIONS_DELETED":
-        labels.delete(project, _annotation_ids(body))
-    else:  # START_TRAINING: Label Studio is asking for a fresh look at everything
-        labels.mark_stale(project)
+        ids = _annotation_ids(body)
+        if repeated and not labels.knows_any(project, ids) and not labels.hints_pending(project):
+            return "unchanged"
+        labels.add_hints(project, annotations=ids)
+        if writes:
+            labels.delete(project, ids)
+    else:  # START_TRAINING: look for changes no webhook announced
+        labels.add_hints(project, check=True)
     return hub.scheduler.request(project, reason=action)
+
+
+def _record_tasks(hub, body: dict, action: str, project: str) -> str:
+    """Tasks created: read back by id from Label Studio, indexed and embedded in the background (never taken
+    from the body). Tasks deleted: dropped from the task index, and their labels confirmed at the next training."""
+    if hub.projects.label_config(project) is None:
+        return "ignored: unknown project"
+    ids = _task_ids(body)
+    if action == "TASKS_DELETED":
+        hub.tasks.remove(project, ids)
+        hub.labels.add_hints(project, tasks=ids)
+        return "recorded"
+    if not hub.can_reach_label_studio or not ids:
+        return "ignored: needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
+    enqueue_index(hub.redis, hub.settings, project, ids)
+    return "queued"
+
+
+def _task_ids(body: dict) -> list[int]:
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list):
+        raise BadRequest(f"{body.get('action')} needs a 'tasks' list of {{id}}.")
+    ids = [item.get("id") if isinstance(item, dict) else item for item in tasks]
+    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
 
 
 class MissedEvents:
@@ -122,6 +173,17 @@ def _project_of(body: dict) -> str:
     if project is None:
         raise BadRequest("The webhook body names no project (expected project.id).")
     return project_id(project)
+
+
+def _created_in_bulk(body: dict) -> list[tuple[dict, dict]]:
+    """(annotation, its task) pairs of an ANNOTATIONS_CREATED body: lists under `annotation` and `task`."""
+    annotations = body.get("annotation", body.get("annotations"))
+    if not isinstance(annotations, list) or not all(isinstance(a, dict) for a in annotations):
+        raise BadRequest("ANNOTATIONS_CREATED needs an 'annotation' list of annotation objects.")
+    tasks = body.get("task") if isinstance(body.get("task"), list) else []
+    by_id = {task.get("id"): task for task in tasks if isinstance(task, dict)}
+    return [(annotation, by_id.get(annotation["task"], {}) if isinstance(annotation.get("task"), int) else {})
+            for annotation in annotations]
 
 
 def _annotation_ids(body: dict) -> list[int]:
