@@ -1,4 +1,4 @@
-"""`python -m bench all|retrain|predict|accuracy|webhook|gpu|table [--quick]`."""
+"""`python -m bench all|retrain|predict|accuracy|webhook|gpu|loop|table [--quick]`."""
 
 from __future__ import annotations
 
@@ -10,17 +10,25 @@ import time
 from pathlib import Path
 
 BENCHMARKS = ("retrain", "predict", "accuracy", "webhook", "gpu")
+# not part of `all`: it starts a real Label Studio and labels for minutes (see bench/README.md)
+LABEL_STUDIO_BENCHMARKS = ("loop",)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("name", choices=("all", *BENCHMARKS, "table"),
-                        help="a benchmark, all of them (then the table), or only the table")
+    parser.add_argument("name", choices=("all", *BENCHMARKS, *LABEL_STUDIO_BENCHMARKS, "table"),
+                        help="a benchmark, all of them but loop (then the table), or only the table")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, to check the code runs (results are not meaningful; they go to a "
-                             "temporary directory unless --results-dir is given)")
+                             "temporary directory unless --results-dir is given). loop: N = 1,000 tasks, its "
+                             "measured CI size, written under `quick` in bench/results/loop.json")
+    parser.add_argument("--tasks", type=int,
+                        help="loop only: this many tasks instead of 1,000 (--quick) or 5,000, a smoke run "
+                             "(results in a temporary directory unless --results-dir is given)")
     parser.add_argument("--results-dir", type=Path, help="where the JSON results go (default: bench/results)")
     args = parser.parse_args(argv)
+    if args.tasks is not None and args.name != "loop":
+        parser.error("--tasks applies to loop only")
     from bench.data import ensure_weights
     from bench.harness import RESULTS_DIR
     from bench.table import update_readme
@@ -28,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.name == "table":
         print(update_readme(results_dir=args.results_dir or RESULTS_DIR))
         return 0
-    results_dir = args.results_dir or (Path(tempfile.gettempdir()) / "headstart-bench-quick" if args.quick
-                                       else RESULTS_DIR)
+    measured = args.tasks is None if args.name == "loop" else not args.quick
+    results_dir = args.results_dir or (RESULTS_DIR if measured else Path(tempfile.gettempdir()) / "headstart-bench-quick")
     ensure_weights()
     names = BENCHMARKS if args.name == "all" else (args.name,)
     started = time.monotonic()
@@ -37,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"bench.{name}")
         print(f"\n=== {name} ===", flush=True)
         began = time.monotonic()
-        module.run(quick=args.quick, results_dir=results_dir)
+        options = {"tasks": args.tasks} if name == "loop" else {}
+        module.run(quick=args.quick, results_dir=results_dir, **options)
         print(f"({name}: {time.monotonic() - began:.0f} s)", flush=True)
     if args.name == "all" and results_dir == RESULTS_DIR:
         print(update_readme())
