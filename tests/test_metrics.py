@@ -109,10 +109,10 @@ def test_a_fresh_server_exposes_every_family_at_zero_on_its_first_scrape(client,
 
 
 def test_webhook_events_are_counted_by_known_action_and_other(client, redis):
-    for action in ("TASKS_CREATED", "TASKS_CREATED", "SOMETHING_NEW", "something_else"):
+    for action in ("PROJECT_UPDATED", "PROJECT_UPDATED", "SOMETHING_NEW", "something_else"):
         assert client.post("/webhook", json={"action": action}).status_code == 200
     events = series_of(families(client.get("/metrics").get_data(as_text=True))["headstart_webhook_events_total"])
-    assert events.pop('headstart_webhook_events_total{action="TASKS_CREATED"}') == 2
+    assert events.pop('headstart_webhook_events_total{action="PROJECT_UPDATED"}') == 2
     assert events.pop('headstart_webhook_events_total{action="other"}') == 2
     assert len(events) == len(WEBHOOK_ACTIONS) - 2 and set(events.values()) == {0}
 
