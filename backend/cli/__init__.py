@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     work.add_argument("--burst", action="store_true", help="exit once the queues are empty")
     work.add_argument("--name", help="worker name (default: RQ's)")
 
-    up = commands.add_parser("up", help="backend + one worker on this host (embedded Redis if needed)")
+    up = commands.add_parser("up", help="backend + UP_WORKERS workers on this host (embedded Redis if needed)")
     up.add_argument("--port", type=int, help="port (default: PORT, 9090)")
     up.add_argument("--host", default="127.0.0.1",
                     help="bind address (default 127.0.0.1, this host only; 0.0.0.0 to reach it from others)")
@@ -75,12 +75,15 @@ def _up(settings: Settings, args) -> int:
 
     url = ensure_redis(settings.redis_url, data_dir=_embedded_redis_dir(settings))
     env = {**os.environ, "REDIS_URL": url}
-    worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env)
+    workers = [subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env)
+               for _ in range(max(1, settings.up_workers))]
     try:
         return _serve(settings.replace(redis_url=url), args)
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(timeout=30)
 
 
 def warn_if_open(settings: Settings, host: str, port: int) -> None:

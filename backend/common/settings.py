@@ -62,6 +62,9 @@ SETTINGS: tuple[Setting, ...] = (
             "worker share a host."),
     Setting("WORKERS", "workers", "2", int, "gunicorn worker processes for `headstart serve`."),
     Setting("THREADS", "threads", "4", int, "Threads per gunicorn worker."),
+    Setting("UP_WORKERS", "up_workers", "2", int,
+            "RQ workers `headstart up` starts beside the backend. Each takes trainings first, then embedding and "
+            "re-prediction chunks, so with two a training never waits for the first embedding pass to finish."),
     Setting("PORT", "port", "9090", int, "Port for `headstart serve`."),
     Setting("MODEL_DIR", "model_dir", "", str,
             "Scratch directory for downloaded media. Empty: a temporary directory. Heads are "
@@ -121,6 +124,7 @@ class Settings:
     torch_threads: int = 1
     workers: int = 2
     threads: int = 4
+    up_workers: int = 2
     port: int = 9090
     model_dir: str = ""
     local_files_document_root: str = ""
