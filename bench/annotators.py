@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from bench.ls_api import LabelStudioApi
+from bench.ls_api import LabelStudioApi, LabelStudioError
+
+RETRIES = 3  # times an annotator repeats a submit Label Studio refused with a 500
 
 CONTROL = "label"
 OBJECT = "image"
@@ -66,6 +68,7 @@ class Annotators:
         self.keep_unlabeled = keep_unlabeled
         self.shared = _Shared(queue=list(tasks))
         self.errors: list[str] = []
+        self.retries = 0  # submits repeated after a 500 (SQLite "database is locked")
 
     def run(self, seconds: float) -> list[Action]:
         """Label for `seconds` (each annotator finishes the action it is in); the actions, in sending order."""
@@ -110,6 +113,20 @@ class Annotators:
         finally:
             api.session.close()
 
+    def _retrying(self, call):
+        """A submit an annotator repeats, as in the UI, when Label Studio answers 500: its default SQLite
+        database answers "database is locked" while another write (e.g. a bulk prediction import) holds it.
+        Each retry is counted in `retries`."""
+        for attempt in range(RETRIES + 1):
+            try:
+                return call()
+            except LabelStudioError as exc:
+                if "HTTP 500" not in str(exc) or attempt == RETRIES:
+                    raise
+                with self.shared.lock:
+                    self.retries += 1
+                time.sleep(1.0 + attempt)
+
     def _act(self, api: LabelStudioApi, index: int, rng: random.Random) -> bool:
         shared = self.shared
         with shared.lock:
@@ -133,11 +150,12 @@ class Annotators:
                     shared.mistake = (task, -1, truth)
         sent_at, started = time.time(), time.perf_counter()
         if kind in ("create", "mistake"):
-            annotation = api.post(f"/api/tasks/{task}/annotations", {"result": [_choice(label)]})["id"]
+            annotation = self._retrying(lambda: api.post(f"/api/tasks/{task}/annotations",
+                                                         {"result": [_choice(label)]}))["id"]
         elif kind == "relabel":
-            api.patch(f"/api/annotations/{annotation}", {"result": [_choice(label)]})
+            self._retrying(lambda: api.patch(f"/api/annotations/{annotation}", {"result": [_choice(label)]}))
         else:
-            api.delete(f"/api/annotations/{annotation}")
+            self._retrying(lambda: api.delete(f"/api/annotations/{annotation}"))
         seconds = time.perf_counter() - started
         with shared.lock:
             if kind == "mistake":

@@ -318,7 +318,8 @@ def _final(project: Project, stack: LoopStack, annotators: Annotators, watcher: 
             "model_version": model_version, "submit_to_version_s": round(promoted_at - sent_at, 3),
             "unlabeled": len(unlabeled),
             "repredict_all_s": round(done_at - promoted_at, 2) if done_at is not None and check["missing"] == 0
-            else None, "progress": [(round(at - promoted_at, 2), count) for at, count in progress], **check}
+            else None, "progress": [(round(at - promoted_at, 2), count) for at, count in progress], **check,
+            "annotator_retries_after_500": annotators.retries}
 
 
 def _wait_for_version(stack: LoopStack, project: Project, action: Action, timeout_s: float) -> dict | None:

@@ -20,7 +20,9 @@ from backend.loop.services import Services
 
 log = logging.getLogger(__name__)
 
-WRITE_BATCH = 500
+# predictions per import request: Label Studio's default SQLite database is locked while one is written,
+# and annotators' submits meanwhile fail with "database is locked"; small batches keep that short
+WRITE_BATCH = 200
 LEDGER_TTL_S = 30 * 24 * 3600
 
 
