@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -46,6 +47,8 @@ class FakeLabelStudio:
     media_auth: list[str] = field(default_factory=list)
     api_requests: list[str] = field(default_factory=list)  # "GET /api/tasks/" per API call (not media, not tokens)
     fail_api_with: int | None = None  # answer every API call with this status (Label Studio down)
+    # changes made right after the next N task reads: a save Label Studio commits after its webhook went out
+    commit_after_reads: list[tuple[int, Callable[[], object]]] = field(default_factory=list)
 
     # changing labels the way Label Studio does: each write moves the task's updated_at
 
@@ -140,8 +143,10 @@ class FakeLabelStudio:
                 abort(404)  # like Label Studio: past the last page
             chunk = [self._as_listed(t, all_fields=request.args.get("fields") == "all")
                      for t in selected[(page - 1) * size: page * size]]
-            return jsonify(tasks=chunk, total=len(selected),
-                           total_annotations=sum(_live(t) for t in selected), total_predictions=0)
+            answer = jsonify(tasks=chunk, total=len(selected),
+                             total_annotations=sum(_live(t) for t in selected), total_predictions=0)
+            self._count_down_commits()
+            return answer
 
         @app.post("/api/projects/<int:project>/import/predictions")
         def import_predictions(project):
@@ -163,6 +168,15 @@ class FakeLabelStudio:
             return data, 200, {"Content-Type": "image/jpeg"}
 
         return app
+
+    def _count_down_commits(self) -> None:
+        waiting = []
+        for reads, commit in self.commit_after_reads:
+            if reads <= 1:
+                commit()
+            else:
+                waiting.append((reads - 1, commit))
+        self.commit_after_reads = waiting
 
     @staticmethod
     def _stamped(task: dict) -> dict:

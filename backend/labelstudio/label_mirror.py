@@ -13,7 +13,7 @@ Keys, for project P (all named in `backend.common.redis_keys`):
   headstart:labels:P:stale            counter, bumped when the mirror must be fully re-read before training
   headstart:labels:P:synced           set once the mirror was fully read from Label Studio
   headstart:labels:P:changes          counter of webhook writes (a full read that overlaps one stays stale)
-  headstart:labels:P:hints            set of task:ID / annotation:ID / check, for the next training to confirm
+  headstart:labels:P:hints            set of task:ID / annotation:ID / expect:[…] / check, for the next training to confirm
   headstart:labels:P:hints:confirming the hints a training is confirming (kept until written, merged on retry)
   headstart:labels:P:watermark        the newest task updated_at a full or incremental read has seen
   headstart:labels:P:config           the labeling config of the last full read
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Iterable
 
 from redis import Redis
@@ -34,6 +35,7 @@ from backend.labelstudio.labeling_config import HeadSpec, choices_in
 
 
 CHECK = "check"  # the hint START_TRAINING leaves: look for changes no webhook announced
+EXPECT = "expect:"  # prefix of the hint a created/updated annotation leaves: JSON [annotation, task, attempt, updated_at]
 SAME_EVENT = ("updated_at", "result", "ground_truth", "cancelled")  # what tells one annotation event from another
 
 
@@ -66,14 +68,37 @@ def annotation_record(annotation: dict, task: dict) -> dict:
 
 
 @dataclass(frozen=True)
+class Expected:
+    """An annotation a webhook announced as created or updated: Label Studio's API should show it (at least
+    as new as `updated_at`). The webhook can arrive before Label Studio's task list shows it, so the
+    first read may not see it yet; `attempt` counts the reads that did not."""
+    annotation: int
+    task: int
+    attempt: int = 0
+    updated_at: str = ""
+
+    def member(self) -> str:
+        return EXPECT + json.dumps([self.annotation, self.task, self.attempt, self.updated_at])
+
+    def seen_in(self, records: dict[int, dict]) -> bool:
+        """Whether Label Studio's answer holds this annotation, at least as new as announced."""
+        record = records.get(self.annotation)
+        if record is None:
+            return False
+        held, announced = _instant(record.get("updated_at")), _instant(self.updated_at)
+        return held is None or announced is None or held >= announced
+
+
+@dataclass(frozen=True)
 class Hints:
     """What webhooks said changed since the last confirmation."""
     tasks: frozenset[int] = frozenset()
     annotations: frozenset[int] = frozenset()
     check: bool = False
+    expected: frozenset[Expected] = frozenset()
 
     def __bool__(self) -> bool:
-        return bool(self.tasks or self.annotations or self.check)
+        return bool(self.tasks or self.annotations or self.check or self.expected)
 
 
 @dataclass(frozen=True)
@@ -171,8 +196,10 @@ class LabelStore:
     # --- hints: what webhooks said changed, confirmed against Label Studio by the next training ---
 
     def add_hints(self, project: str, *, tasks: Iterable[int] = (), annotations: Iterable[int] = (),
-                  check: bool = False) -> None:
-        members = [f"task:{i}" for i in tasks] + [f"annotation:{i}" for i in annotations] + ([CHECK] if check else [])
+                  check: bool = False, expected: Iterable[Expected] = ()) -> None:
+        expected = list(expected)
+        members = [f"task:{i}" for i in [*tasks, *(e.task for e in expected)]] + \
+            [f"annotation:{i}" for i in annotations] + [e.member() for e in expected] + ([CHECK] if check else [])
         if members:
             self.redis.sadd(redis_keys.label_hints(project), *members)
 
@@ -279,11 +306,38 @@ def _rank(record: dict) -> tuple[bool, str]:
 
 
 def _parse_hints(members: set[str]) -> Hints:
-    tasks, annotations = set(), set()
+    tasks, annotations, expected = set(), set(), set()
     for member in members:
+        if member.startswith(EXPECT):
+            parsed = _expected(member[len(EXPECT):])
+            if parsed is not None:
+                expected.add(parsed)
+            continue
         kind, _, value = member.partition(":")
         if kind == "task" and value.isdigit():
             tasks.add(int(value))
         elif kind == "annotation" and value.isdigit():
             annotations.add(int(value))
-    return Hints(tasks=frozenset(tasks), annotations=frozenset(annotations), check=CHECK in members)
+    return Hints(tasks=frozenset(tasks), annotations=frozenset(annotations), check=CHECK in members,
+                 expected=frozenset(expected))
+
+
+def _expected(raw: str) -> Expected | None:
+    try:
+        annotation, task, attempt, updated = json.loads(raw)
+    except (ValueError, TypeError):
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (annotation, task, attempt)):
+        return None
+    return Expected(annotation, task, attempt, updated if isinstance(updated, str) else "")
+
+
+def _instant(value) -> datetime | None:
+    """An ISO timestamp as an aware datetime (Label Studio writes `…Z`), or None when it is not one."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None

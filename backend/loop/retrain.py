@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 def retrain_project(services: Services, project: str, *, job_id: str) -> dict:
     """Train every control of the project once; returns a summary (with `promoted`: the controls promoted)."""
     labels_read = refresh_labels(services, project)
+    if labels_read.get("recheck"):  # an announced label was not visible yet: read it again right after this one
+        services.scheduler.request(project, reason="announced labels not visible yet")
     config = services.projects.label_config(project)
     if config is None:
         raise NotEnoughLabels(f"Project {project} has no known labeling config yet: connect the backend "
@@ -55,7 +57,7 @@ def refresh_labels(services: Services, project: str) -> dict:
         services.labels.hints_confirmed(project)  # nothing to confirm them against
     if services.labels.needs_sync(project):
         log.warning("project %s: LABEL_STUDIO_URL/API_KEY not set; training on webhook data only", project)
-    return {"reads": [], "tasks_read": 0, "ls_requests": 0}
+    return {"reads": [], "tasks_read": 0, "recheck": False, "ls_requests": 0}
 
 
 def retrain_control(services: Services, project: str, spec: HeadSpec, *, job_id: str) -> dict:

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from backend.common.errors import BadRequest
 from backend.common.queues import enqueue_index
-from backend.labelstudio.label_mirror import LabelStore, annotation_record
+from backend.labelstudio.label_mirror import Expected, LabelStore, annotation_record
 from backend.loop.predictor import project_id
 from backend.server.contract import json_body
 from backend.server.current import services
@@ -77,12 +77,13 @@ def _record(hub, body: dict, action: str, project: str) -> str:
         record = annotation_record(annotation, task if isinstance(task, dict) else {})
         if repeated and labels.is_confirmed(project, annotation["id"], record):
             return "unchanged"
-        labels.add_hints(project, tasks=[record["task"]])
+        labels.add_hints(project, tasks=[record["task"]], expected=_expected([(annotation, record)]))
         if writes:
             labels.put(project, annotation, task if isinstance(task, dict) else {})
     elif action == "ANNOTATIONS_CREATED":  # in bulk (e.g. the Data Manager's "predictions to annotations")
         pairs = _created_in_bulk(body)
-        labels.add_hints(project, tasks=[annotation_record(a, t)["task"] for a, t in pairs])
+        records = [(a, annotation_record(a, t)) for a, t in pairs]
+        labels.add_hints(project, tasks=[record["task"] for _, record in records], expected=_expected(records))
         if writes:
             for annotation, task in pairs:
                 labels.put(project, annotation, task)
@@ -112,6 +113,12 @@ def _record_tasks(hub, body: dict, action: str, project: str) -> str:
         return "ignored: needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
     enqueue_index(hub.redis, hub.settings, project, ids)
     return "queued"
+
+
+def _expected(records: list[tuple[dict, dict]]) -> list[Expected]:
+    """The announced annotations the next training should find in Label Studio (cancelled ones never count)."""
+    return [Expected(annotation["id"], record["task"], 0, record["updated_at"]) for annotation, record in records
+            if isinstance(annotation.get("id"), int) and isinstance(record.get("task"), int) and not record["cancelled"]]
 
 
 def _task_ids(body: dict) -> list[int]:
