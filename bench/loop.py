@@ -175,6 +175,11 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, tasks: int | No
     record = report.write_record(section, quick=quick, results_dir=results_dir)
     report.plot(section, loop, results_dir / f"{report.NAME}-{params.tasks}.png")  # a measured run at either size
     report.print_summary(section)
+    if section["details"]["unserved_actions"]:  # keep what tells why (the workers' and backend's logs)
+        logs = results_dir / f"{report.NAME}-{params.tasks}-logs"
+        shutil.rmtree(logs, ignore_errors=True)
+        shutil.copytree(root / "logs", logs, dirs_exist_ok=True)
+        print(f"loop: actions never served; logs kept in {logs}", flush=True)
     shutil.rmtree(root, ignore_errors=True)
     return record
 

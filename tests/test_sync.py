@@ -9,6 +9,7 @@ real Label Studio.
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 
 import pytest
@@ -245,6 +246,25 @@ def test_an_announced_label_label_studio_never_shows_costs_a_bounded_number_of_r
     assert [read["recheck"] for read in reads] == [True] * (EXPECT_ATTEMPTS - 1) + [False]
     assert all(read["ls_requests"] == 1 for read in reads)
     assert sorted(map(json.dumps, labels.records(str(PROJECT)))) == before
+
+
+def test_a_change_whose_webhook_never_arrived_is_found_by_the_next_training_after_check_every(big_project, redis):
+    """Label Studio gives a webhook up after its 1 s WEBHOOK_TIMEOUT and never resends it."""
+    fake, labels, projects = big_project, LabelStore(redis), ProjectRegistry(redis)
+    client = LabelStudio(base_url=fake.url, api_key=fake.legacy_token)
+    every = timedelta(seconds=0.3)
+    assert refresh_mirror(client, labels, projects, str(PROJECT), check_every=every)["reads"] == ["full"]
+    fake.annotate(4, 401, "ants")  # its webhook was lost
+    fake.annotate(5, 501, "bees")
+    labels.add_hints(str(PROJECT), tasks=[5])
+    assert refresh_mirror(client, labels, projects, str(PROJECT), check_every=every)["reads"] == ["hints"]
+    assert 4 not in {e.task_id for e in labels.examples(str(PROJECT), SPEC)[0]}
+    time.sleep(every.total_seconds())  # the time that has to pass is what is tested
+    fake.annotate(10, 1001, "bees")
+    labels.add_hints(str(PROJECT), tasks=[10])
+    read = refresh_mirror(client, labels, projects, str(PROJECT), check_every=every)
+    assert read["reads"] == ["hints", "check"] and read["ls_requests"] == 2
+    assert {4, 5, 10} <= {e.task_id for e in labels.examples(str(PROJECT), SPEC)[0]}
 
 
 def test_label_studio_down_during_confirmation_guesses_nothing_and_keeps_the_hints(big_project, redis):

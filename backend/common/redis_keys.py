@@ -70,6 +70,11 @@ def label_hints_confirming(project: str) -> str:
     return f"{PREFIX}:labels:{project}:hints:confirming"
 
 
+def label_checked(project: str) -> str:
+    """string with a TTL: present while the last look for changes no webhook announced is recent enough."""
+    return f"{PREFIX}:labels:{project}:checked"
+
+
 def label_watermark(project: str) -> str:
     """string: the newest task `updated_at` a full or incremental read of Label Studio has seen."""
     return f"{PREFIX}:labels:{project}:watermark"

@@ -92,6 +92,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TRAIN_MIN_INTERVAL_S", "train_min_interval_s", "1", float,
             "Least seconds between the starts of two trainings of one project. The first submit after a "
             "quiet spell trains at once; a burst of submits coalesces into about one training per interval."),
+    Setting("LABEL_CHECK_S", "label_check_s", "30", float,
+            "A training also looks for label changes no webhook announced (one Label Studio request) when "
+            "the last look is this many seconds old. 0: only after START_TRAINING."),
     Setting("REPREDICT_UNLABELED", "repredict_unlabeled", "true", _bool,
             "After a promotion, predict every unlabeled task and write the predictions into "
             "Label Studio."),
@@ -136,6 +139,7 @@ class Settings:
     multi_label_threshold: float = 0.5
     min_labels_per_class: int = 1
     train_min_interval_s: float = 1.0
+    label_check_s: float = 30.0
     repredict_unlabeled: bool = True
     job_timeout_s: int = 1800
     job_retries: int = 3

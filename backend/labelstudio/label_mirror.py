@@ -16,6 +16,7 @@ Keys, for project P (all named in `backend.common.redis_keys`):
   headstart:labels:P:hints            set of task:ID / annotation:ID / expect:[…] / check, for the next training to confirm
   headstart:labels:P:hints:confirming the hints a training is confirming (kept until written, merged on retry)
   headstart:labels:P:watermark        the newest task updated_at a full or incremental read has seen
+  headstart:labels:P:checked          present (with a TTL) while the last look for unannounced changes is recent
   headstart:labels:P:config           the labeling config of the last full read
 """
 
@@ -263,6 +264,15 @@ class LabelStore:
     def watermark(self, project: str) -> str | None:
         raw = self.redis.get(redis_keys.label_watermark(project))
         return raw.decode() if raw is not None else None
+
+    def check_due(self, project: str, every_s: float) -> bool:
+        """Whether the last look for changes no webhook announced is `every_s` old or more; True marks one as
+        done now (so of trainings running at once, one looks)."""
+        return bool(self.redis.set(redis_keys.label_checked(project), 1, nx=True, px=max(1, int(every_s * 1000))))
+
+    def checked(self, project: str, every_s: float) -> None:
+        """A read just covered every change (a full read): the next look is due in `every_s`."""
+        self.redis.set(redis_keys.label_checked(project), 1, px=max(1, int(every_s * 1000)))
 
     def set_watermark(self, project: str, watermark: str) -> None:
         self.redis.set(redis_keys.label_watermark(project), watermark)

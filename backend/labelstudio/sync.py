@@ -7,8 +7,9 @@ counted queries of `backend.labelstudio.label_reads`:
   may have been missed (webhooks Redis could not record, or a check below that disagrees);
 - otherwise the tasks the webhooks' **hints** name, by id, in batches: what Label Studio has for
   them replaces what the mirror had, so annotations or tasks deleted there are dropped;
-- and, when START_TRAINING asked for it, an **incremental read**: annotated tasks newest first, down
-  to the watermark of the last full or incremental read. The totals on its first page are
+- and, when START_TRAINING asked for it or the last one is `check_every` old, an **incremental
+  read**: annotated tasks newest first, down to the watermark of the last full or incremental read
+  (a webhook Label Studio gave up on, after its 1 s `WEBHOOK_TIMEOUT`, is not lost for longer). The totals on its first page are
   compared with the mirror; a disagreement (a change no webhook announced and no `updated_at`
   shows, such as a missed deletion) costs one full read.
 An annotation a webhook announced as created or updated that Label Studio's answer does not show
@@ -42,12 +43,18 @@ EXPECT_ATTEMPTS = 4
 
 
 def refresh_mirror(client: LabelStudio, labels: LabelStore, projects: ProjectRegistry, project: str, *,
-                   recent_page_size: int = RECENT_PAGE_SIZE, slack: timedelta = WATERMARK_SLACK) -> dict:
-    """Bring the mirror up to date with Label Studio; returns what was read: {reads, tasks_read, ls_requests}."""
+                   recent_page_size: int = RECENT_PAGE_SIZE, slack: timedelta = WATERMARK_SLACK,
+                   check_every: timedelta | None = None) -> dict:
+    """Bring the mirror up to date with Label Studio; returns what was read: {reads, tasks_read, recheck,
+    ls_requests}. `check_every`: look for unannounced changes when the last look is that old (None: only
+    when START_TRAINING asked)."""
     reader = LabelReader(client, project)
     done = {"reads": [], "tasks_read": 0, "recheck": False}
+    every_s = check_every.total_seconds() if check_every else 0.0
     if _needs_full_read(labels, projects, project):
         _full_read(reader, labels, projects, project, done)
+        if every_s:
+            labels.checked(project, every_s)
     else:
         hints = labels.take_hints(project)
         task_ids = set(hints.tasks) | labels.tasks_of(project, hints.annotations)
@@ -57,8 +64,10 @@ def refresh_mirror(client: LabelStudio, labels: LabelStore, projects: ProjectReg
             records = _records(tasks)
             labels.replace_tasks(project, task_ids, records)
             _note(done, "hints", tasks)
-        if hints.check:
+        if hints.check or (every_s and labels.check_due(project, every_s)):
             _incremental_read(reader, labels, projects, project, done, page_size=recent_page_size, slack=slack)
+            if every_s:
+                labels.checked(project, every_s)
         _expect_again(labels, project, hints.expected, records, deleted=hints.annotations, done=done)
         labels.hints_confirmed(project)
     log.info("project %s: labels read from Label Studio: %s (%d tasks, %d requests)", project,

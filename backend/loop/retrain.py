@@ -9,6 +9,7 @@ written exactly once, with the guard's decision in it.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -52,7 +53,9 @@ def refresh_labels(services: Services, project: str) -> dict:
     Label Studio's API, or read every annotated task when the mirror cannot be trusted; returns what was
     read, with `ls_requests`. Without LABEL_STUDIO_URL/API_KEY the webhook payloads are the labels."""
     if services.can_reach_label_studio:
-        return refresh_mirror(services.label_studio(), services.labels, services.projects, project)
+        check_every = timedelta(seconds=services.settings.label_check_s) if services.settings.label_check_s else None
+        return refresh_mirror(services.label_studio(), services.labels, services.projects, project,
+                              check_every=check_every)
     if services.labels.take_hints(project):
         services.labels.hints_confirmed(project)  # nothing to confirm them against
     if services.labels.needs_sync(project):
