@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from backend.cli.admin import add_admin_commands
 from backend.common.errors import HeadstartError
 from backend.common.settings import Settings
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+WORKER_STOP_GRACE_S = 30.0  # how long `up` lets its workers finish the job at hand when it stops
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,15 +81,33 @@ def _up(settings: Settings, args) -> int:
 
     url = ensure_redis(settings.redis_url, data_dir=_embedded_redis_dir(settings))
     env = {**os.environ, "REDIS_URL": url}
-    workers = [subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env)
+    workers = [subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env, preexec_fn=_die_with_parent)
                for _ in range(max(1, settings.up_workers))]
     try:
         return _serve(settings.replace(redis_url=url), args)
     finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(timeout=30)
+        _stop(workers)
+
+
+def _die_with_parent() -> None:
+    """Runs in an `up` worker before exec: Linux sends it SIGTERM when `up` dies, even by SIGKILL."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the workers outlive a killed `up`
+
+
+def _stop(workers: list[subprocess.Popen]) -> None:
+    """SIGTERM (RQ's warm shutdown: the job at hand finishes), then SIGKILL after WORKER_STOP_GRACE_S."""
+    for worker in workers:
+        worker.terminate()
+    deadline = time.monotonic() + WORKER_STOP_GRACE_S
+    for worker in workers:
+        try:
+            worker.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            worker.kill()  # RQ re-queues its job as abandoned
+            worker.wait()
 
 
 def warn_if_open(settings: Settings, host: str, port: int) -> None:
