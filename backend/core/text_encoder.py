@@ -27,7 +27,7 @@ from backend.core.torch_runtime import resolve_device
 EMBED_BATCH_SIZE = 32  # texts are sorted by length before batching, so padding stays small on CPU too
 CHARS_PER_TOKEN_BOUND = 64
 CONTROL_SHARE_LIMIT = 0.1  # more control characters than this share of a text: binary, not text
-IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")  # not BMP's "BM": "BMW ..."
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -176,7 +176,7 @@ class TextEncoder:
             return torch.empty(0, self.feature_dim)
         features = self.model.encode(list(texts), batch_size=EMBED_BATCH_SIZE, convert_to_tensor=True,
                                      normalize_embeddings=True, show_progress_bar=False)
-        return features.float().cpu()
+        return features.float().cpu().clone()  # encode() runs in inference mode; heads train on these
 
 
 class HtmlTextEncoder:
