@@ -201,6 +201,7 @@ def build_worker(settings: Settings, redis: Redis, *, queues: tuple[str, ...] = 
                              worker_ttl=beat + 15)  # RQ blocks worker_ttl - 15 s per dequeue: maintenance each beat
     worker.services = services
     worker.headstart_info = {"host": socket.gethostname(), "device": device_description(device),
-                             "backbone": encoder.key, "torch_threads": settings.torch_threads}
+                             "backbone": encoder.key, "text_encoder": settings.text_encoder,  # loads on first use
+                             "torch_threads": settings.torch_threads}
     log.info("worker %s ready on %s with %s", worker.name, device, encoder.key)
     return worker
