@@ -152,3 +152,18 @@ def test_a_mixed_config_trains_one_head_per_control_each_on_its_own_encoder(serv
     by_control = {region["from_name"]: region["value"]["choices"] for region in prediction["result"]}
     assert by_control == {"species": ["ants"], "topic": [cls]}
     assert prediction["model_version"] == f"species-v{species.number}+topic-v{outcome['version']}"
+
+
+def test_a_worker_loads_only_the_encoders_its_known_projects_use(settings, redis):
+    from backend.core.encoders import EncoderPool
+    from worker.process import build_worker
+
+    pool = EncoderPool(default_name="mobilenet_v2", text_name=settings.text_encoder)
+    build_worker(settings, redis, services=build_services(settings, redis, encoders=pool))
+    assert pool._loaded == {}  # nothing known yet: encoders load with the first job that needs one
+    services = build_services(settings, redis, encoders=pool)
+    services.projects.remember("3", TEXT_CONFIG)
+    worker = build_worker(settings, redis, services=services)
+    assert [encoder.modality for encoder in pool._loaded.values()] == ["text"]
+    assert worker.headstart_info["backbone"] == "mobilenet_v2@IMAGENET1K_V1"
+    assert worker.headstart_info["text_encoder"] == settings.text_encoder
