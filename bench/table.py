@@ -99,6 +99,20 @@ def _gpu_rows(r: dict) -> list[str]:
             f"| {r['embed_img_per_s']:g} images/s; {r['retrain_s']:.2f} s | | | | |"]
 
 
+def _text_rows(r: dict) -> list[str]:
+    curve = ", ".join(f"{k}: {cell['headstart']:.1f}" for k, cell in r["accuracy"].items())
+    best = ", ".join(f"{k}: {max(cell['ref_logreg'], cell['ref_linear']):.1f}" for k, cell in r["accuracy"].items())
+    return [
+        f"| text | bbc-news on all-MiniLM-L6-v2, % on val by labels per topic | {curve} | best reference: {best} "
+        f"| worst gap {r['worst_gap']:+g} points (k={r['worst_gap_k']}) | ≥ 0 | {_status(r, 'worst_gap')} |",
+        f"| text | texts embedded per second (CPU, 1 thread) | {r['embed_texts_per_s']:g} "
+        f"| raw encoder: {r['raw_texts_per_s']:g} | {_times(r['embed_ratio'])} raw | ≥ 0.9× "
+        f"| {_status(r, 'embed_ratio')} |",
+        f"| text | retrain after one label; /predict 1 text p50 uncached (cached) | {r['retrain_s']:.2f} s; "
+        f"{_ms(r['predict_uncached_p50_ms'])} ({_ms(r['predict_cached_p50_ms'])}) | | | | |",
+    ]
+
+
 def _loop_rows(r: dict) -> list[str]:
     """The full run (N = 5,000) and the CI-size one (N = 1,000, under `quick`), whichever were measured."""
     rows = []
@@ -122,7 +136,7 @@ def _loop_rows(r: dict) -> list[str]:
 
 
 ROWS = {"retrain": _retrain_rows, "predict": _predict_rows, "accuracy": _accuracy_rows,
-        "webhook": _webhook_rows, "loop": _loop_rows, "gpu": _gpu_rows}
+        "webhook": _webhook_rows, "loop": _loop_rows, "gpu": _gpu_rows, "text": _text_rows}
 
 
 def _runs(record: dict) -> list[dict]:

@@ -13,7 +13,7 @@ from backend.server.app import create_app
 from backend.core.encoders import EncoderPool
 from backend.loop.services import build_services
 from backend.common.settings import Settings
-from tests.helpers import HYMENOPTERA, RedisServer, install_offline_weights
+from tests.helpers import HYMENOPTERA, RedisServer, install_offline_weights, offline_text_model
 
 TEST_DB = int(os.environ.get("HEADSTART_TEST_REDIS_DB", "13"))
 
@@ -21,6 +21,12 @@ TEST_DB = int(os.environ.get("HEADSTART_TEST_REDIS_DB", "13"))
 @pytest.fixture(scope="session", autouse=True)
 def offline_weights():
     return install_offline_weights()
+
+
+@pytest.fixture(scope="session")
+def text_model() -> str:
+    """TEXT_ENCODER for tests: the offline all-MiniLM-L6-v2 folder (the hub is switched off)."""
+    return offline_text_model()
 
 
 @pytest.fixture(scope="session")
@@ -58,14 +64,15 @@ def fixed_seeds():
 
 
 @pytest.fixture
-def settings(redis_url, tmp_path):
-    return Settings(redis_url=redis_url, model_dir=str(tmp_path), job_retries=0, repredict_unlabeled=False)
+def settings(redis_url, tmp_path, text_model):
+    return Settings(redis_url=redis_url, model_dir=str(tmp_path), job_retries=0, repredict_unlabeled=False,
+                    text_encoder=text_model)
 
 
 @pytest.fixture(scope="session")
-def encoders():
-    """One MobileNetV2 per test session (loading is the slow part, not what the tests test)."""
-    return EncoderPool(default_name="mobilenet_v2")
+def encoders(text_model):
+    """One MobileNetV2 (and, when a test needs it, one MiniLM) per test session (loading is the slow part)."""
+    return EncoderPool(default_name="mobilenet_v2", text_name=text_model)
 
 
 @pytest.fixture

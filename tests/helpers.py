@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from bench.resources import (DATASETS, FLOWERS, HYMENOPTERA, LS_REQUESTS, MOBILENET_V2_FILE, REPO, SHARED,  # noqa: F401
-                             RedisServer, dataset_images, free_port, install_offline_weights)
+from bench.resources import (BBC_CLASSES, BBC_NEWS, DATASETS, FLOWERS, HYMENOPTERA, LS_REQUESTS,  # noqa: F401
+                             MOBILENET_V2_FILE, REPO, SHARED, RedisServer, dataset_images, dataset_texts,
+                             free_port, install_offline_weights, offline_text_model)
 
 CONFIG_2 = ('<View><Image name="image" value="$image"/><Choices name="label" toName="image">'
             '<Choice value="ants"/><Choice value="bees"/></Choices></View>')

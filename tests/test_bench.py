@@ -23,6 +23,7 @@ KEYS = {
     "accuracy": ("sets", "worst_gap"),
     "webhook": ("events", "p50_ms", "p99_ms", "errors", "jobs_enqueued"),
     "gpu": ("run",),
+    "text": ("worst_gap", "embed_ratio", "retrain_s", "predict_uncached_p50_ms", "predict_cached_p50_ms"),
 }
 
 
@@ -59,6 +60,9 @@ def test_benchmark_runs_in_quick_mode(name, results_dir):
         assert (results_dir / "accuracy-quick.png").stat().st_size > 0
     elif name == "webhook":
         assert written["events"] > 0 and written["errors"] == 0 and written["jobs_enqueued"] >= 1
+    elif name == "text":
+        assert all(_positive_number(written[key]) for key in KEYS[name][1:])
+        assert all(run["status"] == "promoted" for run in written["retrain_runs"])
     else:
         assert written["run"] is True or "cuda" in written["reason"].lower()
 

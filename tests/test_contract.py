@@ -116,12 +116,14 @@ def test_malformed_predict_requests_get_a_clear_400(client, payload, content_typ
     assert response.json["message"] and "Traceback" not in response.get_data(as_text=True)
 
 
-def test_a_config_without_image_choices_is_refused_with_the_fix(client):
+def test_a_config_without_image_or_text_choices_is_refused_with_the_fix(client):
     body = recorded("setup")["body"]
-    body["schema"] = '<View><Text name="text" value="$text"/><Choices name="s" toName="text"><Choice value="x"/></Choices></View>'
+    body["schema"] = '<View><Audio name="audio" value="$audio"/><Choices name="s" toName="audio"><Choice value="x"/></Choices></View>'
     response = client.post("/setup", json=body)
     assert response.status_code == 400
-    assert "<Choices> control whose toName is an <Image>" in response.json["message"]
+    assert "<Choices> control whose toName is an <Image>, a <Text> or a <HyperText>" in response.json["message"]
+    body["schema"] = '<View><Text name="text" value="$text"/><Choices name="s" toName="text"><Choice value="x"/></Choices></View>'
+    assert client.post("/setup", json=body).status_code == 200  # text classification is served
 
 
 def test_a_head_for_other_classes_is_not_used(local_client, services):

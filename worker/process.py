@@ -37,7 +37,9 @@ from rq.worker import WorkerStatus
 
 from backend.core.torch_runtime import resolve_device, set_torch_threads
 from backend.core.head_fitting import fit_head
-from backend.common.errors import ConfigurationError
+from backend.common.errors import ConfigurationError, HeadstartError
+from backend.core.encoders import get_entry
+from backend.labelstudio.labeling_config import parse_label_config
 from backend.common.queues import QUEUE_NAMES, TRAIN_JOB, queue
 from backend.common.settings import Settings
 from backend.loop.services import Services, build_services
@@ -185,14 +187,37 @@ class HeadstartWorker(SimpleWorker):
                 delay = min(delay * 2, MAX_REDIS_WAIT_S)
 
 
+def preload_encoders(services: Services) -> list:
+    """The encoders of every project Redis knows (an image-only deployment never loads a text model, and
+    a text-only one never loads an image backbone)."""
+    wanted = set()
+    for project in services.projects.all():
+        try:
+            wanted.update((spec.modality, spec.markup)
+                          for spec in parse_label_config(services.projects.label_config(project) or ""))
+        except HeadstartError:
+            continue
+    loaded = []
+    for modality, markup in sorted(wanted):
+        try:
+            loaded.append(services.encoders.for_input(modality, markup))
+        except HeadstartError as exc:  # the jobs that need it fail with the same message, in RQ's registry
+            log.warning("cannot load the %s encoder: %s", modality, exc)
+    return loaded
+
+
 def build_worker(settings: Settings, redis: Redis, *, queues: tuple[str, ...] = QUEUE_NAMES,
                  name: str | None = None, services: Services | None = None) -> HeadstartWorker:
-    """Load the encoder, build the process's services and return a worker ready to `work()`."""
+    """Build the process's services, load the encoders the known projects use (others load on first use)
+    and return a worker ready to `work()`."""
     set_torch_threads(settings.torch_threads)
     device = resolve_device(settings.device)
     services = services or build_services(settings, redis, device=str(device))
-    encoder = services.encoders.get()
-    warm_up(encoder.feature_dim)
+    for loaded in preload_encoders(services):
+        log.info("loaded %s for the known projects", loaded.key)
+    backbone = get_entry(settings.backbone)
+    warm_up(backbone.feature_dim)
+    backbone_key = backbone.key(settings.backbone_weights_file)
     beat = max(1, settings.worker_heartbeat_s)
     worker = HeadstartWorker([queue(name_, redis) for name_ in queues], connection=redis,
                              serializer=JSONSerializer, name=name, job_class=ServicesJob,
@@ -201,6 +226,7 @@ def build_worker(settings: Settings, redis: Redis, *, queues: tuple[str, ...] = 
                              worker_ttl=beat + 15)  # RQ blocks worker_ttl - 15 s per dequeue: maintenance each beat
     worker.services = services
     worker.headstart_info = {"host": socket.gethostname(), "device": device_description(device),
-                             "backbone": encoder.key, "torch_threads": settings.torch_threads}
-    log.info("worker %s ready on %s with %s", worker.name, device, encoder.key)
+                             "backbone": backbone_key, "text_encoder": settings.text_encoder,
+                             "torch_threads": settings.torch_threads}
+    log.info("worker %s ready on %s with %s (text: %s)", worker.name, device, backbone_key, settings.text_encoder)
     return worker

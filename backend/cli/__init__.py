@@ -132,6 +132,13 @@ def _backbones(settings: Settings, args) -> int:
     for name, spec in REGISTRY.items():
         marker = " (default)" if name == settings.backbone else ""
         print(f"{name:20s} {spec.feature_dim:5d}-d  {spec.weights}{marker}")
+    from backend.core.text_encoder import TEXT_MODELS, is_local_model
+
+    for name, text_spec in TEXT_MODELS.items():
+        marker = " (default for text)" if name == settings.text_encoder else ""
+        print(f"{name:20s} {text_spec.feature_dim:5d}-d  text{marker}")
+    if is_local_model(settings.text_encoder):
+        print(f"{settings.text_encoder}  text, local directory (TEXT_ENCODER)")
     return 0
 
 

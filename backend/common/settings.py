@@ -57,6 +57,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("BACKBONE_WEIGHTS_FILE", "backbone_weights_file", "", str,
             "Load the backbone's state dict from this local file instead of torchvision's "
             "download (torch hub cache)."),
+    Setting("TEXT_ENCODER", "text_encoder", "sentence-transformers/all-MiniLM-L6-v2", str,
+            "Frozen sentence encoder for new heads on <Text>/<HyperText> (see `headstart backbones`), or a local "
+            "sentence-transformers model directory (/path/to/model) for offline use."),
     Setting("TORCH_THREADS", "torch_threads", "1", int,
             "Torch CPU threads per process. 1 holds up best when gunicorn workers and an RQ "
             "worker share a host."),
@@ -124,6 +127,7 @@ class Settings:
     basic_auth_pass: str = ""
     backbone: str = "mobilenet_v2"
     backbone_weights_file: str = ""
+    text_encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
     torch_threads: int = 1
     workers: int = 2
     threads: int = 4

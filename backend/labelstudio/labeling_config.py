@@ -1,4 +1,5 @@
-"""What headstart can serve in a Label Studio labeling config: `Choices` bound to an `Image`.
+"""What headstart can serve in a Label Studio labeling config: `Choices` bound to an `Image`, a `Text`
+or a `HyperText`.
 
 Parsing is the SDK's `LabelInterface`; this module only picks out the controls headstart trains
 a head for and builds prediction results in Label Studio's format.
@@ -11,16 +12,20 @@ from dataclasses import dataclass
 
 from label_studio_sdk.label_interface import LabelInterface
 from label_studio_sdk.label_interface.control_tags import ChoicesTag
-from label_studio_sdk.label_interface.object_tags import ImageTag
+from label_studio_sdk.label_interface.object_tags import HyperTextTag, ImageTag, TextTag
 
 from backend.common.errors import UnsupportedLabelConfig
 
 SUPPORTED = (
-    'headstart serves image classification: a <Choices> control whose toName is an <Image>, '
-    'e.g. <View><Image name="image" value="$image"/><Choices name="label" toName="image">'
-    '<Choice value="Cat"/><Choice value="Dog"/></Choices></View>. Add choice="multiple" for '
-    'multi-label.'
+    'headstart serves image and text classification: a <Choices> control whose toName is an <Image>, '
+    'a <Text> or a <HyperText> (tags stripped), e.g. <View><Image name="image" value="$image"/>'
+    '<Choices name="label" toName="image"><Choice value="Cat"/><Choice value="Dog"/></Choices></View> '
+    'or <View><Text name="text" value="$text"/><Choices name="topic" toName="text">'
+    '<Choice value="Sport"/><Choice value="Tech"/></Choices></View>. Add choice="multiple" for '
+    'multi-label; several controls (also on different objects) each get their own head.'
 )
+# object tag → (modality, markup) of the encoder its input needs
+OBJECTS = ((ImageTag, "image", ""), (HyperTextTag, "text", "html"), (TextTag, "text", ""))
 
 PARSED_CONFIGS_KEPT = 256
 LARGEST_CACHED_CONFIG = 64 * 1024  # characters; real labeling configs are a few KB
@@ -28,13 +33,16 @@ LARGEST_CACHED_CONFIG = 64 * 1024  # characters; real labeling configs are a few
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """One `Choices` control on one `Image`: a head is trained for each."""
+    """One `Choices` control on one object (`Image`, `Text`, `HyperText`): a head is trained for each."""
 
     control: str
     to_name: str
     data_key: str
     classes: tuple[str, ...]
     multi_label: bool
+    modality: str = "image"  # which encoder: "image" or "text"
+    markup: str = ""  # "html" for <HyperText>: the visible text is embedded
+    inline: bool = False  # the task's value is the text itself (not a URL to fetch it from)
 
     def result(self, choices: list[str]) -> dict:
         return {"from_name": self.control, "to_name": self.to_name, "type": "choices",
@@ -61,19 +69,24 @@ def _parse(config: str) -> tuple[HeadSpec, ...]:
     for control in interface.controls:
         if not isinstance(control, ChoicesTag):
             continue
-        images = [obj for obj in control.objects if isinstance(obj, ImageTag)]
-        if not images or not control.labels:
+        bound = [(obj, modality, markup) for obj in control.objects
+                 for tag, modality, markup in OBJECTS if isinstance(obj, tag)]
+        if not bound or not control.labels:
             continue
-        image = images[0]
-        value = image.value or ""
+        obj, modality, markup = bound[0]
+        value = obj.value or ""
         if not value.startswith("$") or len(value) < 2:
             continue
+        value_type = str(obj.attr.get("valueType") or obj.attr.get("valuetype") or "text").lower()
         specs.append(HeadSpec(
             control=control.name,
-            to_name=image.name,
+            to_name=obj.name,
             data_key=value[1:],
             classes=tuple(control.labels),
             multi_label=str(control.attr.get("choice", "single")).lower() == "multiple",
+            modality=modality,
+            markup=markup,
+            inline=modality == "text" and value_type != "url",
         ))
     if not specs:
         raise UnsupportedLabelConfig(f"Nothing in this labeling config can be served. {SUPPORTED}")

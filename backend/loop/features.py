@@ -26,8 +26,14 @@ FETCH_THREADS = 8
 
 @dataclass(frozen=True)
 class MediaItem:
+    """One task input: a URL to fetch, or (`inline`, a <Text> without valueType="url") the text itself."""
+
     task_id: int | None
     url: str
+    inline: bool = False
+
+    def inline_bytes(self) -> bytes:
+        return self.url.encode("utf-8", "surrogatepass")  # a lone surrogate fails as "not UTF-8" in prepare
 
 
 class FeatureSource:
@@ -42,9 +48,11 @@ class FeatureSource:
         """The cached feature vector of each item, or None where its input was never embedded. Fetches nothing."""
         digests = MediaDigests(self.redis, project)
         cache = EmbeddingCache(self.redis, encoder.key)
-        known = self._cache(lambda: digests.get_many(item.url for item in items), {})
-        cached = self._cache(lambda: cache.get_many(known.values()), {})
-        return [cached.get(known.get(item.url, ""), None) for item in items]
+        known = self._cache(lambda: digests.get_many(item.url for item in items if not item.inline), {})
+        digest_of = [content_digest(item.inline_bytes()) if item.inline else known.get(item.url, "")
+                     for item in items]
+        cached = self._cache(lambda: cache.get_many(digest for digest in digest_of if digest), {})
+        return [cached.get(digest) for digest in digest_of]
 
     def features(
         self, project: str, items: list[MediaItem], encoder: Encoder
@@ -66,7 +74,8 @@ class FeatureSource:
                 results[index] = outcome
                 continue
             digest, image = outcome
-            new_digests[items[index].url] = digest
+            if not items[index].inline:
+                new_digests[items[index].url] = digest
             if isinstance(image, torch.Tensor):
                 results[index] = image
             else:
@@ -95,7 +104,9 @@ class FeatureSource:
     def _load(self, item: MediaItem, encoder: Encoder):
         """(digest, cached vector or decoded image), or the MediaError explaining the failure."""
         try:
-            data = self.fetcher.fetch(item.url, task_id=item.task_id)
+            if item.inline and not item.url:
+                raise MediaError("The task has no text under the data key the labeling config's <Text> value names.")
+            data = item.inline_bytes() if item.inline else self.fetcher.fetch(item.url, task_id=item.task_id)
             digest = content_digest(data)
             cached = self._cache(lambda: EmbeddingCache(self.redis, encoder.key).get_many([digest]), {})
             if digest in cached:

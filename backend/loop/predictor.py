@@ -115,7 +115,8 @@ class Predictor:
             if head is None:
                 continue
             encoder = self.encoders.for_key(head.meta["backbone"], head.backbone_key)
-            items = [MediaItem(task_id=_task_id(task), url=_media_url(task, spec)) for task in tasks]
+            items = [MediaItem(task_id=_task_id(task), url=_media_url(task, spec), inline=spec.inline)
+                     for task in tasks]
             if cached_only:
                 features = self.features.cached(project, items, encoder)
                 not_embedded.update(index for index, vector in enumerate(features) if vector is None)

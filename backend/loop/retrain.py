@@ -71,8 +71,8 @@ def retrain_control(services: Services, project: str, spec: HeadSpec, *, job_id:
     if shortage:
         log.info("project %s: no training yet: %s", project, shortage)
         return {"status": "skipped", "reason": shortage, "labels": len(examples)}
-    encoder = services.encoders.get()
-    features, examples, media_errors = features_of(services, project, examples, encoder)
+    encoder = services.encoders.for_input(spec.modality, spec.markup)
+    features, examples, media_errors = features_of(services, project, examples, encoder, inline=spec.inline)
     shortage = label_shortage(examples, spec, minimum)
     if shortage:
         log.info("project %s: no training yet: %s (media failed for %d tasks)", project, shortage, len(media_errors))
@@ -88,7 +88,7 @@ def retrain_control(services: Services, project: str, spec: HeadSpec, *, job_id:
     )
     current = current_head(services, project, spec)
     current_features = features if current is None or current.backbone_key == encoder.key else \
-        features_under(services, project, current, examples)
+        features_under(services, project, current, examples, inline=spec.inline)
     decision = decide(candidate.meta, current, task_ids=task_ids, labels=labels, current_features=current_features)
     status = "promoted" if decision.promote else "rejected"
     number = services.store.save(project, spec.control, candidate.head,
@@ -112,10 +112,10 @@ def label_shortage(examples: list[Example], spec: HeadSpec, minimum: int) -> str
     return None
 
 
-def features_of(services: Services, project: str, examples: list[Example], encoder: Encoder
-                ) -> tuple[torch.Tensor | None, list[Example], dict[str, str]]:
+def features_of(services: Services, project: str, examples: list[Example], encoder: Encoder, *,
+                inline: bool = False) -> tuple[torch.Tensor | None, list[Example], dict[str, str]]:
     """(features, the examples they belong to, task id → why its input failed) for `examples`."""
-    vectors = services.features.features(project, [MediaItem(e.task_id, e.url) for e in examples], encoder)
+    vectors = services.features.features(project, [MediaItem(e.task_id, e.url, inline) for e in examples], encoder)
     usable = [i for i, vector in enumerate(vectors) if not isinstance(vector, HeadstartError)]
     media_errors = {str(example.task_id): str(vector) for example, vector in zip(examples, vectors)
                     if isinstance(vector, HeadstartError)}
@@ -137,14 +137,15 @@ def current_head(services: Services, project: str, spec: HeadSpec) -> HeadVersio
     return head
 
 
-def features_under(services: Services, project: str, head: HeadVersion, examples: list[Example]):
+def features_under(services: Services, project: str, head: HeadVersion, examples: list[Example], *,
+                   inline: bool = False):
     """Features of `examples` under `head`'s own encoder, or None if that encoder is unavailable."""
     try:
         encoder = services.encoders.for_key(head.meta["backbone"], head.backbone_key)
     except HeadstartError as exc:
         log.warning("cannot score the current version on its encoder: %s", exc)
         return None
-    vectors = services.features.features(project, [MediaItem(e.task_id, e.url) for e in examples], encoder)
+    vectors = services.features.features(project, [MediaItem(e.task_id, e.url, inline) for e in examples], encoder)
     if any(isinstance(vector, HeadstartError) for vector in vectors):
         return None
     return torch.stack(vectors)

@@ -55,7 +55,8 @@ def build_services(settings: Settings, redis: Redis, *, device: str = "cpu",
     store = ModelStore(redis)
     metrics = Metrics(redis)
     encoders = encoders or EncoderPool(default_name=settings.backbone,
-                                       weights_file=settings.backbone_weights_file, device=device)
+                                       weights_file=settings.backbone_weights_file, device=device,
+                                       text_name=settings.text_encoder)
     fetcher = MediaFetcher(settings, MediaToken(settings))
     features = FeatureSource(redis, fetcher, limits=InputLimits(max_pixels=settings.media_max_pixels),
                              metrics=metrics)

@@ -42,6 +42,8 @@ class LabelingSession:
     backend_id: int
     images: dict[int, Image]  # task id → image with its true label
     annotations: dict[int, tuple[int, str]] = field(default_factory=dict)  # task → (annotation id, label)
+    control: str = CONTROL  # the <Choices> name, and the object it labels
+    object_name: str = OBJECT
 
     @cached_property
     def store(self) -> ModelStore:
@@ -61,7 +63,7 @@ class LabelingSession:
     def annotate(self, task: int, label: str) -> float:
         """Submit one annotation; returns the round trip in seconds."""
         started = time.perf_counter()
-        annotation = self.api.annotate(task, CONTROL, OBJECT, label)
+        annotation = self.api.annotate(task, self.control, self.object_name, label)
         elapsed = time.perf_counter() - started
         self.annotations[task] = (annotation["id"], label)
         return elapsed
@@ -82,7 +84,7 @@ class LabelingSession:
     # versions
 
     def versions(self) -> list[dict]:
-        return self.store.versions(str(self.project), CONTROL)
+        return self.store.versions(str(self.project), self.control)
 
     def last_version_number(self) -> int:
         versions = self.versions()
@@ -118,7 +120,8 @@ class LabelingSession:
             finished = [meta for meta in self.versions() if meta.get("status") in ("promoted", "rejected")]
             if not finished or finished[-1]["trained_on"] != trained_on:
                 return None
-            return self.store.meta(str(self.project), CONTROL, self.store.current_number(str(self.project), CONTROL))
+            return self.store.meta(str(self.project), self.control,
+                                   self.store.current_number(str(self.project), self.control))
         return wait_until(settled, timeout_s=timeout_s, interval_s=0.5, processes=self.pair.processes,
                           what=f"idle training with a version of project {self.project} on {len(trained_on)} labels")
 
@@ -151,13 +154,13 @@ class LabelingSession:
         if missing:
             raise AssertionError(f"{len(missing)} of {len(tasks)} tasks have no {model_version} prediction "
                                  f"(e.g. {missing[:5]})")
-        correct = sum(_predicted_label(stored[task]) == self.images[task].label for task in tasks)
+        correct = sum(_predicted_label(stored[task], self.control) == self.images[task].label for task in tasks)
         return Scored(model_version=model_version, accuracy=correct / len(tasks), scored=len(tasks))
 
 
-def _predicted_label(prediction: dict) -> str | None:
+def _predicted_label(prediction: dict, control: str = CONTROL) -> str | None:
     for region in prediction["result"]:
-        if region.get("from_name") == CONTROL:
+        if region.get("from_name") == control:
             choices = region["value"]["choices"]
             return choices[0] if len(choices) == 1 else None
     return None
