@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -46,6 +47,16 @@ class FakeLabelStudio:
     media_auth: list[str] = field(default_factory=list)
     api_requests: list[str] = field(default_factory=list)  # "GET /api/tasks/" per API call (not media, not tokens)
     fail_api_with: int | None = None  # answer every API call with this status (Label Studio down)
+    webhooks: list[dict] = field(default_factory=list)  # webhooks/models.py Webhook, as its serializer lists it
+    webhook_changes_refused: bool = False  # PATCH /api/webhooks/{id}/ answers 403 (a user without the permission)
+
+    def add_ml_webhook(self, project: int, backend_url: str) -> dict:
+        """The webhook Label Studio creates when an ML backend is connected (ml/models.py create_ml_webhook)."""
+        hook = {"id": len(self.webhooks) + 1, "organization": 1, "project": project,
+                "url": backend_url.rstrip("/") + "/webhook", "send_payload": True, "send_for_all_actions": True,
+                "headers": {}, "is_active": True, "actions": [], "created_at": now(), "updated_at": now()}
+        self.webhooks.append(hook)
+        return hook
 
     # changing labels the way Label Studio does: each write moves the task's updated_at
 
@@ -142,6 +153,26 @@ class FakeLabelStudio:
                      for t in selected[(page - 1) * size: page * size]]
             return jsonify(tasks=chunk, total=len(selected),
                            total_annotations=sum(_live(t) for t in selected), total_predictions=0)
+
+        @app.get("/api/webhooks/")
+        def webhooks():
+            project = request.args.get("project")
+            return jsonify([hook for hook in self.webhooks if project is None or str(hook["project"]) == project])
+
+        @app.patch("/api/webhooks/<int:hook_id>/")
+        def change_webhook(hook_id):
+            if self.webhook_changes_refused:
+                abort(403)
+            hook = next((hook for hook in self.webhooks if hook["id"] == hook_id), None)
+            if hook is None:
+                abort(404)
+            headers = request.json.get("headers", hook["headers"])
+            # webhooks/models.py HEADERS_SCHEMA: at most 10 string headers with plain names
+            if not isinstance(headers, dict) or len(headers) > 10 or not all(
+                    isinstance(value, str) and re.fullmatch(r"[a-zA-Z0-9-_]+", name) for name, value in headers.items()):
+                abort(400)
+            hook.update(headers=headers, updated_at=now())
+            return jsonify(hook)
 
         @app.post("/api/projects/<int:project>/import/predictions")
         def import_predictions(project):

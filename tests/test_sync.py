@@ -26,7 +26,7 @@ from backend.loop.services import build_services
 from backend.server.app import create_app
 from tests.fake_label_studio import FakeLabelStudio
 from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
-from tests.loop_helpers import annotation_event, deleted_event, run_burst_worker
+from tests.loop_helpers import annotation_event, deleted_event, run_burst_worker, set_up
 
 PROJECT = 5
 SPEC = parse_label_config(CONFIG_2)[0]
@@ -75,6 +75,7 @@ def ls_settings(settings, label_studio):
 def test_start_training_resyncs_trains_and_writes_pre_labels_back(ls_settings, redis, encoders, label_studio):
     services = build_services(ls_settings, redis, encoders=encoders)
     client = create_app(ls_settings, services=services).test_client()
+    set_up(redis, PROJECT)
     LabelStore(redis).put(str(PROJECT), {"id": 999, "task": 999, "result": []}, {"id": 999})  # stale junk
     response = client.post("/webhook", json={"action": "START_TRAINING",
                                              "project": {"id": PROJECT, "label_config": CONFIG_2}})
@@ -110,6 +111,7 @@ def pipeline(settings, redis, encoders, big_project):
     loop = settings.replace(label_studio_url=big_project.url, label_studio_api_key=big_project.legacy_token,
                             train_min_interval_s=0, repredict_unlabeled=False)
     services = build_services(loop, redis, encoders=encoders)
+    set_up(redis, PROJECT)
     return loop, services, create_app(loop, services=services).test_client()
 
 
@@ -161,9 +163,11 @@ def test_each_training_reads_what_changed_not_the_whole_project(pipeline, big_pr
     assert summary["labels_read"]["reads"] == ["check"] and summary["ls_requests"] == 1
     assert summary["labels_read"]["tasks_read"] <= 9 and len(fake.api_requests) - requests_before == 1
 
-    # (d) a changed labeling config: one full read again
+    # (d) a changed labeling config: the config (from Label Studio, not the body) and one full read again
+    fake.label_config = CONFIG_3
     _, summary = train(pipeline, {"action": "START_TRAINING", "project": {"id": PROJECT, "label_config": CONFIG_3}})
     assert summary["labels_read"] == {"reads": ["full"], "tasks_read": 9, "ls_requests": 2}
+    assert pipeline[1].projects.label_config(str(PROJECT)) == CONFIG_3
     print(f"\nLabel Studio API requests per training, 9 labeled of {12 + UNLABELED_FILLER} tasks: first contact 2, "
           "one new annotation 1, START_TRAINING with nothing changed 1, labeling config changed 2")
 
@@ -257,6 +261,7 @@ def test_annotations_created_in_bulk_are_confirmed_like_single_ones(pipeline, bi
 
 
 def test_without_the_api_webhook_bodies_are_the_labels(client, redis):
+    set_up(redis, PROJECT)
     body = {"action": "ANNOTATIONS_CREATED", "project": {"id": PROJECT, "label_config": CONFIG_2},
             "annotation": [created_body(1, "ants")["annotation"], created_body(2, "bees")["annotation"]],
             "task": [created_body(1, "ants")["task"], created_body(2, "bees")["task"]]}

@@ -39,8 +39,13 @@ def refresh_mirror(client: LabelStudio, labels: LabelStore, projects: ProjectReg
     """Bring the mirror up to date with Label Studio; returns what was read: {reads, tasks_read, ls_requests}."""
     reader = LabelReader(client, project)
     done = {"reads": [], "tasks_read": 0}
+    config = None
+    if labels.take_config_hint(project):  # a webhook named another config: Label Studio says which is true
+        config = reader.label_config()
+        if config and config != projects.label_config(project):
+            projects.remember(project, config)
     if _needs_full_read(labels, projects, project):
-        _full_read(reader, labels, projects, project, done)
+        _full_read(reader, labels, projects, project, done, config=config)
     else:
         hints = labels.take_hints(project)
         task_ids = set(hints.tasks) | labels.tasks_of(project, hints.annotations)
@@ -73,9 +78,10 @@ def _same_config(a: str, b: str) -> bool:
         return False
 
 
-def _full_read(reader: LabelReader, labels: LabelStore, projects: ProjectRegistry, project: str, done: dict) -> None:
+def _full_read(reader: LabelReader, labels: LabelStore, projects: ProjectRegistry, project: str, done: dict,
+               *, config: str | None = None) -> None:
     started = labels.begin_full_read(project)
-    config = reader.label_config()
+    config = config or reader.label_config()
     tasks, totals = reader.annotated_tasks()
     if config:
         projects.remember(project, config)
