@@ -138,3 +138,11 @@ def webhook_auth(project_id: str, what: str = "") -> str:
     """hash {state: JSON of the last attempt to give P's webhook the basic-auth header}; with `what`=`claim`:
     string, the credentials tag of the attempt queued or last made (expires, so a later /setup tries again)."""
     return f"{PREFIX}:webhook-auth:{project_id}" + (f":{what}" if what else "")
+
+
+# --- admin sign-in (backend.admin.auth) ---------------------------------------------------------
+
+
+def admin_failures(client: str) -> str:
+    """integer, expiring: wrong ADMIN_TOKENs from one client address in the current window."""
+    return f"{PREFIX}:admin-failures:{client}"
