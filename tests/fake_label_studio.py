@@ -47,6 +47,7 @@ class FakeLabelStudio:
     media_auth: list[str] = field(default_factory=list)
     api_requests: list[str] = field(default_factory=list)  # "GET /api/tasks/" per API call (not media, not tokens)
     fail_api_with: int | None = None  # answer every API call with this status (Label Studio down)
+    stored_predictions: list[dict] = field(default_factory=list)  # predictions Label Studio held before (Redis loss)
     webhooks: list[dict] = field(default_factory=list)  # webhooks/models.py Webhook, as its serializer lists it
     webhook_changes_refused: bool = False  # PATCH /api/webhooks/{id}/ answers 403 (a user without the permission)
 
@@ -153,6 +154,14 @@ class FakeLabelStudio:
                      for t in selected[(page - 1) * size: page * size]]
             return jsonify(tasks=chunk, total=len(selected),
                            total_annotations=sum(_live(t) for t in selected), total_predictions=0)
+
+        @app.get("/api/projects/<int:project>/model-versions/")
+        def model_versions(project):
+            # projects/models.py get_model_versions(with_counters=True): model_version → predictions of it
+            counts: dict[str, int] = {}
+            for prediction in self.imported_predictions + self.stored_predictions:
+                counts[prediction["model_version"]] = counts.get(prediction["model_version"], 0) + 1
+            return jsonify(counts)
 
         @app.get("/api/webhooks/")
         def webhooks():
