@@ -7,6 +7,8 @@ counted queries of `backend.labelstudio.label_reads`:
   may have been missed (webhooks Redis could not record, or a check below that disagrees);
 - otherwise the tasks the webhooks' **hints** name, by id, in batches: what Label Studio has for
   them replaces what the mirror had, so annotations or tasks deleted there are dropped;
+- when a webhook named another labeling config (a `config` hint), the project's config, once: a
+  config is never taken from a webhook body;
 - and, when START_TRAINING asked for it, an **incremental read**: annotated tasks newest first, down
   to the watermark of the last full or incremental read. The totals on its first page are
   compared with the mirror; a disagreement (a change no webhook announced and no `updated_at`
