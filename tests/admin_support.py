@@ -37,14 +37,22 @@ def labeled_images(per_class: int) -> list[tuple]:
 
 
 def annotate(client, project: int, items: list[tuple], *, config: str | None = CONFIG_2) -> None:
-    """Post one ANNOTATION_CREATED per item, as Label Studio would (task id = annotation id = position)."""
+    """Post one ANNOTATION_CREATED per item, as Label Studio would (task id = annotation id = position), after
+    recording `config` as its /setup does. With `config` None the project is unknown and its webhooks would be
+    refused: the labels are put in the mirror and a training asked for directly (it fails: no labeling config)."""
+    services = client.application.extensions["headstart"]
+    if config is not None:
+        services.projects.remember(str(project), config)
     for task_id, (path, cls) in enumerate(items, start=1):
         body = annotation_event(project=project, task_id=task_id, annotation_id=project * 1000 + task_id,
                                 url=local_url(path), choice=cls)
         if config is None:
-            del body["project"]["label_config"]
+            services.labels.put(str(project), body["annotation"], body["task"])
+            continue
         response = client.post("/webhook", json=body)
         assert response.status_code == 200, response.get_json()
+    if config is None:
+        services.scheduler.request(str(project), reason="START_TRAINING")
 
 
 def train_rounds(client, settings, redis, services, project: int, rounds: list[int]) -> None:

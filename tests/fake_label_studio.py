@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,17 @@ class FakeLabelStudio:
     fail_api_with: int | None = None  # answer every API call with this status (Label Studio down)
     # changes made right after the next N task reads: a save Label Studio commits after its webhook went out
     commit_after_reads: list[tuple[int, Callable[[], object]]] = field(default_factory=list)
+    stored_predictions: list[dict] = field(default_factory=list)  # predictions Label Studio held before (Redis loss)
+    webhooks: list[dict] = field(default_factory=list)  # webhooks/models.py Webhook, as its serializer lists it
+    webhook_changes_refused: bool = False  # PATCH /api/webhooks/{id}/ answers 403 (a user without the permission)
+
+    def add_ml_webhook(self, project: int, backend_url: str) -> dict:
+        """The webhook Label Studio creates when an ML backend is connected (ml/models.py create_ml_webhook)."""
+        hook = {"id": len(self.webhooks) + 1, "organization": 1, "project": project,
+                "url": backend_url.rstrip("/") + "/webhook", "send_payload": True, "send_for_all_actions": True,
+                "headers": {}, "is_active": True, "actions": [], "created_at": now(), "updated_at": now()}
+        self.webhooks.append(hook)
+        return hook
 
     # changing labels the way Label Studio does: each write moves the task's updated_at
 
@@ -147,6 +159,34 @@ class FakeLabelStudio:
                              total_annotations=sum(_live(t) for t in selected), total_predictions=0)
             self._count_down_commits()
             return answer
+
+        @app.get("/api/projects/<int:project>/model-versions/")
+        def model_versions(project):
+            # projects/models.py get_model_versions(with_counters=True): model_version → predictions of it
+            counts: dict[str, int] = {}
+            for prediction in self.imported_predictions + self.stored_predictions:
+                counts[prediction["model_version"]] = counts.get(prediction["model_version"], 0) + 1
+            return jsonify(counts)
+
+        @app.get("/api/webhooks/")
+        def webhooks():
+            project = request.args.get("project")
+            return jsonify([hook for hook in self.webhooks if project is None or str(hook["project"]) == project])
+
+        @app.patch("/api/webhooks/<int:hook_id>/")
+        def change_webhook(hook_id):
+            if self.webhook_changes_refused:
+                abort(403)
+            hook = next((hook for hook in self.webhooks if hook["id"] == hook_id), None)
+            if hook is None:
+                abort(404)
+            headers = request.json.get("headers", hook["headers"])
+            # webhooks/models.py HEADERS_SCHEMA: at most 10 string headers with plain names
+            if not isinstance(headers, dict) or len(headers) > 10 or not all(
+                    isinstance(value, str) and re.fullmatch(r"[a-zA-Z0-9-_]+", name) for name, value in headers.items()):
+                abort(400)
+            hook.update(headers=headers, updated_at=now())
+            return jsonify(hook)
 
         @app.post("/api/projects/<int:project>/import/predictions")
         def import_predictions(project):

@@ -6,6 +6,7 @@ import copy
 import json
 
 from backend.common.settings import Settings
+from backend.labelstudio.projects import ProjectRegistry
 from tests.helpers import CONFIG_2, HYMENOPTERA, LS_REQUESTS
 from worker.process import build_worker
 
@@ -36,6 +37,12 @@ def deleted_event(*, project: int, annotation_ids: list[int]) -> dict:
     body["project"]["label_config"] = CONFIG_2
     body["annotations"] = [{"id": i} for i in annotation_ids]
     return body
+
+
+def set_up(redis, project, config: str = CONFIG_2) -> None:
+    """What Label Studio's /setup records when the backend is connected: a webhook of a project never set up is
+    refused (backend/server/webhook.py)."""
+    ProjectRegistry(redis).remember(str(project), config)
 
 
 def run_burst_worker(settings: Settings, redis, services) -> None:

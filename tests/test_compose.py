@@ -29,8 +29,10 @@ DOCKERIGNORE = REPO / ".dockerignore"
 HEADSTART_SERVICES = ("backend", "worker", "worker-cpu")
 SETTING_DEFAULTS = {setting.env: setting.default for setting in SETTINGS}
 # Where compose deliberately differs from backend/common/settings.py: the addresses of its own services.
+# The one variable without a default: Redis' password, required from .env and used in every URL to Redis.
+REDIS_PASSWORD = "${REDIS_PASSWORD:?set REDIS_PASSWORD in .env (docs/docker.md)}"
 COMPOSE_DEFAULTS = {
-    "REDIS_URL": "redis://redis:6379/0",
+    "REDIS_URL": "redis://:REDIS_PASSWORD@redis:6379/0",
     "LABEL_STUDIO_URL": "http://label-studio:8080",
     "LOCAL_FILES_DOCUMENT_ROOT": "/label-studio/files",
 }
@@ -54,10 +56,15 @@ def environment(service: dict) -> dict[str, re.Match]:
     """NAME → the parsed `NAME=${VAR:-default}` entry; fails on any other form."""
     parsed = {}
     for entry in service.get("environment", []):
-        match = ENTRY.match(entry)
+        match = ENTRY.match(unnest(entry))
         assert match, f"environment entry {entry!r} is not NAME=${{NAME:-default}}"
         parsed[match["name"]] = match
     return parsed
+
+
+def unnest(text: str) -> str:
+    """The text with the required Redis password reference written as its bare name (it nests in defaults)."""
+    return text.replace(REDIS_PASSWORD, "REDIS_PASSWORD")
 
 
 def mounts(service: dict) -> dict[str, str]:
@@ -100,6 +107,7 @@ def test_every_interpolation_has_a_default_and_every_such_line_a_comment():
         if line.lstrip().startswith("#") or "${" not in line:
             continue
         code, _, comment = line.partition("  # ")
+        code = unnest(code)
         for expression in INTERPOLATION.findall(code):
             assert re.fullmatch(r"[A-Z][A-Z0-9_]*:-[^}]*", expression), \
                 f"line {number}: ${{{expression}}} has no inline default (${{NAME:-default}})"
@@ -118,7 +126,19 @@ def test_redis_persists_to_a_named_volume_and_has_a_health_check(compose, declar
     command = redis["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
     assert mounts(redis)["/data"] in compose["volumes"]
-    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert redis["healthcheck"]["test"][0] == "CMD-SHELL" and "ping | grep -q PONG" in redis["healthcheck"]["test"][1]
+
+
+def test_redis_requires_a_password_from_env_and_every_client_uses_it(compose, declared):
+    """With RQ, write access to Redis is code execution on the workers: no password-less Redis, and no default."""
+    command = declared["redis"]["command"]
+    assert command[command.index("--requirepass") + 1] == REDIS_PASSWORD
+    assert f"-a '{REDIS_PASSWORD}'" in declared["redis"]["healthcheck"]["test"][1]
+    urls = [environment(declared[name])["REDIS_URL"]["default"] for name in HEADSTART_SERVICES]
+    urls.append(environment(declared["rq-dashboard"])["RQ_DASHBOARD_REDIS_URL"]["default"])
+    assert urls == ["redis://:REDIS_PASSWORD@redis:6379/0"] * len(urls)
+    assert "ports" not in declared["redis"]
+    assert "REDIS_PASSWORD=" in COMPOSE_FILE.read_text().split("services:")[0]  # the header says how to set it
 
 
 @pytest.mark.parametrize("name", HEADSTART_SERVICES + ("rq-dashboard",))
@@ -268,8 +288,8 @@ def test_docker_compose_accepts_the_file():
     if probe is None or probe.returncode != 0:
         pytest.skip("no `docker compose` plugin on this machine: docker-compose.yml was checked only "
                     "structurally (the other tests here), not by `docker compose config`")
-    result = subprocess.run(["docker", "compose", "-f", str(COMPOSE_FILE), "config", "-q"],
-                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    result = subprocess.run(["docker", "compose", "-f", str(COMPOSE_FILE), "config", "-q"], capture_output=True,
+                            text=True, cwd=REPO, timeout=60, env={**os.environ, "REDIS_PASSWORD": "0123abcd"})
     assert result.returncode == 0, result.stderr
 
 

@@ -111,6 +111,8 @@ def backend_for(settings: Settings, encoders):
 
 
 def labeled(items, ids, *, project: int, client, config: str = CONFIG_2) -> None:
+    # what Label Studio's /setup records first: webhooks of a project never set up are refused
+    client.application.extensions["headstart"].projects.remember(str(project), config)
     for path, cls in items:
         response = client.post("/webhook", json=annotation_event(
             project=project, task_id=ids[path], annotation_id=10_000 + ids[path], url=local_url(path),

@@ -15,7 +15,7 @@ from backend.server.app import create_app
 from backend.core.store import ModelStore
 from backend.loop.services import build_services
 from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
-from tests.loop_helpers import annotation_event, deleted_event, local_url, run_burst_worker
+from tests.loop_helpers import annotation_event, deleted_event, local_url, run_burst_worker, set_up
 from backend.common.queues import TRAIN_QUEUE, queue
 
 PROJECT = 7
@@ -27,7 +27,8 @@ def services(loop_services):
 
 
 @pytest.fixture
-def client(loop_settings, services):
+def client(loop_settings, services, redis):
+    set_up(redis, PROJECT)  # Label Studio's /setup: webhooks of a project never set up are refused
     return create_app(loop_settings, services=services).test_client()
 
 

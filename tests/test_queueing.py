@@ -14,7 +14,7 @@ from rq.registry import FinishedJobRegistry, StartedJobRegistry
 from backend.server.app import create_app
 from backend.core.store import ModelStore
 from tests.helpers import HYMENOPTERA, REPO, dataset_images
-from tests.loop_helpers import annotation_event, local_url
+from tests.loop_helpers import annotation_event, local_url, set_up
 from backend.common.queues import TRAIN_QUEUE, TrainingScheduler, queue
 
 PROJECT = 9
@@ -89,6 +89,7 @@ def wait_for_worker(redis, process) -> None:
 def test_a_burst_of_100_submits_trains_a_handful_of_times_and_serves_the_last(redis, redis_url, loop_settings,
                                                                              loop_services, tmp_path):
     client = create_app(loop_settings, services=loop_services).test_client()
+    set_up(redis, PROJECT)
     train = dataset_images(HYMENOPTERA, "train")
     items = [item for cls in ("ants", "bees") for item in [i for i in train if i[1] == cls][:10]]
     log = open(tmp_path / "worker.log", "w")

@@ -27,7 +27,7 @@ from backend.loop.services import build_services
 from backend.server.app import create_app
 from tests.fake_label_studio import FakeLabelStudio, now
 from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
-from tests.loop_helpers import annotation_event, deleted_event, run_burst_worker
+from tests.loop_helpers import annotation_event, deleted_event, run_burst_worker, set_up
 
 PROJECT = 5
 SPEC = parse_label_config(CONFIG_2)[0]
@@ -76,6 +76,7 @@ def ls_settings(settings, label_studio):
 def test_start_training_resyncs_trains_and_writes_pre_labels_back(ls_settings, redis, encoders, label_studio):
     services = build_services(ls_settings, redis, encoders=encoders)
     client = create_app(ls_settings, services=services).test_client()
+    set_up(redis, PROJECT)
     LabelStore(redis).put(str(PROJECT), {"id": 999, "task": 999, "result": []}, {"id": 999})  # stale junk
     response = client.post("/webhook", json={"action": "START_TRAINING",
                                              "project": {"id": PROJECT, "label_config": CONFIG_2}})
@@ -111,6 +112,7 @@ def pipeline(settings, redis, encoders, big_project):
     loop = settings.replace(label_studio_url=big_project.url, label_studio_api_key=big_project.legacy_token,
                             train_min_interval_s=0, repredict_unlabeled=False)
     services = build_services(loop, redis, encoders=encoders)
+    set_up(redis, PROJECT)
     return loop, services, create_app(loop, services=services).test_client()
 
 
@@ -142,10 +144,11 @@ def test_each_training_reads_what_changed_not_the_whole_project(pipeline, big_pr
     fake, labels = big_project, LabelStore(redis)
     requests_before = len(fake.api_requests)
 
-    # (a) first contact: the project and one page of annotated tasks, not 12 + 600 tasks
+    # (a) first contact: the project and one page of annotated tasks, not 12 + 600 tasks; and once, the model
+    # versions Label Studio holds predictions of (version numbers continue after them)
     _, summary = train(pipeline, created(fake, fake.task(1)["annotations"][0]))
     assert summary["labels_read"] == {"reads": ["full"], "tasks_read": 8, "recheck": False, "ls_requests": 2}
-    assert summary["ls_requests"] == len(fake.api_requests) - requests_before == 2
+    assert summary["ls_requests"] == len(fake.api_requests) - requests_before == 3
     assert [e.task_id for e in labels.examples(str(PROJECT), SPEC)[0]] == [1, 2, 3, 6, 7, 8, 9, 12]
 
     # (b) one new annotation: its task, by id, in one request
@@ -164,10 +167,12 @@ def test_each_training_reads_what_changed_not_the_whole_project(pipeline, big_pr
     assert summary["labels_read"]["reads"] == ["check"] and summary["ls_requests"] == 1
     assert summary["labels_read"]["tasks_read"] <= 9 and len(fake.api_requests) - requests_before == 1
 
-    # (d) a changed labeling config: one full read again
+    # (d) a changed labeling config: the config (from Label Studio, not the body) and one full read again
+    fake.label_config = CONFIG_3
     _, summary = train(pipeline, {"action": "START_TRAINING", "project": {"id": PROJECT, "label_config": CONFIG_3}})
     assert summary["labels_read"] == {"reads": ["full"], "tasks_read": 9, "recheck": False, "ls_requests": 2}
-    print(f"\nLabel Studio API requests per training, 9 labeled of {12 + UNLABELED_FILLER} tasks: first contact 2, "
+    assert pipeline[1].projects.label_config(str(PROJECT)) == CONFIG_3
+    print(f"\nLabel Studio API requests per training, 9 labeled of {12 + UNLABELED_FILLER} tasks: first contact 2 (+1), "
           "one new annotation 1, START_TRAINING with nothing changed 1, labeling config changed 2")
 
 
@@ -309,6 +314,7 @@ def test_annotations_created_in_bulk_are_confirmed_like_single_ones(pipeline, bi
 
 
 def test_without_the_api_webhook_bodies_are_the_labels(client, redis):
+    set_up(redis, PROJECT)
     body = {"action": "ANNOTATIONS_CREATED", "project": {"id": PROJECT, "label_config": CONFIG_2},
             "annotation": [created_body(1, "ants")["annotation"], created_body(2, "bees")["annotation"]],
             "task": [created_body(1, "ants")["task"], created_body(2, "bees")["task"]]}

@@ -17,6 +17,7 @@ from backend.common import redis_keys
 from backend.common.errors import HeadstartError, NotEnoughLabels
 from backend.common.queues import enqueue_embed_chunk, enqueue_index, enqueue_repredict, training_waiting
 from backend.core.encoders import Encoder
+from backend.labelstudio import webhooks
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
 from backend.labelstudio.task_index import read_tasks
 from backend.loop.features import MediaItem
@@ -27,6 +28,8 @@ from backend.loop.services import Services
 log = logging.getLogger(__name__)
 
 EMBED_CHUNK = 32  # tasks per embedding job: about a second of CPU, the longest a training waits
+WEBHOOK_LOOKS = 3  # times the webhook is looked for: Label Studio calls /setup once before it creates it
+WEBHOOK_LOOK_INTERVAL_S = 2.0
 
 
 def train_project(services: Services, project: str) -> dict:
@@ -127,6 +130,39 @@ def embed_tasks(services: Services, project: str) -> dict:
         job.meta["progress_key"] = redis_keys.embedding_progress(project)
         job.save_meta()
     return index_tasks(services, project)
+
+
+def secure_webhook(services: Services, project: str, backend_url: str) -> dict:
+    """Give the project's webhooks that point at `backend_url` (the URL Label Studio calls this backend by) the
+    basic-auth header, so Label Studio's annotation webhooks are accepted; a failure is recorded and logged with
+    its fix (shown on /admin), and tried again at a later /setup."""
+    settings = services.settings
+    user, password = settings.basic_auth_user, settings.basic_auth_pass
+    if not user and not password:
+        return {"project": project, "state": "off: BASIC_AUTH_USER/PASS are not set on this worker"}
+    auth, tag = webhooks.WebhookAuth(services.redis), webhooks.credentials_tag(user, password)
+    header = webhooks.authorization(user, password)
+    try:
+        for look in range(WEBHOOK_LOOKS):
+            outcome = webhooks.secure_project_webhooks(services.label_studio(), project, backend_url, header)
+            if outcome["state"] == "ok":
+                break
+            time.sleep(WEBHOOK_LOOK_INTERVAL_S if look < WEBHOOK_LOOKS - 1 else 0)
+    except HeadstartError as exc:  # refused or unreachable: retrying at once would not help
+        auth.record(project, tag, {"state": "failed", "message": str(exc)},
+                    retry_after_s=webhooks.RETRY_FAILED_AFTER_S)
+        log.warning("project %s: %s", project, exc)
+        return {"project": project, "state": "failed", "message": str(exc)}
+    auth.record(project, tag, outcome)
+    if outcome["state"] == "missing":
+        log.warning("project %s: Label Studio has no webhook pointing at %swebhook yet; looking again at a later "
+                    "/setup", project, backend_url)
+    elif outcome["patched"]:
+        log.info("project %s: webhook(s) %s now carry the basic-auth header", project, outcome["webhooks"])
+        # webhooks refused before now were lost: the next training looks for what changed meanwhile
+        services.labels.add_hints(project, check=True)
+        services.scheduler.request(project, reason="webhook credentials added")
+    return {"project": project, **outcome}
 
 
 def _config(services: Services, project: str) -> str:

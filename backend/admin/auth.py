@@ -15,11 +15,16 @@ import time
 from urllib.parse import urlsplit
 
 from flask import Request
+from redis import Redis
+
+from backend.common import redis_keys
 
 COOKIE = "headstart_admin"
 COOKIE_PATH = "/admin"
 CSRF_HEADER = "X-CSRF-Token"
 SESSION_TTL_S = 12 * 3600
+MAX_FAILURES = 10  # wrong ADMIN_TOKENs (sign-in form or Bearer) per client and window, then 429 until it ends
+FAILURE_WINDOW_S = 60
 
 
 def _sign(token: str, message: str) -> str:
@@ -64,3 +69,26 @@ def same_origin(request: Request, *, required: bool) -> bool:
     if not source or source == "null":
         return not required and source is None
     return urlsplit(source).netloc.lower() == request.host.lower()
+
+
+class FailedSignIns:
+    """Wrong ADMIN_TOKENs per client address, counted in Redis so every gunicorn worker shares the count: after
+    MAX_FAILURES in FAILURE_WINDOW_S, that client is refused (429) until the window ends, right token or not."""
+
+    def __init__(self, redis: Redis):
+        self.redis = redis
+
+    def blocked(self, client: str) -> int:
+        """Seconds until `client` may try again; 0 when it may now."""
+        key = redis_keys.admin_failures(client)
+        count = self.redis.get(key)
+        if count is None or int(count) < MAX_FAILURES:
+            return 0
+        return max(1, int(self.redis.ttl(key)))
+
+    def failed(self, client: str) -> None:
+        key = redis_keys.admin_failures(client)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.incr(key)
+        pipe.expire(key, FAILURE_WINDOW_S, nx=True)
+        pipe.execute()

@@ -35,6 +35,8 @@ HELP = {
     "headstart_embedding_cache_hits_total": ("counter", "Features served from the Redis cache."),
     "headstart_embedding_cache_misses_total": ("counter", "Features computed by a backbone."),
     "headstart_webhook_events_total": ("counter", "Webhook events received, by action."),
+    "headstart_webhook_refused_total": ("counter", "Webhook calls refused, by reason (unauthenticated: no or "
+                                                   "wrong basic auth; unknown_project: never set up)."),
     "headstart_trainings_total": ("counter", "Heads trained, by outcome (promoted, rejected), and failed jobs."),
     "headstart_training_seconds": ("histogram", "Duration of one training job."),
     "headstart_queue_jobs": ("gauge", "Jobs per queue and state, measured at scrape time."),
@@ -50,6 +52,7 @@ WEBHOOK_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELE
                    "PROJECT_DELETED", "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED", "other")
 LABELS = {
     "headstart_webhook_events_total": {"action": WEBHOOK_ACTIONS},
+    "headstart_webhook_refused_total": {"reason": ("unauthenticated", "unknown_project")},
     # failed: the job raised; superseded: a newer head was promoted while this one was judged
     "headstart_trainings_total": {"outcome": ("promoted", "rejected", "superseded", "failed")},
 }

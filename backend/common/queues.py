@@ -31,6 +31,7 @@ REPREDICT_JOB = "worker.jobs.predict_unlabeled"
 EMBED_JOB = "worker.jobs.embed_tasks"
 INDEX_JOB = "worker.jobs.index_tasks"
 EMBED_CHUNK_JOB = "worker.jobs.embed_chunk"
+WEBHOOK_AUTH_JOB = "worker.jobs.secure_webhook"
 
 
 def queue(name: str, redis: Redis) -> Queue:
@@ -168,3 +169,13 @@ def enqueue_index(redis: Redis, settings: Settings, project: str, task_ids: list
 def enqueue_embed_chunk(redis: Redis, settings: Settings, project: str, task_ids: list[int]) -> Job:
     return _enqueue_background(redis, settings, EMBED_CHUNK_JOB, (project, task_ids),
                                f"embed {len(task_ids)} task(s) of project {project}", project)
+
+
+def enqueue_webhook_auth(redis: Redis, settings: Settings, project: str, backend_url: str) -> Job:
+    """Give the project's webhook in Label Studio the basic-auth header (on the training queue: small, and
+    without it no submit trains)."""
+    return queue(TRAIN_QUEUE, redis).enqueue(
+        WEBHOOK_AUTH_JOB, args=(project, backend_url), job_timeout=settings.job_timeout_s,
+        failure_ttl=FAILED_JOB_TTL_S, result_ttl=RESULT_TTL_S,
+        description=f"add basic auth to project {project}'s webhook", meta={"project": project},
+    )

@@ -134,3 +134,20 @@ def predicted(project_id: str, model_version: str) -> str:
 def embedding_progress(project_id: str) -> str:
     """hash {total, done, failed}: inputs of P's indexed tasks to embed, embedded, failed (latest pass)."""
     return f"{PREFIX}:embedding:{project_id}"
+
+
+# --- the project's webhook credentials (backend.labelstudio.webhooks) ---------------------------
+
+
+def webhook_auth(project_id: str, what: str = "") -> str:
+    """hash {state: JSON of the last attempt to give P's webhook the basic-auth header}; with `what`=`claim`:
+    string, the credentials tag of the attempt queued or last made (expires, so a later /setup tries again)."""
+    return f"{PREFIX}:webhook-auth:{project_id}" + (f":{what}" if what else "")
+
+
+# --- admin sign-in (backend.admin.auth) ---------------------------------------------------------
+
+
+def admin_failures(client: str) -> str:
+    """integer, expiring: wrong ADMIN_TOKENs from one client address in the current window."""
+    return f"{PREFIX}:admin-failures:{client}"

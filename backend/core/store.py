@@ -105,6 +105,21 @@ class ModelStore:
             pipe.execute()
         return number
 
+    def numbering_started(self, project: str, control: str) -> bool:
+        """Whether P/C has a version counter (absent on first contact, or after Redis lost its data)."""
+        return bool(self.redis.exists(self._key(project, control, "next")))
+
+    def continue_numbering(self, project: str, control: str, after: int) -> None:
+        """Make the next version of P/C number at least `after` + 1 (never lowers the counter): numbers that Label
+        Studio already stores predictions of are not handed out again."""
+        key = self._key(project, control, "next")
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.watch(key)
+            current = int(pipe.get(key) or 0)
+            pipe.multi()
+            pipe.set(key, max(current, int(after)))
+            pipe.execute()
+
     def promote(self, project: str, control: str, number: int, *, reason: str = "promoted") -> None:
         """Make `number` the version every process serves. Its status and the pointer change in one
         transaction, so a process killed midway never leaves a "promoted" version that is not served."""

@@ -37,6 +37,8 @@ from backend.labelstudio.labeling_config import HeadSpec, choices_in
 
 CHECK = "check"  # the hint START_TRAINING leaves: look for changes no webhook announced
 EXPECT = "expect:"  # prefix of the hint a created/updated annotation leaves: JSON [annotation, task, attempt, updated_at]
+CONFIG = "config"  # the hint a webhook naming another labeling config leaves: read the config from Label Studio
+MAX_HINTS = 10_000  # pending task/annotation hints per project; beyond it, only CHECK is added (it finds them too)
 SAME_EVENT = ("updated_at", "result", "ground_truth", "cancelled")  # what tells one annotation event from another
 
 
@@ -197,12 +199,30 @@ class LabelStore:
     # --- hints: what webhooks said changed, confirmed against Label Studio by the next training ---
 
     def add_hints(self, project: str, *, tasks: Iterable[int] = (), annotations: Iterable[int] = (),
-                  check: bool = False, expected: Iterable[Expected] = ()) -> None:
+                  check: bool = False, config: bool = False, expected: Iterable[Expected] = ()) -> int:
+        """Record what to confirm; returns how many hints did not fit under MAX_HINTS (a forged or huge burst).
+        Those are replaced by CHECK: the next training reads the tasks updated since the last read, and compares
+        Label Studio's totals with the mirror, so a change behind a dropped hint is still found."""
         expected = list(expected)
         members = [f"task:{i}" for i in [*tasks, *(e.task for e in expected)]] + \
-            [f"annotation:{i}" for i in annotations] + [e.member() for e in expected] + ([CHECK] if check else [])
-        if members:
-            self.redis.sadd(redis_keys.label_hints(project), *members)
+            [f"annotation:{i}" for i in annotations] + [e.member() for e in expected]
+        flags = [CHECK] if check else []
+        flags += [CONFIG] if config else []
+        if not members and not flags:
+            return 0
+        over = int(self.redis.eval(_ADD_HINTS, 1, redis_keys.label_hints(project), MAX_HINTS,
+                                   *members[:MAX_HINTS], *flags))
+        over += max(0, len(members) - MAX_HINTS)
+        if over:
+            self.redis.sadd(redis_keys.label_hints(project), CHECK)
+        return over
+
+    def take_config_hint(self, project: str) -> bool:
+        """Whether a webhook named another labeling config since the last training (and forget that it did)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.srem(redis_keys.label_hints(project), CONFIG)
+        pipe.srem(redis_keys.label_hints_confirming(project), CONFIG)
+        return any(pipe.execute())
 
     def take_hints(self, project: str) -> Hints:
         """Move the pending hints into the confirming set (merged with any a failed training left there)."""
@@ -309,6 +329,24 @@ class LabelStore:
             for task, record in sorted(winners.items())
         ]
         return examples, unknown
+
+
+# SADD the hints (ARGV[2:]) while the set holds fewer than ARGV[1]; flags (check, config) always fit. Returns how
+# many hints were left out. Atomic, so concurrent webhooks cannot push the set past the cap.
+_ADD_HINTS = """
+local cap, n, over = tonumber(ARGV[1]), redis.call('SCARD', KEYS[1]), 0
+for i = 2, #ARGV do
+  local member = ARGV[i]
+  if member == 'check' or member == 'config' then
+    redis.call('SADD', KEYS[1], member)
+  elseif n < cap then
+    n = n + redis.call('SADD', KEYS[1], member)
+  else
+    over = over + 1
+  end
+end
+return over
+"""
 
 
 def _rank(record: dict) -> tuple[bool, str]:

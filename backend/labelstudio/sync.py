@@ -7,6 +7,8 @@ counted queries of `backend.labelstudio.label_reads`:
   may have been missed (webhooks Redis could not record, or a check below that disagrees);
 - otherwise the tasks the webhooks' **hints** name, by id, in batches: what Label Studio has for
   them replaces what the mirror had, so annotations or tasks deleted there are dropped;
+- when a webhook named another labeling config (a `config` hint), the project's config, once: a
+  config is never taken from a webhook body;
 - and, when START_TRAINING asked for it or the last one is `check_every` old, an **incremental
   read**: annotated tasks newest first, down to the watermark of the last full or incremental read
   (a webhook Label Studio gave up on, after its 1 s `WEBHOOK_TIMEOUT`, is not lost for longer). The totals on its first page are
@@ -51,8 +53,13 @@ def refresh_mirror(client: LabelStudio, labels: LabelStore, projects: ProjectReg
     reader = LabelReader(client, project)
     done = {"reads": [], "tasks_read": 0, "recheck": False}
     every_s = check_every.total_seconds() if check_every else 0.0
+    config = None
+    if labels.take_config_hint(project):  # a webhook named another config: Label Studio says which is true
+        config = reader.label_config()
+        if config and config != projects.label_config(project):
+            projects.remember(project, config)
     if _needs_full_read(labels, projects, project):
-        _full_read(reader, labels, projects, project, done)
+        _full_read(reader, labels, projects, project, done, config=config)
         if every_s:
             labels.checked(project, every_s)
     else:
@@ -92,9 +99,10 @@ def _same_config(a: str, b: str) -> bool:
         return False
 
 
-def _full_read(reader: LabelReader, labels: LabelStore, projects: ProjectRegistry, project: str, done: dict) -> None:
+def _full_read(reader: LabelReader, labels: LabelStore, projects: ProjectRegistry, project: str, done: dict,
+               *, config: str | None = None) -> None:
     started = labels.begin_full_read(project)
-    config = reader.label_config()
+    config = config or reader.label_config()
     tasks, totals = reader.annotated_tasks()
     if config:
         projects.remember(project, config)

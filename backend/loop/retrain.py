@@ -23,6 +23,7 @@ from backend.core.promotion import decide
 from backend.core.store import HeadVersion, ModelStore
 from backend.labelstudio.label_mirror import Example
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
+from backend.labelstudio.model_versions import used_in_label_studio
 from backend.labelstudio.sync import refresh_mirror
 from backend.loop.features import MediaItem
 from backend.loop.predictor import check_head_matches
@@ -40,12 +41,13 @@ def retrain_project(services: Services, project: str, *, job_id: str) -> dict:
     if config is None:
         raise NotEnoughLabels(f"Project {project} has no known labeling config yet: connect the backend "
                               "in Label Studio (Settings → Model) so /setup records it.")
-    outcomes = {spec.control: retrain_control(services, project, spec, job_id=job_id)
-                for spec in parse_label_config(config)}
+    specs = parse_label_config(config)
+    numbering_requests = continue_numbering(services, project, [spec.control for spec in specs])
+    outcomes = {spec.control: retrain_control(services, project, spec, job_id=job_id) for spec in specs}
     promoted = [control for control, outcome in outcomes.items() if outcome["status"] == "promoted"]
     model_version = services.predictor.served(project, config).model_version
     return {"project": project, "model_version": model_version, "controls": outcomes, "promoted": promoted,
-            "ls_requests": labels_read["ls_requests"], "labels_read": labels_read}
+            "ls_requests": labels_read["ls_requests"] + numbering_requests, "labels_read": labels_read}
 
 
 def refresh_labels(services: Services, project: str) -> dict:
@@ -61,6 +63,21 @@ def refresh_labels(services: Services, project: str) -> dict:
     if services.labels.needs_sync(project):
         log.warning("project %s: LABEL_STUDIO_URL/API_KEY not set; training on webhook data only", project)
     return {"reads": [], "tasks_read": 0, "recheck": False, "ls_requests": 0}
+
+
+def continue_numbering(services: Services, project: str, controls: list[str]) -> int:
+    """For controls without a version counter (first contact, or Redis lost its data), continue after the highest
+    version Label Studio stores predictions of, so no `model_version` name is reused; returns the API requests made."""
+    missing = [control for control in controls if not services.store.numbering_started(project, control)]
+    if not missing or not services.can_reach_label_studio:
+        return 0
+    used = used_in_label_studio(services.label_studio(), project)
+    for control in missing:
+        services.store.continue_numbering(project, control, used.get(control, 0))
+        if used.get(control):
+            log.warning("project %s: no version counter for %r but Label Studio holds predictions up to %s-v%d: "
+                        "numbering continues after it", project, control, control, used[control])
+    return 1
 
 
 def retrain_control(services: Services, project: str, spec: HeadSpec, *, job_id: str) -> dict:

@@ -13,8 +13,8 @@ from flask import (Blueprint, Response, g, jsonify, redirect, render_template, r
 
 import backend.admin
 from backend.admin import actions, views
-from backend.admin.auth import (COOKIE, COOKIE_PATH, CSRF_HEADER, SESSION_TTL_S, bearer, csrf_token, new_session,
-                                same_origin, session_ok, token_ok)
+from backend.admin.auth import (COOKIE, COOKIE_PATH, CSRF_HEADER, SESSION_TTL_S, FailedSignIns, bearer, csrf_token,
+                                new_session, same_origin, session_ok, token_ok)
 from backend.admin.chart import learning_curve
 from backend.common.errors import BadRequest
 from backend.server.current import services
@@ -59,7 +59,10 @@ def guard():
     offered = bearer(request)
     session = request.cookies.get(COOKIE)
     if offered is not None:
+        if (wait := _throttled()) is not None:
+            return wait
         if not token_ok(token, offered):
+            FailedSignIns(services().redis).failed(_client())
             return _refuse(401, "Unauthorized", "The Bearer token is not this backend's ADMIN_TOKEN.")
         g.admin_via = "bearer"
     elif session_ok(token, session):
@@ -98,11 +101,33 @@ def login():
     if not same_origin(request, required=True):
         return _refuse(403, "Forbidden", "Cross-site sign-in refused: its Origin is not this backend.")
     token = services().settings.admin_token
+    if (wait := _throttled()) is not None:
+        return wait
     if not token_ok(token, request.form.get("token")):
+        FailedSignIns(services().redis).failed(_client())
         return render_template("login.html", error="That is not this backend's ADMIN_TOKEN."), 401
     response = redirect("/admin", code=303)
     response.set_cookie(COOKIE, new_session(token), max_age=SESSION_TTL_S, path=COOKIE_PATH, httponly=True,
                         samesite="Strict", secure=request.is_secure)
+    return response
+
+
+def _client() -> str:
+    return request.remote_addr or "unknown"
+
+
+def _throttled():
+    """A 429 while this client has had too many wrong tokens; None when it may try."""
+    seconds = FailedSignIns(services().redis).blocked(_client())
+    if not seconds:
+        return None
+    message = f"Too many wrong ADMIN_TOKENs from this address: try again in {seconds} s."
+    if _is_api():
+        response = jsonify(error="TooManyRequests", message=message)
+        response.status_code = 429
+    else:
+        response = Response(render_template("message.html", message=message), status=429, mimetype="text/html")
+    response.headers["Retry-After"] = str(seconds)
     return response
 
 

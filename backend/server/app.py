@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
     if services is None:
         set_torch_threads(settings.torch_threads)
         services = build_services(settings, redis if redis is not None else connect(settings.redis_url))
+    warn_about_webhook_auth(settings)
     app = Flask("headstart")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes  # larger bodies get a 413
     current.install(app, services)
@@ -44,6 +45,8 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
         if request.path in OPEN_ROUTES or request.blueprint == "admin":
             return None
         if not basic_auth_ok(request, settings.basic_auth_user, settings.basic_auth_pass):
+            if request.path == "/webhook":
+                services.metrics.add("headstart_webhook_refused_total", reason="unauthenticated")
             response = jsonify(error="Unauthorized", message="This backend requires HTTP basic auth: "
                                "set the same user and password in Label Studio's model settings.")
             response.status_code = 401
@@ -73,3 +76,15 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
                        "backend log has the details."), 500
 
     return app
+
+
+def warn_about_webhook_auth(settings: Settings) -> None:
+    """Basic auth without Label Studio's API: headstart cannot give the project's webhook the credentials, so
+    Label Studio's annotation webhooks will be refused and submits will not train. Say how to fix it."""
+    if (settings.basic_auth_user or settings.basic_auth_pass) and not (
+            settings.label_studio_url and settings.label_studio_api_key):
+        log.warning("BASIC_AUTH_USER/PASS are set but LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY are not: Label Studio "
+                    "creates the project's webhook without credentials, so its annotation webhooks get 401 and "
+                    "submits do not train. Set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (headstart then adds the "
+                    "header to the webhook itself), or add the header `Authorization: Basic <base64 of "
+                    "user:password>` to the project's webhook in Label Studio (Project → Settings → Webhooks).")

@@ -9,8 +9,9 @@ from flask import Blueprint, Response, jsonify, request
 from redis.exceptions import RedisError
 
 from backend.common.queue_state import scrape_gauges
-from backend.common.queues import enqueue_index
+from backend.common.queues import enqueue_index, enqueue_webhook_auth
 from backend.common.errors import BadRequest
+from backend.labelstudio.webhooks import WebhookAuth, credentials_tag
 from backend.loop.predictor import project_id
 from backend.loop.repredict import PredictionLedger
 from backend.server.current import services
@@ -64,9 +65,21 @@ def setup():
             # first contact or a new config: list and embed the project's tasks in the background now,
             # so re-predicting after the first promotion is a pass over cached features
             enqueue_index(hub.redis, hub.settings, project)
+        _secure_webhook(hub, project)
     except RedisError as exc:  # Label Studio calls /setup before every predict: keep answering
         log.warning("project %s: labeling config not recorded, Redis is unreachable: %s", project, exc)
     return jsonify(model_version=served.model_version)
+
+
+def _secure_webhook(hub, project: str) -> None:
+    """With basic auth on, Label Studio's webhooks must carry it too (it creates them without): queue giving the
+    project's webhook the header, at most one attempt at a time. This /setup passed basic auth, so its Host is
+    the URL Label Studio calls this backend by, and the webhook to change is the one pointing there."""
+    settings = hub.settings
+    if not (settings.basic_auth_user or settings.basic_auth_pass) or not hub.can_reach_label_studio:
+        return
+    if WebhookAuth(hub.redis).needs_attempt(project, credentials_tag(settings.basic_auth_user, settings.basic_auth_pass)):
+        enqueue_webhook_auth(hub.redis, settings, project, request.host_url)
 
 
 @contract.post("/predict")

@@ -6,6 +6,11 @@ which tasks and annotations to confirm, and the training confirms them against L
 (`backend.labelstudio.sync`). Only where this process has no LABEL_STUDIO_URL/API_KEY is the body
 itself written as the label. Whenever the mirror may have missed something it is marked stale, and
 the next training reads every annotated task again.
+
+What a forged webhook can cost, at most: for a project never set up (no /setup from Label Studio), nothing
+(it is refused, counted, and no job is queued); for a known one, hints under `MAX_HINTS` and a training
+that confirms them. A labeling config in the body is never stored: a different one is a hint, and the
+training reads the project's config from Label Studio.
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ def receive():
         return jsonify(status="ignored", action=action)
     project = _project_of(body)
     try:
+        if hub.projects.label_config(project) is None:
+            # never set up: Label Studio calls /setup before it creates the webhook, so this is not Label Studio
+            hub.metrics.add("headstart_webhook_refused_total", reason="unknown_project")
+            return jsonify(status="ignored: unknown project", action=action, project=project, message=(
+                f"Project {project} was never set up: connect the backend in Label Studio (Settings → Model), "
+                "which calls /setup, before its webhooks count."))
         outcome = _record_tasks(hub, body, action, project) if action in TASK_EVENTS else \
             _record(hub, body, action, project)
     except RedisError as exc:
@@ -65,9 +76,12 @@ def _record(hub, body: dict, action: str, project: str) -> str:
     scheduler's outcome, or `unchanged` for a repeated delivery of an event already confirmed."""
     labels = hub.labels
     config = body["project"].get("label_config") if isinstance(body.get("project"), dict) else None
-    # a changed config makes the next training read everything (and train heads for it)
-    config_changed = isinstance(config, str) and bool(config) and hub.projects.remember(project, config)
     writes = not hub.can_reach_label_studio  # without the API, the webhook's word is all there is
+    config_changed = isinstance(config, str) and bool(config) and config != hub.projects.label_config(project)
+    if config_changed and writes:
+        hub.projects.remember(project, config)  # the next training reads everything (and trains heads for it)
+    elif config_changed:  # never stored from a body: the training asks Label Studio for the project's config
+        labels.add_hints(project, config=True)
     # whether the mirror can tell a repeated delivery: it holds what was confirmed (or, without the API, written)
     repeated = not config_changed and (writes or not labels.needs_sync(project))
     if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
@@ -102,8 +116,6 @@ def _record(hub, body: dict, action: str, project: str) -> str:
 def _record_tasks(hub, body: dict, action: str, project: str) -> str:
     """Tasks created: read back by id from Label Studio, indexed and embedded in the background (never taken
     from the body). Tasks deleted: dropped from the task index, and their labels confirmed at the next training."""
-    if hub.projects.label_config(project) is None:
-        return "ignored: unknown project"
     ids = _task_ids(body)
     if action == "TASKS_DELETED":
         hub.tasks.remove(project, ids)
