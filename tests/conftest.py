@@ -59,7 +59,8 @@ def fixed_seeds():
 
 @pytest.fixture
 def settings(redis_url, tmp_path):
-    return Settings(redis_url=redis_url, model_dir=str(tmp_path), job_retries=0, repredict_unlabeled=False)
+    return Settings(redis_url=redis_url, model_dir=str(tmp_path), job_retries=0, repredict_unlabeled=False,
+                    active_learning=False)
 
 
 @pytest.fixture(scope="session")

@@ -129,3 +129,11 @@ def predicted(project_id: str, model_version: str) -> str:
 def embedding_progress(project_id: str) -> str:
     """hash {total, done, failed}: inputs of P's indexed tasks to embed, embedded, failed (latest pass)."""
     return f"{PREFIX}:embedding:{project_id}"
+
+
+# --- active learning (backend.loop.active_queue) ------------------------------------------------
+
+
+def active(project_id: str) -> str:
+    """hash {sampling, note, tag, strategy, front (JSON task ids), round, refreshed_at}: P's queue state."""
+    return f"{PREFIX}:active:{project_id}"
