@@ -25,6 +25,7 @@ class QueueSettings:
     model_version: str
     backend_id: int | None  # the ML backend whose title is the project's model_version (or the only one)
     backend_title: str
+    backend_url: str
 
 
 def read_queue_settings(client: LabelStudio, project: str) -> QueueSettings:
@@ -38,7 +39,8 @@ def read_queue_settings(client: LabelStudio, project: str) -> QueueSettings:
         chosen = backends[0]
     return QueueSettings(sampling=sampling, model_version=model_version,
                          backend_id=chosen.id if chosen is not None else None,
-                         backend_title=(chosen.title or "") if chosen is not None else "")
+                         backend_title=(chosen.title or "") if chosen is not None else "",
+                         backend_url=(chosen.url or "") if chosen is not None else "")
 
 
 def set_uncertainty_sampling(client: LabelStudio, project: str) -> None:
@@ -52,11 +54,18 @@ def point_project_at_backend(client: LabelStudio, project: str, settings: QueueS
         client.projects.update(id=int(project), model_version=settings.backend_title)
 
 
-def make_current(client: LabelStudio, project: str, backend_id: int | None, tag: str) -> None:
+def make_current(client: LabelStudio, project: str, backend: dict | None, tag: str, *,
+                 basic_auth: tuple[str, str] | None) -> None:
     """Make predictions whose model_version is `tag` the ones uncertainty sampling counts as current: rename the
     project's ML backend to `tag` (Label Studio moves the project's model_version along and the backend stays
-    live), or set the project's model_version when no backend is connected."""
-    if backend_id is not None:
-        client.ml.update(id=backend_id, title=tag)
+    live), or set the project's model_version when no backend is connected.
+
+    Label Studio 1.23.2 re-validates a backend on every PATCH (health and setup calls with the given fields) and
+    answers 500 when `url` is missing, so the update carries url, project and, with basic auth, the credentials.
+    """
+    if backend is not None:
+        auth = ({"auth_method": "BASIC_AUTH", "basic_auth_user": basic_auth[0], "basic_auth_pass": basic_auth[1]}
+                if basic_auth else {})
+        client.ml.update(id=backend["id"], title=tag, url=backend["url"], project=int(project), **auth)
     else:
         client.projects.update(id=int(project), model_version=tag)

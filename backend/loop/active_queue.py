@@ -125,7 +125,9 @@ def publish_front(services: Services, project: str, front: list[int], scores: di
         payload = [{"task": task, "result": [], "score": scores.get(task), "model_version": tag} for task in front]
         if payload:
             client.projects.import_predictions(id=int(project), request=payload)
-        make_current(client, project, None if target == DIRECT else int(target), tag)
+        settings = services.settings
+        make_current(client, project, None if target == DIRECT else json.loads(target), tag,
+                     basic_auth=(settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None)
     except HeadstartError:
         raise
     except Exception as exc:
@@ -135,7 +137,7 @@ def publish_front(services: Services, project: str, front: list[int], scores: di
         log.warning("project %s: %s", project, note)
         return {"project": project, "status": "failed: " + note}
     services.redis.hset(key, mapping={"front": json.dumps(front), "tag": tag, "strategy": strategy,
-                                      "refreshed_at": time.time(), "note": ""})
+                                      "scored": int(bool(scores)), "refreshed_at": time.time(), "note": ""})
     log.info("project %s: next %d task(s) by %s under %s", project, len(front), strategy, tag)
     return {"project": project, "status": "published", "tag": tag, "front": front, "strategy": strategy}
 
@@ -155,7 +157,8 @@ def _target(services: Services, client, project: str) -> str | None:
         log.warning("project %s: %s", project, note)
         return None
     point_project_at_backend(client, project, settings)
-    target = str(settings.backend_id) if settings.backend_id is not None else DIRECT
+    target = (json.dumps({"id": settings.backend_id, "url": settings.backend_url}) if settings.backend_id is not None
+              else DIRECT)
     services.redis.hset(key, "target", target)
     return target
 
