@@ -41,6 +41,7 @@ NAME = "active"
 SETS = ("hymenoptera", "flowers12")
 ORDERS = ("random", "headstart")
 LABELS_PER_CLASS = 20
+QUICK_LABELS_PER_CLASS = {"hymenoptera": 20, "flowers12": 10}  # --quick: one seed, fewer flowers labels
 TARGET_FRACTION = 0.95
 IDLE_TIMEOUT_S = 120
 FRONT_TIMEOUT_S = 600
@@ -56,7 +57,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
     set_torch_threads(1)
     encoder = load_image_encoder("mobilenet_v2")
     root = Path(tempfile.mkdtemp(prefix="headstart-bench-active-"))
-    results: dict = {"seeds": seeds, "labels_per_class": LABELS_PER_CLASS, "target_fraction": TARGET_FRACTION,
+    results: dict = {"seeds": seeds, "quick": quick, "target_fraction": TARGET_FRACTION,
                      "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         with contextlib.ExitStack() as cleanup:
@@ -73,7 +74,8 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
                               workers=1, serve=True, log_dir=root / "logs")
             cleanup.enter_context(stack)
             for name in SETS:
-                results[name] = _one_set(name, api, stack, documents, encoder, seeds)
+                per_class = QUICK_LABELS_PER_CLASS[name] if quick else LABELS_PER_CLASS
+                results[name] = _one_set(name, api, stack, documents, encoder, seeds, per_class)
                 print(json.dumps({k: v for k, v in results[name].items() if k != "curves"}), flush=True)
     except BaseException:
         print(f"active: failed; logs kept in {root / 'logs'}", file=sys.stderr, flush=True)
@@ -87,7 +89,8 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
     return results
 
 
-def _one_set(name: str, api: LabelStudioApi, stack: LoopStack, documents: Path, encoder, seeds: int) -> dict:
+def _one_set(name: str, api: LabelStudioApi, stack: LoopStack, documents: Path, encoder, seeds: int,
+             per_class: int) -> dict:
     train, val = data.images(name, "train"), data.images(name, "val")
     classes = data.classes_of(train)
     folder = _mkdir(documents / name)
@@ -99,7 +102,7 @@ def _one_set(name: str, api: LabelStudioApi, stack: LoopStack, documents: Path, 
     everything = fit_head(x_train, torch.tensor([classes.index(cls) for _, cls in train]), num_classes=len(classes),
                           multi_label=False)
     ceiling = _accuracy(everything, x_val, y_val)
-    budget = LABELS_PER_CLASS * len(classes)
+    budget = per_class * len(classes)
     marks = checkpoints(len(classes), budget)
     runs = {order: [] for order in ORDERS}
     for seed in range(seeds):
@@ -117,7 +120,7 @@ def _one_set(name: str, api: LabelStudioApi, stack: LoopStack, documents: Path, 
     mean_curve = {order: [round(statistics.mean(r["curve"][i] for r in runs[order]), 4) for i in range(len(marks))]
                   for order in ORDERS}
     to_target = {order: statistics.mean(r["to_target"] for r in runs[order]) for order in ORDERS}
-    return {"classes": len(classes), "train": len(train), "val": len(val), "all_labels_accuracy": round(ceiling, 4),
+    return {"classes": len(classes), "labels_per_class": per_class, "train": len(train), "val": len(val), "all_labels_accuracy": round(ceiling, 4),
             "target_accuracy": round(TARGET_FRACTION * ceiling, 4), "checkpoints": marks,
             "labels_to_target_random": round(to_target["random"], 1),
             "labels_to_target_headstart": round(to_target["headstart"], 1),

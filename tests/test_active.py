@@ -67,3 +67,38 @@ def test_on_real_features_the_first_picks_cover_both_classes(hymenoptera_feature
     ranking = rank_unlabeled(features, [False] * len(labels), batch=4)
     assert len(set(ranking.order)) == len(labels)
     assert {labels[i] for i in ranking.order[:4]} == {"ants", "bees"}
+
+
+def test_label_studio_refusing_the_sampling_change_is_recorded_and_shown_never_raised(settings, redis, encoders):
+    from backend.admin import views
+    from backend.labelstudio.projects import ProjectRegistry
+    from backend.loop.active_queue import ensure_sampling, queue_status
+    from backend.loop.services import build_services
+    from bench.resources import free_port
+    from tests.helpers import CONFIG_2
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: every API call is refused
+    services = build_services(settings.replace(active_learning=True, label_studio_url=closed,
+                                               label_studio_api_key="0" * 40), redis, encoders=encoders)
+    ProjectRegistry(redis).remember("7", CONFIG_2)
+    services.tasks.put_many("7", [{"id": i, "data": {"image": f"/data/upload/7/{i}.jpg"}} for i in (1, 2, 3)])
+    services.labels.put("7", {"id": 11, "task": 1, "result": [{"from_name": "label", "to_name": "image",
+                                                               "type": "choices", "value": {"choices": ["ants"]}}],
+                              "was_cancelled": False, "updated_at": "2026-12-01T00:00:00Z"},
+                        {"id": 1, "data": {"image": "/data/upload/7/1.jpg"}})
+    assert ensure_sampling(services, "7") == "refused"
+    status = queue_status(services, "7")
+    assert (status["labeled"], status["unlabeled"], status["current"]) == (1, 2, 0)
+    assert "could not set Uncertainty sampling" in status["note"] and "Settings → Annotation" in status["note"]
+    (shown,) = views.status(services)["projects"]
+    assert shown["queue"] == status
+
+
+def test_with_active_learning_off_the_project_is_recorded_as_untouched(settings, redis, encoders):
+    from backend.loop.active_queue import ensure_sampling, queue_status, refresh_queue
+    from backend.loop.services import build_services
+
+    services = build_services(settings, redis, encoders=encoders)  # the fixture's ACTIVE_LEARNING=false
+    assert ensure_sampling(services, "7") == "off"
+    assert refresh_queue(services, "7")["status"].startswith("skipped")
+    assert queue_status(services, "7")["sampling"] == "untouched (ACTIVE_LEARNING=false)"

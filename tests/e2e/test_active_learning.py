@@ -118,7 +118,8 @@ def test_after_labels_the_queue_follows_the_new_head_and_shows_its_prediction(ls
     def headed():
         current = queue_state(headstart.redis_url, project)
         version = ls_api.backend(active["backend"])["model_version"]
-        return current if version.startswith("label-v") and json.loads(current["front"]) and \
+        front = set(json.loads(current.get("front", "[]")))
+        return current if version.startswith("label-v") and front and not front & set(labeled) and \
             ls_api.get(f"/api/projects/{project}")["model_version"] == current["tag"] and \
             current.get("scored") == "1" else None
     state = wait_until(headed, timeout_s=QUEUE_TIMEOUT_S, what="a front ranked with a head",
