@@ -49,17 +49,19 @@ def train_project(services: Services, project: str) -> dict:
     services.metrics.observe("headstart_training_seconds", time.perf_counter() - started)
     if summary["promoted"] and services.settings.repredict_unlabeled and services.can_reach_label_studio:
         enqueue_repredict(services.redis, services.settings, project, summary["model_version"])
-    summary["queue"] = _refresh_queue(services, project)
+    queue = _refresh_queue(services, project)
+    summary["queue"] = queue["status"]
+    summary["ls_requests"] = summary.get("ls_requests", 0) + queue.get("ls_requests", 0)
     return summary
 
 
-def _refresh_queue(services: Services, project: str) -> str:
+def _refresh_queue(services: Services, project: str) -> dict:
     """Re-rank Label Studio's queue after a training or an embedding pass; a failure here never fails the job."""
     try:
-        return refresh_queue(services, project)["status"]
+        return refresh_queue(services, project)
     except Exception as exc:  # the queue is a convenience: the head and its predictions are what matter
         log.warning("project %s: the labeling queue was not re-ranked: %s", project, exc)
-        return f"failed: {exc}"
+        return {"status": f"failed: {exc}"}
 
 
 def predict_unlabeled(services: Services, project: str, model_version: str, task_ids: list[int] | None = None) -> dict:

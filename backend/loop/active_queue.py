@@ -121,6 +121,8 @@ def publish_front(services: Services, project: str, front: list[int], scores: di
         target = _target(services, client, project)
         if target is None:
             return {"project": project, "status": "skipped: " + services.redis.hget(key, "note").decode()}
+        looked_up = services.redis.hget(key, "looked_up") is not None
+        services.redis.hdel(key, "looked_up")
         tag = f"{TAG_PREFIX}{services.redis.hincrby(key, 'round', 1)}"
         payload = [{"task": task, "result": [], "score": scores.get(task), "model_version": tag} for task in front]
         if payload:
@@ -139,7 +141,8 @@ def publish_front(services: Services, project: str, front: list[int], scores: di
     services.redis.hset(key, mapping={"front": json.dumps(front), "tag": tag, "strategy": strategy,
                                       "scored": int(bool(scores)), "refreshed_at": time.time(), "note": ""})
     log.info("project %s: next %d task(s) by %s under %s", project, len(front), strategy, tag)
-    return {"project": project, "status": "published", "tag": tag, "front": front, "strategy": strategy}
+    return {"project": project, "status": "published", "tag": tag, "front": front, "strategy": strategy,
+            "ls_requests": 2 + (3 if looked_up else 0)}
 
 
 def _target(services: Services, client, project: str) -> str | None:
@@ -157,6 +160,7 @@ def _target(services: Services, client, project: str) -> str | None:
         log.warning("project %s: %s", project, note)
         return None
     point_project_at_backend(client, project, settings)
+    services.redis.hset(key, "looked_up", 1)  # this refresh also read the project and its backends
     target = (json.dumps({"id": settings.backend_id, "url": settings.backend_url}) if settings.backend_id is not None
               else DIRECT)
     services.redis.hset(key, "target", target)
