@@ -1,4 +1,4 @@
-"""`python -m bench all|retrain|predict|accuracy|webhook|gpu|text|loop|table [--quick]`."""
+"""`python -m bench all|retrain|predict|accuracy|webhook|gpu|text|loop|active|table [--quick]`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 BENCHMARKS = ("retrain", "predict", "accuracy", "webhook", "gpu", "text")
 # not part of `all`: it starts a real Label Studio and labels for minutes (see bench/README.md)
-LABEL_STUDIO_BENCHMARKS = ("loop",)
+LABEL_STUDIO_BENCHMARKS = ("loop", "active")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.name == "table":
         print(update_readme(results_dir=args.results_dir or RESULTS_DIR))
         return 0
-    measured = args.tasks is None if args.name == "loop" else not args.quick
+    measured = args.tasks is None if args.name == "loop" else not args.quick or args.name == "active"
     results_dir = args.results_dir or (RESULTS_DIR if measured else Path(tempfile.gettempdir()) / "headstart-bench-quick")
     ensure_weights()
     names = BENCHMARKS if args.name == "all" else (args.name,)

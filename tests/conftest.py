@@ -66,7 +66,7 @@ def fixed_seeds():
 @pytest.fixture
 def settings(redis_url, tmp_path, text_model):
     return Settings(redis_url=redis_url, model_dir=str(tmp_path), job_retries=0, repredict_unlabeled=False,
-                    text_encoder=text_model)
+                    text_encoder=text_model, active_learning=False)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from backend.core.encoders import Encoder
 from backend.labelstudio import webhooks
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
 from backend.labelstudio.task_index import read_tasks
+from backend.loop.active_queue import ensure_sampling, refresh_queue
 from backend.loop.features import MediaItem
 from backend.loop.repredict import repredict, served_version
 from backend.loop.retrain import retrain_project
@@ -52,7 +53,19 @@ def train_project(services: Services, project: str) -> dict:
     services.metrics.observe("headstart_training_seconds", time.perf_counter() - started)
     if summary["promoted"] and services.settings.repredict_unlabeled and services.can_reach_label_studio:
         enqueue_repredict(services.redis, services.settings, project, summary["model_version"])
+    queue = _refresh_queue(services, project)
+    summary["queue"] = queue["status"]
+    summary["ls_requests"] = summary.get("ls_requests", 0) + queue.get("ls_requests", 0)
     return summary
+
+
+def _refresh_queue(services: Services, project: str) -> dict:
+    """Re-rank Label Studio's queue after a training or an embedding pass; a failure here never fails the job."""
+    try:
+        return refresh_queue(services, project)
+    except Exception as exc:  # the queue is a convenience: the head and its predictions are what matter
+        log.warning("project %s: the labeling queue was not re-ranked: %s", project, exc)
+        return {"status": f"failed: {exc}"}
 
 
 def predict_unlabeled(services: Services, project: str, model_version: str, task_ids: list[int] | None = None) -> dict:
@@ -96,6 +109,10 @@ def index_tasks(services: Services, project: str, task_ids: list[int] | None = N
         enqueue_embed_chunk(services.redis, services.settings, project, pending[start:start + EMBED_CHUNK])
     version = served_version(services, project)
     predicted = repredict(services, project, version, [task["id"] for task in tasks]) if version else {}
+    if task_ids is None:
+        ensure_sampling(services, project)
+    if not pending:
+        _refresh_queue(services, project)
     return {"project": project, "tasks": len(tasks), "media": total, "to_embed": len(pending),
             "chunks": -(-len(pending) // EMBED_CHUNK), "predictions": predicted.get("predictions", 0),
             "backbone": "+".join(dict.fromkeys(encoder.key for encoder, _ in items_by_input))}
@@ -117,6 +134,8 @@ def embed_chunk(services: Services, project: str, task_ids: list[int]) -> dict:
     pipe.execute()
     version = served_version(services, project)
     predicted = repredict(services, project, version, task_ids) if version else {}
+    if _embedding_done(services, project):
+        _refresh_queue(services, project)
     return {"project": project, "tasks": len(data), "media": len(vectors), "failed": failed,
             "predictions": predicted.get("predictions", 0)}
 
@@ -163,6 +182,12 @@ def secure_webhook(services: Services, project: str, backend_url: str) -> dict:
         services.labels.add_hints(project, check=True)
         services.scheduler.request(project, reason="webhook credentials added")
     return {"project": project, **outcome}
+
+
+def _embedding_done(services: Services, project: str) -> bool:
+    progress = services.redis.hmget(redis_keys.embedding_progress(project), ["total", "done", "failed"])
+    total, done, failed = (int(value or 0) for value in progress)
+    return total > 0 and done + failed >= total
 
 
 def _config(services: Services, project: str) -> str:

@@ -140,9 +140,11 @@ def _status(services, args, out: Output) -> int:
     _queue_table(out, data["queues"])
     out.table("Workers", ["name", "state", "host", "current job"],
               [[w["name"], w["state"], w["host"], w["current_job"]] for w in data["workers"]])
-    out.table("Projects", ["project", "model_version", "controls"],
+    out.table("Projects", ["project", "model_version", "controls", "labeled", "unlabeled", "current", "sampling"],
               [[p["project"], p["model_version"],
-                ", ".join(f"{c['control']}: v{c['current']} of {c['versions']}" for c in p["controls"])]
+                ", ".join(f"{c['control']}: v{c['current']} of {c['versions']}" for c in p["controls"]),
+                str(p["queue"]["labeled"]), str(p["queue"]["unlabeled"]), str(p["queue"]["current"]),
+                p["queue"]["sampling"] + (f" ({p['queue']['note']})" if p["queue"]["note"] else "")]
                for p in data["projects"]])
     return EXIT_OK
 

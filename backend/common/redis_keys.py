@@ -151,3 +151,11 @@ def webhook_auth(project_id: str, what: str = "") -> str:
 def admin_failures(client: str) -> str:
     """integer, expiring: wrong ADMIN_TOKENs from one client address in the current window."""
     return f"{PREFIX}:admin-failures:{client}"
+
+
+# --- active learning (backend.loop.active_queue) ------------------------------------------------
+
+
+def active(project_id: str) -> str:
+    """hash {sampling, note, tag, strategy, front (JSON task ids), round, refreshed_at}: P's queue state."""
+    return f"{PREFIX}:active:{project_id}"

@@ -101,6 +101,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REPREDICT_UNLABELED", "repredict_unlabeled", "true", _bool,
             "After a promotion, predict every unlabeled task and write the predictions into "
             "Label Studio."),
+    Setting("ACTIVE_LEARNING", "active_learning", "true", _bool,
+            "Order Label Studio's labeling queue by what teaches the head most: set a project's sampling to "
+            "Uncertainty sampling (when it is still the default) and keep headstart's next picks current for it. "
+            "false: leave the project's sampling and order alone."),
+    Setting("ACTIVE_FRONT", "active_front", "8", int,
+            "Unlabeled tasks headstart keeps at the front of Label Studio's queue at a time (the next picks; "
+            "refreshed after every training). At least the number of annotators labeling at once."),
     Setting("JOB_TIMEOUT_S", "job_timeout_s", "1800", int, "RQ timeout for one job, in seconds."),
     Setting("JOB_RETRIES", "job_retries", "3", int, "RQ retries for a failing job (with backoff)."),
     Setting("WORKER_HEARTBEAT_S", "worker_heartbeat_s", "10", int,
@@ -145,6 +152,8 @@ class Settings:
     train_min_interval_s: float = 1.0
     label_check_s: float = 30.0
     repredict_unlabeled: bool = True
+    active_learning: bool = True
+    active_front: int = 8
     job_timeout_s: int = 1800
     job_retries: int = 3
     worker_heartbeat_s: int = 10

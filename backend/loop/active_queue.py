@@ -1,0 +1,183 @@
+"""Label Studio's labeling queue in headstart's order: the next picks carry the only current predictions.
+
+Label Studio's uncertainty sampling serves the unlabeled task with the lowest `score` among those
+carrying a prediction of `project.model_version` (its bulk prediction import drops `cluster`, so
+the cluster ordering cannot be fed at scale). headstart therefore expresses its order through
+*which* tasks carry a current prediction: after every training (and once the first embedding pass
+is done) it ranks the unlabeled tasks (`backend.core.active`), writes for the first `ACTIVE_FRONT`
+of them a prediction tagged `headstart-next-R` (an empty result and an honest score: the served
+head's confidence, none before a head exists) and renames the project's ML backend to that tag, so
+Label Studio counts exactly those as current. The served version's own predictions (`label-vN`, on
+every unlabeled task) are untouched: they are what annotators see and what Data Manager filters by.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import torch
+
+from backend.common import redis_keys
+from backend.common.errors import HeadstartError
+from backend.core.active import rank_unlabeled
+from backend.core.heads import head_probabilities
+from backend.labelstudio.labeling_config import parse_label_config
+from backend.labelstudio.sampling import (
+    DEFAULT_SAMPLING, UNCERTAINTY_SAMPLING, make_current, point_project_at_backend, read_queue_settings,
+    set_uncertainty_sampling,
+)
+from backend.loop.features import MediaItem
+from backend.loop.services import Services
+
+log = logging.getLogger(__name__)
+
+TAG_PREFIX = "headstart-next-"
+DIRECT = "project"  # no ML backend to rename: the project's model_version is set directly
+SWITCH_LABELS_PER_CLASS = 3  # labels every class needs before the head's margin ranks instead of typicality
+
+
+def ensure_sampling(services: Services, project: str) -> str:
+    """On first contact: switch the project to Uncertainty sampling when it still has Label Studio's default.
+
+    Returns what was done; a refusal is logged and recorded for /admin, never raised.
+    """
+    key = redis_keys.active(project)
+    if not services.settings.active_learning:
+        services.redis.hset(key, mapping={"sampling": "untouched (ACTIVE_LEARNING=false)", "note": ""})
+        return "off"
+    try:
+        client = services.label_studio()
+        current = read_queue_settings(client, project).sampling
+        if current == DEFAULT_SAMPLING or not current:
+            set_uncertainty_sampling(client, project)
+            log.info("project %s: sampling set to %s (was %s; ACTIVE_LEARNING=false leaves it alone)",
+                     project, UNCERTAINTY_SAMPLING, current or "unset")
+            current, note = UNCERTAINTY_SAMPLING, f"set by headstart (was {current or 'unset'})"
+        elif current == UNCERTAINTY_SAMPLING:
+            note = ""
+        else:
+            note = f"left as chosen in Label Studio; headstart's order needs {UNCERTAINTY_SAMPLING}"
+            log.info("project %s: sampling is %s, %s", project, current, note)
+    except Exception as exc:
+        note = (f"could not set {UNCERTAINTY_SAMPLING} ({type(exc).__name__}: {str(exc)[:200]}); set it in the "
+                "project's Settings → Annotation, or give the token's user manager rights")
+        log.warning("project %s: %s", project, note)
+        services.redis.hset(key, mapping={"note": note})
+        return "refused"
+    services.redis.hset(key, mapping={"sampling": current, "note": note})
+    return current
+
+
+def refresh_queue(services: Services, project: str) -> dict:
+    """Rank the unlabeled tasks and make the first `ACTIVE_FRONT` of them the current ones in Label Studio."""
+    if not services.settings.active_learning or not services.can_reach_label_studio:
+        return {"project": project, "status": "skipped: ACTIVE_LEARNING is off or Label Studio is not configured"}
+    config = services.projects.label_config(project)
+    if config is None:
+        return {"project": project, "status": "skipped: no labeling config known yet"}
+    spec = parse_label_config(config)[0]
+    served = services.predictor.served(project, config)
+    head = served.heads.get(spec.control)
+    encoder = (services.encoders.for_key(head.meta["backbone"], head.backbone_key) if head is not None
+               else services.encoders.for_input(spec.modality, spec.markup))
+    data = services.tasks.data(project)
+    task_ids = sorted(data)
+    items = [MediaItem(task, _url(data[task], spec.data_key), inline=spec.inline) for task in task_ids]
+    vectors = services.features.cached(project, items, encoder)
+    rows = [i for i, vector in enumerate(vectors) if isinstance(vector, torch.Tensor)]
+    if not rows:
+        return {"project": project, "status": "skipped: no task embedded yet"}
+    ids = [task_ids[i] for i in rows]
+    features = torch.stack([vectors[i] for i in rows])
+    labeled_tasks = {r["task"] for r in services.labels.records(project) if not r.get("cancelled")}
+    labeled = [task in labeled_tasks for task in ids]
+    examples, _ = services.labels.examples(project, spec)
+    counts = [sum(name in example.choices for example in examples) for name in spec.classes]
+    probabilities = None
+    if head is not None:
+        with torch.no_grad():
+            probabilities = head_probabilities(head.head, features, multi_label=head.multi_label)
+    front_size = max(1, services.settings.active_front)
+    ranking = rank_unlabeled(features, labeled, batch=front_size, probabilities=probabilities,
+                             labels_per_class=counts, switch_labels_per_class=SWITCH_LABELS_PER_CLASS,
+                             seed=int(project))
+    front = [ids[i] for i in ranking.order[:front_size]]
+    scores = ({ids[i]: round(float(probabilities[i].max()), 6) for i in ranking.order[:front_size]}
+              if probabilities is not None else {})
+    return publish_front(services, project, front, scores, strategy=ranking.strategy)
+
+
+def publish_front(services: Services, project: str, front: list[int], scores: dict[int, float], *,
+                  strategy: str) -> dict:
+    """Write the front's predictions under a fresh tag and make that tag current (unless the front is unchanged)."""
+    key = redis_keys.active(project)
+    previous = services.redis.hmget(key, ["front", "tag"])
+    if previous[0] is not None and json.loads(previous[0]) == front and previous[1] is not None:
+        return {"project": project, "status": "unchanged", "front": front, "strategy": strategy}
+    try:
+        client = services.label_studio()
+        target = _target(services, client, project)
+        if target is None:
+            return {"project": project, "status": "skipped: " + services.redis.hget(key, "note").decode()}
+        looked_up = services.redis.hget(key, "looked_up") is not None
+        services.redis.hdel(key, "looked_up")
+        tag = f"{TAG_PREFIX}{services.redis.hincrby(key, 'round', 1)}"
+        payload = [{"task": task, "result": [], "score": scores.get(task), "model_version": tag} for task in front]
+        if payload:
+            client.projects.import_predictions(id=int(project), request=payload)
+        settings = services.settings
+        make_current(client, project, None if target == DIRECT else json.loads(target), tag,
+                     basic_auth=(settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None)
+    except HeadstartError:
+        raise
+    except Exception as exc:
+        note = f"could not update Label Studio's queue ({type(exc).__name__}: {str(exc)[:200]})"
+        services.redis.hset(key, mapping={"note": note})
+        services.redis.hdel(key, "target")  # look the backend up again next time
+        log.warning("project %s: %s", project, note)
+        return {"project": project, "status": "failed: " + note}
+    services.redis.hset(key, mapping={"front": json.dumps(front), "tag": tag, "strategy": strategy,
+                                      "scored": int(bool(scores)), "refreshed_at": time.time(), "note": ""})
+    log.info("project %s: next %d task(s) by %s under %s", project, len(front), strategy, tag)
+    return {"project": project, "status": "published", "tag": tag, "front": front, "strategy": strategy,
+            "ls_requests": 2 + (3 if looked_up else 0)}
+
+
+def _target(services: Services, client, project: str) -> str | None:
+    """The ML backend id to rename (or DIRECT: set the project's model_version), looked up once and remembered;
+    None (with a note) when the project's model_version belongs to someone else."""
+    key = redis_keys.active(project)
+    cached = services.redis.hget(key, "target")
+    if cached is not None:
+        return cached.decode()
+    settings = read_queue_settings(client, project)
+    if settings.backend_id is None and settings.model_version and not settings.model_version.startswith(TAG_PREFIX):
+        note = (f"the project's model version is {settings.model_version!r}, not headstart's ML backend: choose the "
+                "backend under Settings → Annotation → Predictions so Label Studio's queue follows headstart")
+        services.redis.hset(key, mapping={"note": note})
+        log.warning("project %s: %s", project, note)
+        return None
+    point_project_at_backend(client, project, settings)
+    services.redis.hset(key, "looked_up", 1)  # this refresh also read the project and its backends
+    target = (json.dumps({"id": settings.backend_id, "url": settings.backend_url}) if settings.backend_id is not None
+              else DIRECT)
+    services.redis.hset(key, "target", target)
+    return target
+
+
+def queue_status(services: Services, project: str) -> dict:
+    """labeled / unlabeled tasks, unlabeled tasks carrying a current prediction, sampling mode, strategy, note."""
+    raw = {k.decode(): v.decode() for k, v in services.redis.hgetall(redis_keys.active(project)).items()}
+    indexed = set(services.tasks.data(project))
+    labeled = {r["task"] for r in services.labels.records(project) if not r.get("cancelled")} & indexed
+    front = [task for task in json.loads(raw.get("front", "[]")) if task not in labeled]
+    return {"labeled": len(labeled), "unlabeled": len(indexed) - len(labeled), "current": len(front),
+            "sampling": raw.get("sampling", "unknown"), "strategy": raw.get("strategy", ""),
+            "tag": raw.get("tag", ""), "note": raw.get("note", "")}
+
+
+def _url(data: dict, key: str) -> str:
+    value = data.get(key)
+    return value if isinstance(value, str) else ""
