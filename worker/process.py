@@ -77,7 +77,8 @@ class ServicesJob(Job):
             raise ConfigurationError(
                 f"Job {self.id} ({self.func_name}) was run outside `headstart worker`, which passes the job its "
                 "services: start workers with `headstart worker`, not `rq worker`.")
-        return self.func(self.services, *self.args, **self.kwargs)
+        with self.services.features.charging(self.id):  # a worker dying on an input charges that input
+            return self.func(self.services, *self.args, **self.kwargs)
 
 
 def abandoned_job_handler(services: Services):
@@ -90,6 +91,7 @@ def abandoned_job_handler(services: Services):
     def rerun_abandoned_at_once(job, exc_type, exc_value, traceback) -> bool:
         if exc_type is not AbandonedJobError:
             return True
+        services.features.poison.charge(job.id)  # the inputs it was on when its worker died
         if job.retries_left and job.retry_intervals:
             index = max(len(job.retry_intervals) - job.retries_left, 0)
             job.retry_intervals = [0 if i == index else s for i, s in enumerate(job.retry_intervals)]

@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 from backend.common.queue_state import scrape_gauges
 from backend.common.queues import enqueue_index
 from backend.common.errors import BadRequest
+from backend.loop.features import FetchPlan
 from backend.loop.predictor import project_id
 from backend.loop.repredict import PredictionLedger
 from backend.server.current import services
@@ -81,7 +82,8 @@ def predict():
     label_config = body.get("label_config") or hub.projects.label_config(project)
     if not isinstance(label_config, str):
         raise BadRequest("'label_config' is missing and this project has not been set up yet.")
-    results = hub.predictor.predict(tasks, project=project, label_config=label_config)
+    results = hub.predictor.predict(tasks, project=project, label_config=label_config,
+                                    plan=FetchPlan.for_request(hub.settings))
     _record_answered(hub, project, tasks, results)
     hub.metrics.add("headstart_predict_requests_total")
     hub.metrics.add("headstart_predictions_total", len(tasks))
