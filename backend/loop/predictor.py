@@ -124,9 +124,8 @@ class Predictor:
             else:
                 features = self.features.features(project, items, encoder, plan=plan)
             usable = [index for index, vector in enumerate(features) if isinstance(vector, torch.Tensor)]
-            for index, vector in enumerate(features):
-                if isinstance(vector, MediaError):
-                    log.warning("project %s task %s: no prediction: %s", project, items[index].task_id, vector)
+            _log_failures(project, [(items[index].task_id, vector) for index, vector in enumerate(features)
+                                    if isinstance(vector, MediaError)])
             if not usable:
                 continue
             probabilities = head_probabilities(head.head, torch.stack([features[i] for i in usable]),
@@ -165,6 +164,17 @@ class Predictor:
             with self._lock:
                 self._heads[key] = cached
         return cached
+
+
+LOGGED_FAILURES = 5  # per request and control: a request of thousands of failing tasks logs a count, not a flood
+
+
+def _log_failures(project: str, failures: list[tuple[int | None, MediaError]]) -> None:
+    for task_id, error in failures[:LOGGED_FAILURES]:
+        log.warning("project %s task %s: no prediction: %s", project, task_id, error)
+    if len(failures) > LOGGED_FAILURES:
+        log.warning("project %s: %d more tasks of this request without prediction", project,
+                    len(failures) - LOGGED_FAILURES)
 
 
 def _task_id(task: dict) -> int | None:
