@@ -144,6 +144,10 @@ def _status(services, args, out: Output) -> int:
               [[p["project"], p["model_version"],
                 ", ".join(f"{c['control']}: v{c['current']} of {c['versions']}" for c in p["controls"])]
                for p in data["projects"]])
+    if data["killer_inputs"]:
+        out.table("Inputs a worker died on (skipped once poison)", ["project", "task", "kills", "poison", "url"],
+                  [[k["project"], k["task_id"], k["kills"], "yes" if k["poison"] else "no", k["url"][:80]]
+                   for k in data["killer_inputs"]])
     return EXIT_OK
 
 
