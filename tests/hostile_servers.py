@@ -43,6 +43,7 @@ class HostileServer:
     def __init__(self, good_image: Path):
         self.good = good_image.read_bytes()
         self.hits: dict[str, int] = {}
+        self.authorization: dict[str, str | None] = {}  # request target → its Authorization header
         self.redirect_to: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -59,6 +60,7 @@ class HostileServer:
                 path = self.path.split("?", 1)[0]
                 with server._lock:
                     server.hits[path] = server.hits.get(path, 0) + 1
+                    server.authorization[self.path] = self.headers.get("Authorization")
                 try:
                     server._serve(self, path)
                 except (BrokenPipeError, ConnectionResetError, OSError):
