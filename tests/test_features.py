@@ -19,6 +19,8 @@ from tests.helpers import HYMENOPTERA, dataset_images
 from tests.hostile_servers import SlowServer
 from tests.reliability_helpers import CONFIG_AB, promote_real_head
 
+pytestmark = pytest.mark.security
+
 PROJECT = "31"
 
 

@@ -17,6 +17,8 @@ from backend.common.settings import Settings
 from backend.core.memory_budget import MemoryBudget
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.security
+
 
 def test_concurrent_holders_never_exceed_the_limit_and_all_get_their_turn():
     budget = MemoryBudget(100)

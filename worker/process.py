@@ -12,6 +12,8 @@ Surviving faults:
   RQ Retry. The handler below makes that retry immediate (the retry backoff is meant for jobs that
   raised, e.g. Label Studio being down; a dead worker says nothing about the job), still bounded by
   JOB_RETRIES. With no retries left the job lands in the failed registry as AbandonedJobError.
+  The handler also charges a kill to each input the job had in flight (`backend.loop.poison`): an
+  input that kills MEDIA_POISON_KILLS workers is skipped from then on instead of killing them all.
 - Redis going away does not stop the worker: it waits for Redis and carries on; a job that lost
   Redis midway is detected as abandoned once Redis is back and re-run.
 """
