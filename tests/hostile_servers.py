@@ -43,6 +43,7 @@ class HostileServer:
     def __init__(self, good_image: Path):
         self.good = good_image.read_bytes()
         self.hits: dict[str, int] = {}
+        self.authorization: dict[str, str | None] = {}  # request target → its Authorization header
         self.redirect_to: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -59,6 +60,7 @@ class HostileServer:
                 path = self.path.split("?", 1)[0]
                 with server._lock:
                     server.hits[path] = server.hits.get(path, 0) + 1
+                    server.authorization[self.path] = self.headers.get("Authorization")
                 try:
                     server._serve(self, path)
                 except (BrokenPipeError, ConnectionResetError, OSError):
@@ -182,3 +184,52 @@ def _threading_server(handler) -> ThreadingHTTPServer:
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     return server
+
+
+class SlowServer:
+    """Serves a good image at every path after `delay_s`, a slow media host: the same picture with the path
+    appended after its end, so each path is different content. Counts requests per path (`hits`) and the
+    most requests it held at once (`peak_concurrent`). `/fast/...` paths answer at once."""
+
+    def __init__(self, good_image: Path, delay_s: float):
+        self.good = good_image.read_bytes()
+        self.delay_s = delay_s
+        self.hits: dict[str, int] = {}
+        self.concurrent = 0
+        self.peak_concurrent = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> "SlowServer":
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                with server._lock:
+                    server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                    server.concurrent += 1
+                    server.peak_concurrent = max(server.peak_concurrent, server.concurrent)
+                try:
+                    if not self.path.startswith("/fast/"):
+                        time.sleep(min(server.delay_s, MAX_SERVE_S))
+                    _send(self, 200, server.good + self.path.encode())
+                except (BrokenPipeError, ConnectionResetError, OSError):
+                    pass
+                finally:
+                    with server._lock:
+                        server.concurrent -= 1
+
+        self._background = BackgroundServer(_threading_server(Handler))
+        self.url = self._background.url
+        return self
+
+    def stop(self) -> None:
+        self._background.stop()
+
+    def total_hits(self) -> int:
+        with self._lock:
+            return sum(self.hits.values())

@@ -495,3 +495,64 @@ def test_a_project_with_one_class_only(in_process, redis, images, multiple):
           f"{outcome.get('reason', '')}")
     assert status == 200 and outcome["status"] == "skipped" and versions == {"untrained"} and predicted == 0
     assert ("some tasks without it" if multiple else "two classes") in outcome["reason"]
+
+
+# ---- an input that kills its workers -----------------------------------------------------------------------
+
+POISON_KILLS = 10
+
+
+def test_an_input_that_kills_its_workers_is_charged_then_skipped_and_reported(own_redis, encoders, images, tmp_path):
+    """A labeled task whose media is on the worker each time it dies (SIGKILL while fetching it, as an
+    out-of-memory kill would land): RQ re-runs the abandoned training, each death charges the input in flight,
+    the input is processed alone once suspect, and after MEDIA_POISON_KILLS deaths it is skipped: the training
+    finishes without it (a media error in the version), it is reported by `headstart status`, it is never
+    fetched again, and the workers live on."""
+    from backend.admin import views
+    from tests.hostile_servers import SlowServer
+    from tests.loop_helpers import annotation_event
+
+    project = 41
+    interleaved, _, ids = images
+    server = SlowServer(dataset_images(HYMENOPTERA, "val")[0][0], 20.0).start()
+    poison_url = server.url + "/poison.jpg"
+    env = worker_env(own_redis.url, JOB_RETRIES=str(POISON_KILLS + 2), MEDIA_TIMEOUT_S="30",
+                     MEDIA_POISON_KILLS=str(POISON_KILLS), MEDIA_ALLOWED_HOSTS=server.url.removeprefix("http://"))
+    fleet = WorkerFleet(env, tmp_path / "workers.log")
+    try:
+        settings = Settings(redis_url=own_redis.url, local_files_document_root=str(HYMENOPTERA),
+                            media_poison_kills=POISON_KILLS, job_retries=POISON_KILLS + 2, train_min_interval_s=0,
+                            repredict_unlabeled=False)
+        redis, services, client = backend_for(settings, encoders)
+        store = ModelStore(redis)
+        labeled(interleaved[:6], ids, project=project, client=client)
+        response = client.post("/webhook", json=annotation_event(project=project, task_id=999, annotation_id=19_999,
+                                                                 url=poison_url, choice="ants", config=CONFIG_2))
+        assert response.status_code == 200
+        workers = [fleet.spawn(), fleet.spawn()]
+        kills = 0
+        deadline = time.monotonic() + 60 * POISON_KILLS
+        while kills < POISON_KILLS and time.monotonic() < deadline:
+            if server.hits.get("/poison.jpg", 0) > kills:  # a worker is on the input now
+                fleet.kill(running_training(redis, project).worker_name)
+                kills += 1
+                workers = [name for name in workers if fleet.alive(name)] + [fleet.spawn()]
+            time.sleep(0.05)
+        assert kills == POISON_KILLS, f"only {kills} kills within the deadline"
+        trained = {ids[path] for path, _ in interleaved[:6]}
+        meta = wait_until_trained_on(redis, store, project, trained, deadline_s=180)
+        assert "999" in meta["media_errors"] and "MEDIA_POISON_KILLS" in meta["media_errors"]["999"]
+        assert 999 not in set(map(int, meta["trained_on"]))
+        assert server.hits["/poison.jpg"] == POISON_KILLS  # never fetched again once poison
+        reported = views.status(services)["killer_inputs"]
+        poison = [(k["task_id"], k["kills"], k["poison"]) for k in reported if k["url"] == poison_url]
+        assert poison == [(999, POISON_KILLS, True)]
+        assert all(k["kills"] < POISON_KILLS for k in reported if k["url"] != poison_url)  # co-travellers cleared
+        assert all(fleet.alive(name) for name in workers)
+        print(f"\npoison input: {kills} SIGKILLs of the worker fetching it; the training then finished without it "
+              f"(v{meta['version']}, {meta['status']}, {len(meta['trained_on'])} labels), the input reported as "
+              f"poison and never fetched again; {len(workers)} workers alive; "
+              f"{sum(k['url'] != poison_url for k in reported)} other inputs charged once while in flight beside it")
+    finally:
+        fleet.stop()
+        server.stop()

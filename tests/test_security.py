@@ -4,6 +4,7 @@ of logs, no pickles anywhere, JSON job payloads, request size limits and hostile
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import logging
 import re
@@ -363,3 +364,27 @@ def test_xml_bombs_and_external_entities_in_labeling_configs_are_refused(client,
         assert response.status_code == 400
         assert "TOP-SECRET" not in response.get_data(as_text=True) and "lollollol" not in response.get_data(as_text=True)
         assert time.monotonic() - started < 2
+
+
+def test_the_label_studio_token_goes_only_to_its_media_routes(settings, servers):
+    """Task URLs on Label Studio's host that are not media (its API, admin, a path climbing out of
+    /data/upload/) are fetched without the token; uploads, storage resolve routes and local files get it."""
+    label_studio, _ = servers
+    media_fetcher = fetcher(settings, label_studio)
+    base = label_studio.url
+    with_token = [f"{base}/data/upload/1/ok.jpg", "/data/upload/1/b.jpg", f"{base}/tasks/5/resolve/?fileuri=czM6Ly9h",
+                  f"{base}/projects/5/presign/?fileuri=czM6Ly9h", "/data/local-files/?d=a/c.jpg"]
+    without = [f"{base}/api/projects/1/export?exportType=JSON", "/api/current-user/whoami", f"{base}/admin/",
+               f"{base}/data/upload/../../api/tasks/1", f"{base}/data/upload/%2e%2e/%2e%2e/api/tasks/2",
+               f"{base}/tasks/5/resolve/../../api/tasks/3", f"{base}/api/tasks/4?next=/data/upload/x.jpg"]
+    for url in with_token + without:
+        with contextlib.suppress(MediaError):
+            media_fetcher.fetch(url, task_id=5)
+    sent = {target: header for target, header in label_studio.authorization.items()}
+    leaked = [target for target, header in sent.items() if header and not any(
+        target.startswith(prefix) for prefix in ("/data/upload/1/", "/storage-data/uploaded/?filepath=upload/1/",
+                                                 "/tasks/5/resolve/", "/projects/5/presign/", "/data/local-files/"))]
+    assert len(sent) >= len(with_token) + len(without) - 2  # some climbing paths are normalized by the client
+    assert leaked == [], f"the token went to {leaked}"
+    assert all(sent.get(target) for target in ("/data/upload/1/ok.jpg", "/storage-data/uploaded/?filepath=upload/1/b.jpg"))
+    assert any(target.startswith("/tasks/5/resolve/") and header for target, header in sent.items())

@@ -12,6 +12,8 @@ Surviving faults:
   RQ Retry. The handler below makes that retry immediate (the retry backoff is meant for jobs that
   raised, e.g. Label Studio being down; a dead worker says nothing about the job), still bounded by
   JOB_RETRIES. With no retries left the job lands in the failed registry as AbandonedJobError.
+  The handler also charges a kill to each input the job had in flight (`backend.loop.poison`): an
+  input that kills MEDIA_POISON_KILLS workers is skipped from then on instead of killing them all.
 - Redis going away does not stop the worker: it waits for Redis and carries on; a job that lost
   Redis midway is detected as abandoned once Redis is back and re-run.
 """
@@ -79,7 +81,8 @@ class ServicesJob(Job):
             raise ConfigurationError(
                 f"Job {self.id} ({self.func_name}) was run outside `headstart worker`, which passes the job its "
                 "services: start workers with `headstart worker`, not `rq worker`.")
-        return self.func(self.services, *self.args, **self.kwargs)
+        with self.services.features.charging(self.id):  # a worker dying on an input charges that input
+            return self.func(self.services, *self.args, **self.kwargs)
 
 
 def abandoned_job_handler(services: Services):
@@ -92,6 +95,7 @@ def abandoned_job_handler(services: Services):
     def rerun_abandoned_at_once(job, exc_type, exc_value, traceback) -> bool:
         if exc_type is not AbandonedJobError:
             return True
+        services.features.poison.charge(job.id)  # the inputs it was on when its worker died
         if job.retries_left and job.retry_intervals:
             index = max(len(job.retry_intervals) - job.retries_left, 0)
             job.retry_intervals = [0 if i == index else s for i, s in enumerate(job.retry_intervals)]

@@ -263,7 +263,14 @@ def status(services: Services) -> dict:
     redis = services.redis
     brief = [{key: view[key] for key in ("name", "state", "host", "current_job")} for view in workers(redis)]
     return {"redis": redis_info(redis, services.settings.redis_url), "suspended": suspended(redis),
-            "queues": queues(redis), "workers": brief, "projects": projects(services)}
+            "queues": queues(redis), "workers": brief, "projects": projects(services),
+            "killer_inputs": killer_inputs(services)}
+
+
+def killer_inputs(services: Services) -> list[dict]:
+    """Inputs that were in flight when a worker died, per project; `poison` ones are skipped (MEDIA_POISON_KILLS)."""
+    return [{"project": project, **entry} for project in services.projects.all()
+            for entry in services.features.poison.report(project)]
 
 
 def overview(services: Services) -> dict:
@@ -271,4 +278,5 @@ def overview(services: Services) -> dict:
     redis = services.redis
     return {"redis": redis_info(redis, services.settings.redis_url), "suspended": suspended(redis),
             "queues": queues(redis), "workers": workers(redis), "jobs": jobs(redis),
-            "projects": [models(services, project) for project in services.projects.all()]}
+            "projects": [models(services, project) for project in services.projects.all()],
+            "killer_inputs": killer_inputs(services)}

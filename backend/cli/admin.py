@@ -146,6 +146,10 @@ def _status(services, args, out: Output) -> int:
                 str(p["queue"]["labeled"]), str(p["queue"]["unlabeled"]), str(p["queue"]["current"]),
                 p["queue"]["sampling"] + (f" ({p['queue']['note']})" if p["queue"]["note"] else "")]
                for p in data["projects"]])
+    if data["killer_inputs"]:
+        out.table("Inputs a worker died on (skipped once poison)", ["project", "task", "kills", "poison", "url"],
+                  [[k["project"], k["task_id"], k["kills"], "yes" if k["poison"] else "no", k["url"][:80]]
+                   for k in data["killer_inputs"]])
     return EXIT_OK
 
 

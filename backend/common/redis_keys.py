@@ -159,3 +159,17 @@ def admin_failures(client: str) -> str:
 def active(project_id: str) -> str:
     """hash {sampling, note, tag, strategy, front (JSON task ids), round, refreshed_at}: P's queue state."""
     return f"{PREFIX}:active:{project_id}"
+
+
+# --- inputs that killed workers (backend.loop.poison) -------------------------------------------
+
+
+def inputs_in_flight(job_id: str) -> str:
+    """hash media URL → JSON {project, task_id}: the inputs RQ job `job_id` is fetching or embedding now.
+    Left behind only by a worker that died; RQ's abandoned-job handler turns them into kills."""
+    return f"{PREFIX}:inflight:{job_id}"
+
+
+def input_kills(project_id: str) -> str:
+    """hash media URL → JSON {task_id, kills, at}: inputs of P that were in flight when a worker died."""
+    return f"{PREFIX}:kills:{project_id}"

@@ -77,7 +77,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Label Studio uses) instead of downloading it."),
     Setting("MEDIA_MAX_BYTES", "media_max_bytes", "33554432", int,
             "Largest media file accepted, in bytes."),
-    Setting("MEDIA_MAX_PIXELS", "media_max_pixels", "89478485", int,
+    Setting("MEDIA_MAX_PIXELS", "media_max_pixels", "40000000", int,
             "Largest decoded image accepted, in pixels (width x height)."),
     Setting("MEDIA_TIMEOUT_S", "media_timeout_s", "10", float,
             "Seconds allowed to fetch one media file."),
@@ -88,6 +88,22 @@ SETTINGS: tuple[Setting, ...] = (
             "Also fetch media from other hosts when every address they resolve to is public (never "
             "loopback, private, link-local or cloud metadata). false: only LABEL_STUDIO_URL's host and "
             "MEDIA_ALLOWED_HOSTS."),
+    Setting("MEDIA_DECODE_BUDGET_BYTES", "media_decode_budget_bytes", "268435456", int,
+            "Most bytes of decoded pixels one process holds at once, over all its threads (a decode waits "
+            "its turn); an image that alone needs more is refused. Images shrink while they decode, so "
+            "this bounds a process's peak memory."),
+    Setting("MEDIA_POISON_KILLS", "media_poison_kills", "2", int,
+            "A task input that was being fetched or embedded when its worker died (killed, out of memory) "
+            "this many times is skipped from then on, as a media error, and listed in `headstart status` "
+            "and /admin."),
+    Setting("PREDICT_MAX_FETCH", "predict_max_fetch", "200", int,
+            "Most inputs one /predict fetches and embeds; its other tasks are answered from cached "
+            "features, or empty (the workers embed them and, with REPREDICT_UNLABELED, write their "
+            "predictions). Retrieve Predictions sends every selected task in one /predict and waits 100 "
+            "s."),
+    Setting("PREDICT_DEADLINE_S", "predict_deadline_s", "60", float,
+            "Seconds one /predict may spend fetching and embedding; tasks not done by then are answered "
+            "empty, with the reason logged. Keep it below Label Studio's ML_TIMEOUT_PREDICT (100 s)."),
     Setting("MULTI_LABEL_THRESHOLD", "multi_label_threshold", "0.5", float,
             "Probability above which a class is predicted for choice=\"multiple\" controls."),
     Setting("MIN_LABELS_PER_CLASS", "min_labels_per_class", "1", int,
@@ -143,10 +159,14 @@ class Settings:
     model_dir: str = ""
     local_files_document_root: str = ""
     media_max_bytes: int = 32 * 1024 * 1024
-    media_max_pixels: int = 89_478_485
+    media_max_pixels: int = 40_000_000
     media_timeout_s: float = 10.0
     media_allowed_hosts: tuple[str, ...] = ()
     media_public_hosts: bool = True
+    media_decode_budget_bytes: int = 256 * 1024 * 1024
+    media_poison_kills: int = 2
+    predict_max_fetch: int = 200
+    predict_deadline_s: float = 60.0
     multi_label_threshold: float = 0.5
     min_labels_per_class: int = 1
     train_min_interval_s: float = 1.0

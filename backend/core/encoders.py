@@ -12,20 +12,26 @@ never embedded twice.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
 from backend.core import backbones
 from backend.common.errors import ConfigurationError, UnknownBackbone
+from backend.core.memory_budget import MemoryBudget
 
 
 @dataclass(frozen=True)
 class InputLimits:
-    """Bounds on what one untrusted input may expand to when prepared (a deployment setting)."""
+    """Bounds on what one untrusted input may expand to when prepared (deployment settings).
 
-    max_pixels: int = 89_478_485
+    `budget` is the process's memory budget for prepared inputs: `prepare` holds its share while it
+    expands an input, so concurrent preparations in one process stay within it together.
+    """
+
+    max_pixels: int = 40_000_000
+    budget: MemoryBudget | None = field(default=None, compare=False)
 
 
 class Encoder(Protocol):

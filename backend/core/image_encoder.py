@@ -72,7 +72,7 @@ class ImageEncoder:
 
     def prepare(self, data: bytes, limits: InputLimits) -> Image.Image:
         """Decode one untrusted input (image bytes) into what `embed` takes; raises MediaError."""
-        return decode_image(data, max_pixels=limits.max_pixels, min_side=self.resize_size)
+        return decode_image(data, max_pixels=limits.max_pixels, min_side=self.resize_size, budget=limits.budget)
 
     @torch.no_grad()
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:

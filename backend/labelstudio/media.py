@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
+import re
 import shutil
 import stat
 import tempfile
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import requests
 from label_studio_sdk._extensions.label_studio_tools.core.utils import io as ls_io
@@ -25,6 +27,9 @@ from backend.common.settings import Settings
 from backend.labelstudio.ssrf import FetchGuard, GuardedAdapter, HostPolicy
 
 MAX_REDIRECTS = 3
+# Label Studio 1.23's own media routes (data_import/urls.py, io_storages/urls.py): the only paths its token goes to
+LABEL_STUDIO_MEDIA_PATH = re.compile(
+    r"^/(?:data/upload/|storage-data/uploaded/|data/local-files/?$|(?:tasks|projects)/\d+/(?:resolve|presign)/?$)")
 CHUNK_BYTES = 1 << 16
 
 
@@ -139,14 +144,24 @@ class MediaFetcher:
             shutil.rmtree(scratch, ignore_errors=True)
 
     def _token_for(self, url: str) -> str | None:
-        needs_label_studio = url.startswith(("/", "upload")) or ls_io.is_cloud_storage_uri(url) or (
-            self.settings.label_studio_url and urlparse(url).netloc == urlparse(self.settings.label_studio_url).netloc
-        )
-        if not needs_label_studio:
+        """Label Studio's token, for its own media routes only: never for another host, nor for any other
+        path of its host (a task URL pointing at /api/... would otherwise act with the token)."""
+        if not (ls_io.is_cloud_storage_uri(url) or url.startswith("upload/") or self._is_label_studio_media(url)):
             return None
         if url.startswith("/data/local-files") and self._local_root():
             return None
         return self.token.get()
+
+    def _is_label_studio_media(self, url: str) -> bool:
+        parsed = urlparse(url)
+        relative = url.startswith("/") and not url.startswith("//")
+        on_label_studio = relative or bool(
+            self.settings.label_studio_url and parsed.scheme in ("http", "https")
+            and parsed.netloc == urlparse(self.settings.label_studio_url).netloc)
+        path = unquote(parsed.path)
+        if not on_label_studio or ".." in path.split("/") or "\\" in path:
+            return False
+        return bool(LABEL_STUDIO_MEDIA_PATH.match(posixpath.normpath(path) + ("/" if path.endswith("/") else "")))
 
     def _local_root(self) -> str | None:
         root = self.settings.local_files_document_root

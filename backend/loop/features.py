@@ -1,13 +1,24 @@
 """Features for tasks: from the Redis cache when the input was seen before, else fetch → prepare → embed.
 
-Used by `/predict` and by the worker's jobs, so both share one cache and one code path.
+Used by `/predict` and by the worker's jobs, so both share one cache and one code path. The work is
+streamed: a call keeps at most `FetchPlan.share` inputs in the process's fetch pool and embeds them
+in batches of `STREAM_BATCH`, so neither a request nor a training ever holds all of its decoded
+inputs at once, and one call cannot take the whole pool from the others. Each media URL is fetched
+once per call however many tasks name it. A request also has a deadline and a cap on fetches
+(`FetchPlan.for_request`); what they leave out is answered with a MediaError that says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from redis import Redis
@@ -15,13 +26,17 @@ from redis.exceptions import RedisError
 
 from backend.common.errors import MediaError
 from backend.common.metrics import Metrics
+from backend.common.settings import Settings
 from backend.core.embedding_cache import EmbeddingCache, MediaDigests, content_digest
 from backend.core.encoders import Encoder, InputLimits
 from backend.labelstudio.media import MediaFetcher
+from backend.loop.poison import PoisonLedger
 
 log = logging.getLogger(__name__)
 
-FETCH_THREADS = 8
+FETCH_THREADS = 16  # the process's fetch pool: four requests at their full share run side by side
+REQUEST_SHARE = 4  # inputs one /predict keeps in the pool at once
+STREAM_BATCH = 16  # inputs decoded and waiting for one embedding pass, at most
 
 
 @dataclass(frozen=True)
@@ -36,13 +51,49 @@ class MediaItem:
         return self.url.encode("utf-8", "surrogatepass")  # a lone surrogate fails as "not UTF-8" in prepare
 
 
+@dataclass(frozen=True)
+class FetchPlan:
+    """How much of the process one call may use: its share of the fetch pool, a deadline
+    (`time.monotonic()`; None: none), and the most inputs it may fetch (None: all)."""
+
+    share: int = FETCH_THREADS // 2
+    deadline: float | None = None
+    max_fetch: int | None = None
+
+    @classmethod
+    def for_request(cls, settings: Settings) -> "FetchPlan":
+        """A /predict's plan: REQUEST_SHARE of the pool, PREDICT_DEADLINE_S, PREDICT_MAX_FETCH inputs."""
+        return cls(share=REQUEST_SHARE, deadline=time.monotonic() + settings.predict_deadline_s,
+                   max_fetch=settings.predict_max_fetch)
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
 class FeatureSource:
-    def __init__(self, redis: Redis, fetcher: MediaFetcher, *, limits: InputLimits, metrics: Metrics):
+    def __init__(self, redis: Redis, fetcher: MediaFetcher, *, limits: InputLimits, metrics: Metrics,
+                 poison: PoisonLedger | None = None):
         self.redis = redis
         self.fetcher = fetcher
         self.limits = limits
         self.metrics = metrics
+        self.poison = poison or PoisonLedger(redis, kills_allowed=2)
         self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="headstart-fetch")
+        self._job = threading.local()
+
+    @contextlib.contextmanager
+    def charging(self, job_id: str) -> Iterator[None]:
+        """While the block runs in this thread, inputs in flight are marked as RQ job `job_id`'s, so a
+        worker dying on one charges it a kill (`backend.loop.poison`). The worker wraps each job in it."""
+        self._job.id = job_id
+        try:
+            yield
+        finally:
+            self._job.id = None
 
     def cached(self, project: str, items: list[MediaItem], encoder: Encoder) -> list[torch.Tensor | None]:
         """The cached feature vector of each item, or None where its input was never embedded. Fetches nothing."""
@@ -54,43 +105,108 @@ class FeatureSource:
         cached = self._cache(lambda: cache.get_many(digest for digest in digest_of if digest), {})
         return [cached.get(digest) for digest in digest_of]
 
-    def features(
-        self, project: str, items: list[MediaItem], encoder: Encoder
-    ) -> list[torch.Tensor | MediaError]:
+    def features(self, project: str, items: list[MediaItem], encoder: Encoder, *,
+                 plan: FetchPlan | None = None) -> list[torch.Tensor | MediaError]:
         """One feature vector (or the reason there is none) per item, in order."""
-        cache = EmbeddingCache(self.redis, encoder.key)
-        digests = MediaDigests(self.redis, project)
-        results: list[torch.Tensor | MediaError | None] = list(self.cached(project, items, encoder))
-        missing = [index for index, result in enumerate(results) if result is None]
-        metrics = self.metrics
-        if not missing:
-            metrics.add("headstart_embedding_cache_hits_total", len(items))
-            return results
+        plan = plan or FetchPlan()
+        unique = list({item.url: item for item in reversed(items)}.values())[::-1]  # first item per URL
+        by_url: dict[str, torch.Tensor | MediaError] = {
+            item.url: vector for item, vector in zip(unique, self.cached(project, unique, encoder))
+            if vector is not None}
+        missing = [item for item in unique if item.url not in by_url]
+        hits = len(by_url)
+        if missing:
+            by_url.update(self._fetch_and_embed(project, missing, encoder, plan))
+        fetched = sum(isinstance(by_url[item.url], torch.Tensor) for item in missing)
+        self.metrics.add("headstart_embedding_cache_hits_total", len(items) - len(unique) + hits)
+        self.metrics.add("headstart_embedding_cache_misses_total", fetched)
+        return [by_url[item.url] for item in items]
 
-        loaded = list(self._pool.map(lambda index: self._load(items[index], encoder), missing))
-        new_digests, images, image_slots = {}, [], []
-        for index, outcome in zip(missing, loaded):
-            if isinstance(outcome, MediaError):
-                results[index] = outcome
-                continue
-            digest, image = outcome
-            if not items[index].inline:
-                new_digests[items[index].url] = digest
-            if isinstance(image, torch.Tensor):
-                results[index] = image
-            else:
-                images.append(image)
-                image_slots.append((index, digest))
-        vectors = encoder.embed(images)
-        for (index, _), vector in zip(image_slots, vectors):
-            results[index] = vector
-        fresh = {digest: vector for (_, digest), vector in zip(image_slots, vectors)}
-        self._cache(lambda: cache.put_many(fresh), None)
-        self._cache(lambda: digests.put_many(new_digests), None)
-        failed = sum(isinstance(outcome, MediaError) for outcome in loaded)
-        metrics.add("headstart_embedding_cache_hits_total", len(items) - len(images) - failed)
-        metrics.add("headstart_embedding_cache_misses_total", len(images))
+    def _fetch_and_embed(self, project: str, items: list[MediaItem], encoder: Encoder,
+                         plan: FetchPlan) -> dict[str, torch.Tensor | MediaError]:
+        results: dict[str, torch.Tensor | MediaError] = {}
+        if plan.max_fetch is not None and len(items) > plan.max_fetch:
+            skipped = items[plan.max_fetch:]
+            items = items[:plan.max_fetch]
+            log.warning("project %s: %d inputs not fetched in this request (PREDICT_MAX_FETCH=%d); the workers "
+                        "embed them", project, len(skipped), plan.max_fetch)
+            for item in skipped:
+                results[item.url] = MediaError(f"Not fetched in this request: it asked for more than "
+                                               f"PREDICT_MAX_FETCH={plan.max_fetch} new inputs.")
+        # an inline text is its own input, never fetched: no URL to charge kills to
+        kills = self._cache(lambda: self.poison.kills(project, (item.url for item in items if not item.inline)), {})
+        healthy = [item for item in items if not kills.get(item.url)]
+        suspects = [item for item in items if kills.get(item.url)]
+        for item in suspects:
+            if self.poison.is_poison(kills[item.url]):
+                results[item.url] = self.poison.poison_error(kills[item.url])
+                log.warning("project %s task %s: %s", project, item.task_id, results[item.url])
+        suspects = [item for item in suspects if item.url not in results]
+        results.update(self._stream(project, healthy, encoder, plan))
+        for item in suspects:  # one at a time, so a worker dying now is charged to this input alone
+            results.update(self._stream(project, [item], encoder, FetchPlan(1, plan.deadline)))
         return results
+
+    def _stream(self, project: str, items: list[MediaItem], encoder: Encoder,
+                plan: FetchPlan) -> dict[str, torch.Tensor | MediaError]:
+        """Fetch and prepare `items` with at most `plan.share` in the pool, embedding every STREAM_BATCH."""
+        results: dict[str, torch.Tensor | MediaError] = {}
+        pending: deque[MediaItem] = deque(items)
+        running: deque[tuple[MediaItem, Future]] = deque()
+        batch: list[tuple[MediaItem, str, object]] = []
+        digests: dict[str, str] = {}
+        job_id = getattr(self._job, "id", None)
+        late = 0
+        while pending or running:
+            while pending and len(running) < max(1, plan.share):
+                item = pending.popleft()
+                if plan.expired:
+                    late += 1
+                    results[item.url] = self._late(plan)
+                    continue
+                running.append((item, self._pool.submit(self._load, project, item, encoder, job_id)))
+            if not running:
+                break
+            item, future = running.popleft()
+            try:
+                outcome = future.result(timeout=plan.remaining())
+            except FutureTimeout:
+                late += 1
+                outcome = self._late(plan)
+            if isinstance(outcome, MediaError):
+                results[item.url] = outcome
+                continue
+            digest, prepared = outcome
+            if not item.inline:
+                digests[item.url] = digest
+            if isinstance(prepared, torch.Tensor):
+                results[item.url] = prepared
+            else:
+                batch.append((item, digest, prepared))
+            if len(batch) >= STREAM_BATCH or (batch and not running and not pending):
+                results.update(self._embed(project, batch, encoder, job_id))
+                batch = []
+        if batch:
+            results.update(self._embed(project, batch, encoder, job_id))
+        self._cache(lambda: MediaDigests(self.redis, project).put_many(
+            {url: digest for url, digest in digests.items() if isinstance(results.get(url), torch.Tensor)}), None)
+        if late:
+            log.warning("project %s: %d inputs not done within PREDICT_DEADLINE_S; answered empty", project, late)
+        return results
+
+    @staticmethod
+    def _late(plan: FetchPlan) -> MediaError:
+        return MediaError("Not done within this request's deadline (PREDICT_DEADLINE_S); the workers embed it.")
+
+    def _embed(self, project: str, batch: list[tuple[MediaItem, str, object]], encoder: Encoder,
+               job_id: str | None) -> dict[str, torch.Tensor]:
+        """Embed one batch of prepared inputs and cache the vectors; the inputs stay marked until done."""
+        marks = {item.url: item.task_id for item, _, _ in batch if not item.inline}
+        with self._marked(job_id, project, marks):
+            vectors = encoder.embed([prepared for _, _, prepared in batch])
+            fresh = {digest: vector for (_, digest, _), vector in zip(batch, vectors)}
+            self._cache(lambda: EmbeddingCache(self.redis, encoder.key).put_many(fresh), None)
+        return {item.url: vector for (item, _, _), vector in zip(batch, vectors)}
 
     @staticmethod
     def _cache(call, default):
@@ -101,17 +217,32 @@ class FeatureSource:
             log.warning("embedding cache unavailable, working without it: %s", exc)
             return default
 
-    def _load(self, item: MediaItem, encoder: Encoder):
-        """(digest, cached vector or decoded image), or the MediaError explaining the failure."""
+    @contextlib.contextmanager
+    def _marked(self, job_id: str | None, project: str, marks: dict[str, int | None]) -> Iterator[None]:
+        """`marks` in flight for `job_id` during the block; while Redis is unreachable, unmarked."""
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self.poison.in_flight(job_id, project, marks))
+            except RedisError as exc:
+                log.warning("inputs in flight not marked (Redis unreachable): %s", exc)
+            yield
+
+    def _load(self, project: str, item: MediaItem, encoder: Encoder, job_id: str | None):
+        """(digest, cached vector or prepared input), or the MediaError explaining the failure.
+
+        Runs in the fetch pool. In a job, the input stays marked in flight from before its fetch until
+        its batch is embedded, so a worker that dies on it (in the fetch, the decode or the embedding)
+        charges it; `_embed` marks it again for the embedding."""
         try:
             if item.inline and not item.url:
                 raise MediaError("The task has no text under the data key the labeling config's <Text> value names.")
-            data = item.inline_bytes() if item.inline else self.fetcher.fetch(item.url, task_id=item.task_id)
-            digest = content_digest(data)
-            cached = self._cache(lambda: EmbeddingCache(self.redis, encoder.key).get_many([digest]), {})
-            if digest in cached:
-                return digest, cached[digest]
-            return digest, encoder.prepare(data, self.limits)
+            with self._marked(job_id, project, {} if item.inline else {item.url: item.task_id}):
+                data = item.inline_bytes() if item.inline else self.fetcher.fetch(item.url, task_id=item.task_id)
+                digest = content_digest(data)
+                cached = self._cache(lambda: EmbeddingCache(self.redis, encoder.key).get_many([digest]), {})
+                if digest in cached:
+                    return digest, cached[digest]
+                return digest, encoder.prepare(data, self.limits)
         except MediaError as exc:
             log.warning("task %s: %s", item.task_id, exc)
             return exc

@@ -14,7 +14,7 @@ from backend.core.heads import choose_classes, head_probabilities
 from backend.core.store import HeadVersion, ModelStore
 from backend.common.errors import BadRequest, HeadMismatch, MediaError
 from backend.core.encoders import EncoderPool
-from backend.loop.features import FeatureSource, MediaItem
+from backend.loop.features import FeatureSource, FetchPlan, MediaItem
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,11 @@ class Predictor:
             heads[spec.control] = head
         return Served(specs=specs, heads=heads)
 
-    def predict(self, tasks: list[dict], *, project: str, label_config: str) -> list[dict]:
-        """One prediction per task, in order. Tasks whose media fails get an empty result."""
-        return self._predict(tasks, project=project, label_config=label_config, cached_only=False)[0]
+    def predict(self, tasks: list[dict], *, project: str, label_config: str,
+                plan: FetchPlan | None = None) -> list[dict]:
+        """One prediction per task, in order. Tasks whose media fails, or is left out by `plan` (a request's
+        deadline and cap on fetches), get an empty result."""
+        return self._predict(tasks, project=project, label_config=label_config, cached_only=False, plan=plan)[0]
 
     def predict_cached(self, tasks: list[dict], *, project: str, label_config: str) -> tuple[list[dict], list[int]]:
         """Predictions from cached features only (nothing fetched or embedded), and the indices of the tasks
@@ -102,7 +104,7 @@ class Predictor:
         return self._predict(tasks, project=project, label_config=label_config, cached_only=True)
 
     def _predict(self, tasks: list[dict], *, project: str, label_config: str,
-                 cached_only: bool) -> tuple[list[dict], list[int]]:
+                 cached_only: bool, plan: FetchPlan | None = None) -> tuple[list[dict], list[int]]:
         served = self.served(project, label_config)
         version = served.model_version
         predictions = [{"model_version": version, "score": 0.0, "result": []} for _ in tasks]
@@ -121,11 +123,10 @@ class Predictor:
                 features = self.features.cached(project, items, encoder)
                 not_embedded.update(index for index, vector in enumerate(features) if vector is None)
             else:
-                features = self.features.features(project, items, encoder)
+                features = self.features.features(project, items, encoder, plan=plan)
             usable = [index for index, vector in enumerate(features) if isinstance(vector, torch.Tensor)]
-            for index, vector in enumerate(features):
-                if isinstance(vector, MediaError):
-                    log.warning("project %s task %s: no prediction: %s", project, items[index].task_id, vector)
+            _log_failures(project, [(items[index].task_id, vector) for index, vector in enumerate(features)
+                                    if isinstance(vector, MediaError)])
             if not usable:
                 continue
             probabilities = head_probabilities(head.head, torch.stack([features[i] for i in usable]),
@@ -164,6 +165,17 @@ class Predictor:
             with self._lock:
                 self._heads[key] = cached
         return cached
+
+
+LOGGED_FAILURES = 5  # per request and control: a request of thousands of failing tasks logs a count, not a flood
+
+
+def _log_failures(project: str, failures: list[tuple[int | None, MediaError]]) -> None:
+    for task_id, error in failures[:LOGGED_FAILURES]:
+        log.warning("project %s task %s: no prediction: %s", project, task_id, error)
+    if len(failures) > LOGGED_FAILURES:
+        log.warning("project %s: %d more tasks of this request without prediction", project,
+                    len(failures) - LOGGED_FAILURES)
 
 
 def _task_id(task: dict) -> int | None:

@@ -16,6 +16,7 @@ from backend.common.metrics import Metrics
 from backend.common.queues import TrainingScheduler
 from backend.common.settings import Settings
 from backend.core.encoders import EncoderPool, InputLimits
+from backend.core.memory_budget import MemoryBudget
 from backend.core.store import ModelStore
 from backend.labelstudio.client import MediaToken, make_client
 from backend.labelstudio.label_mirror import LabelStore
@@ -23,6 +24,7 @@ from backend.labelstudio.media import MediaFetcher
 from backend.labelstudio.projects import ProjectRegistry
 from backend.labelstudio.task_index import TaskIndex
 from backend.loop.features import FeatureSource
+from backend.loop.poison import PoisonLedger
 from backend.loop.predictor import Predictor
 
 
@@ -58,8 +60,10 @@ def build_services(settings: Settings, redis: Redis, *, device: str = "cpu",
                                        weights_file=settings.backbone_weights_file, device=device,
                                        text_name=settings.text_encoder)
     fetcher = MediaFetcher(settings, MediaToken(settings))
-    features = FeatureSource(redis, fetcher, limits=InputLimits(max_pixels=settings.media_max_pixels),
-                             metrics=metrics)
+    limits = InputLimits(max_pixels=settings.media_max_pixels,
+                         budget=MemoryBudget(settings.media_decode_budget_bytes))
+    features = FeatureSource(redis, fetcher, limits=limits, metrics=metrics,
+                             poison=PoisonLedger(redis, kills_allowed=settings.media_poison_kills))
     predictor = Predictor(redis=redis, store=store, features=features, encoders=encoders,
                           multi_label_threshold=settings.multi_label_threshold)
     return Services(settings=settings, redis=redis, store=store, labels=LabelStore(redis),

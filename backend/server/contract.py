@@ -12,6 +12,7 @@ from backend.common.queue_state import scrape_gauges
 from backend.common.queues import enqueue_index, enqueue_webhook_auth
 from backend.common.errors import BadRequest
 from backend.labelstudio.webhooks import WebhookAuth, credentials_tag
+from backend.loop.features import FetchPlan
 from backend.loop.predictor import project_id
 from backend.loop.repredict import PredictionLedger
 from backend.server.current import services
@@ -94,7 +95,8 @@ def predict():
     label_config = body.get("label_config") or hub.projects.label_config(project)
     if not isinstance(label_config, str):
         raise BadRequest("'label_config' is missing and this project has not been set up yet.")
-    results = hub.predictor.predict(tasks, project=project, label_config=label_config)
+    results = hub.predictor.predict(tasks, project=project, label_config=label_config,
+                                    plan=FetchPlan.for_request(hub.settings))
     _record_answered(hub, project, tasks, results)
     hub.metrics.add("headstart_predict_requests_total")
     hub.metrics.add("headstart_predictions_total", len(tasks))
