@@ -15,9 +15,10 @@ from rq import get_current_job
 
 from backend.common import redis_keys
 from backend.common.errors import HeadstartError, NotEnoughLabels
-from backend.common.queues import enqueue_embed_chunk, enqueue_index, enqueue_repredict, training_waiting
+from backend.common.queues import enqueue_audit, enqueue_embed_chunk, enqueue_index, enqueue_repredict, training_waiting
 from backend.labelstudio.labeling_config import parse_label_config
 from backend.labelstudio.task_index import read_tasks
+from backend.loop.audit import audit_project
 from backend.loop.features import MediaItem
 from backend.loop.repredict import repredict, served_version
 from backend.loop.retrain import retrain_project
@@ -48,6 +49,8 @@ def train_project(services: Services, project: str) -> dict:
     services.metrics.observe("headstart_training_seconds", time.perf_counter() - started)
     if summary["promoted"] and services.settings.repredict_unlabeled and services.can_reach_label_studio:
         enqueue_repredict(services.redis, services.settings, project, summary["model_version"])
+    if any(outcome["status"] != "skipped" for outcome in summary["controls"].values()):
+        enqueue_audit(services.redis, services.settings, project)  # suspects and coverage of the labels just read
     return summary
 
 
@@ -123,6 +126,13 @@ def embed_tasks(services: Services, project: str) -> dict:
         job.meta["progress_key"] = redis_keys.embedding_progress(project)
         job.save_meta()
     return index_tasks(services, project)
+
+
+def audit_labels(services: Services, project: str) -> dict:
+    """Judge the project's labels under its served heads (suspects, near-duplicate conflicts, auto-accept coverage),
+    store the audit with the version and bring Label Studio's suspect markers in line."""
+    services.redis.delete(redis_keys.audit_queued(project))  # a training finishing from now on queues another
+    return audit_project(services, project)
 
 
 def _config(services: Services, project: str) -> str:

@@ -17,6 +17,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from backend.admin.errors import NotFound
+from backend.loop import audit_report
 from backend.loop.predictor import model_version_of, project_id
 from backend.common.redis_conn import LOCAL_REDIS_URL
 from backend.loop.services import Services
@@ -211,7 +212,8 @@ def models(services: Services, project: object) -> dict:
         controls.append({"control": control, "current": current,
                          "versions": [version_view(meta, current) for meta in store.versions(identifier, control)]})
     return {"project": identifier, "model_version": served_version(services, identifier),
-            "label_config_known": services.projects.label_config(identifier) is not None, "controls": controls}
+            "label_config_known": services.projects.label_config(identifier) is not None, "controls": controls,
+            "audit": audit_report.suspects(services, identifier)}
 
 
 def version_view(meta: dict, current: int | None) -> dict:
@@ -251,7 +253,8 @@ def projects(services: Services) -> list[dict]:
         views.append({"project": project, "model_version": served_version(services, project),
                       "controls": [{"control": control, "current": current[control],
                                     "versions": len(services.store.versions(project, control))}
-                                   for control in controls]})
+                                   for control in controls],
+                      "coverage": audit_report.coverage(services, project)})
     return views
 
 

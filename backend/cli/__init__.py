@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from backend.cli.admin import add_admin_commands
+from backend.cli.audit import add_audit_commands
 from backend.common.errors import HeadstartError
 from backend.common.settings import Settings
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("backbones", help="list the available backbones")
     admin_commands = add_admin_commands(commands)
+    admin_commands.update(add_audit_commands(commands))
 
     args = parser.parse_args(argv)
     try:

@@ -144,6 +144,9 @@ def _status(services, args, out: Output) -> int:
               [[p["project"], p["model_version"],
                 ", ".join(f"{c['control']}: v{c['current']} of {c['versions']}" for c in p["controls"])]
                for p in data["projects"]])
+    for p in data["projects"]:
+        for coverage in p.get("coverage") or []:
+            out.line(f"project {p['project']}, control {coverage['control']}: {coverage['line']}")
     return EXIT_OK
 
 

@@ -31,6 +31,7 @@ REPREDICT_JOB = "worker.jobs.predict_unlabeled"
 EMBED_JOB = "worker.jobs.embed_tasks"
 INDEX_JOB = "worker.jobs.index_tasks"
 EMBED_CHUNK_JOB = "worker.jobs.embed_chunk"
+AUDIT_JOB = "worker.jobs.audit_labels"
 
 
 def queue(name: str, redis: Redis) -> Queue:
@@ -168,3 +169,12 @@ def enqueue_index(redis: Redis, settings: Settings, project: str, task_ids: list
 def enqueue_embed_chunk(redis: Redis, settings: Settings, project: str, task_ids: list[int]) -> Job:
     return _enqueue_background(redis, settings, EMBED_CHUNK_JOB, (project, task_ids),
                                f"embed {len(task_ids)} task(s) of project {project}", project)
+
+
+def enqueue_audit(redis: Redis, settings: Settings, project: str) -> Job | None:
+    """Audit the project's labels (suspects, conflicts, auto-accept coverage) after a training; None when an audit
+    is already queued (it will read the newest labels when it starts)."""
+    if not redis.set(redis_keys.audit_queued(project), "1", nx=True, ex=settings.job_timeout_s):
+        return None
+    return _enqueue_background(redis, settings, AUDIT_JOB, (project,), f"audit the labels of project {project}",
+                               project)

@@ -129,3 +129,22 @@ def predicted(project_id: str, model_version: str) -> str:
 def embedding_progress(project_id: str) -> str:
     """hash {total, done, failed}: inputs of P's indexed tasks to embed, embedded, failed (latest pass)."""
     return f"{PREFIX}:embedding:{project_id}"
+
+
+# --- label audit (backend.loop.audit) -------------------------------------------------------------
+
+
+def audit(project_id: str, control: str) -> str:
+    """string, JSON: the latest audit of control C of P (suspect labels, conflicts, auto-accept, out-of-fold
+    probabilities) and the version it was made under."""
+    return f"{PREFIX}:audit:{project_id}:{control}"
+
+
+def audit_markers(project_id: str) -> str:
+    """hash "C:task" → JSON {prediction, suggested}: the suspect markers (predictions) written into Label Studio."""
+    return f"{PREFIX}:audit:{project_id}:markers"
+
+
+def audit_queued(project_id: str) -> str:
+    """string, with a TTL: an audit of P is queued and has not started yet (later requests coalesce into it)."""
+    return f"{PREFIX}:audit:{project_id}:queued"
