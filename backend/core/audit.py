@@ -4,10 +4,9 @@ Everything here works on out-of-fold, temperature-calibrated probabilities of th
 (each example scored by a head that never saw it), computed with the same head fitting as training:
 - **suspects**, confident-learning style: per class, the threshold t_j is the mean probability of
   class j over the examples labeled j; an example labeled i whose probability of another class j
-  reaches t_j (and beats its own class) lands off the diagonal of the confident joint. Per given
-  class the number of such examples estimates how many of its labels are wrong, and that many of
-  them, least likely under their given label first, are flagged (the cut). Every example is
-  ranked by the probability of its given label (lowest first).
+  reaches `CONFIDENT_SLACK` · t_j (and beats its own class) lands off the diagonal of the confident
+  joint and is flagged (the cut). Every example is ranked by the probability of its given label
+  (lowest first).
 - **conflicts**: near-duplicate inputs (cosine of the features at least `duplicate_cosine`) whose
   labels differ.
 - **auto-accept**: per class, the lowest confidence at which the predictions of that class reach
@@ -29,7 +28,10 @@ import torch
 from backend.core.head_fitting import HeadRecipe, cross_validate, encode_targets, fit_temperature
 
 MIN_LABELS_TO_JUDGE = 5  # per class (and per class absent, for multiple choice): one per fold of a 5-fold split
-OOF_REPEATS = 2  # fold shuffles averaged: the ranking of a few hundred labels is steadier with two
+OOF_REPEATS = 1  # fold shuffles averaged (2 did not rank flipped labels better on hymenoptera / flowers12)
+# t_j loosened by 10 %: on hymenoptera and flowers12 with 10 % flipped labels the plain confident joint (1.0) flagged
+# at precision 0.98-1.0 but recall 0.71-0.78; 0.9 at precision 0.91-1.0, recall 0.76-0.88 (bench/README.md)
+CONFIDENT_SLACK = 0.9
 DUPLICATE_COSINE = 0.97  # re-encoded / resized copies of one image score above this with ImageNet backbones
 WILSON_Z = 1.96  # 95 % interval
 ALL_CLASSES = "*"  # the auto-accept key of a multiple-choice control: every class decision right
@@ -134,15 +136,12 @@ def _judge_single(probabilities, targets, classes, judged: list[int]) -> list[Su
     given = probabilities[torch.arange(n), targets]
     others = probabilities.clone()
     others[torch.arange(n), targets] = -1.0
-    confident = (others >= thresholds) & (others > given[:, None])  # off-diagonal of the confident joint
+    # off the diagonal of the confident joint
+    confident = (others >= CONFIDENT_SLACK * thresholds) & (others > given[:, None])
     confident_other = torch.where(confident, others, torch.full_like(others, -1.0))
     best_other = others.argmax(dim=1)
     rows = [i for i in range(n) if int(targets[i]) in judged]
-    flagged: set[int] = set()
-    for i in judged:
-        members = [row for row in rows if int(targets[row]) == i]
-        errors = sum(bool(confident[row].any()) for row in members)
-        flagged.update(sorted(members, key=lambda row: float(given[row]))[:errors])
+    flagged = {row for row in rows if bool(confident[row].any())}
     ranking = []
     for row in sorted(rows, key=lambda row: float(given[row])):
         suggested = int(confident_other[row].argmax()) if confident[row].any() else int(best_other[row])
@@ -162,15 +161,10 @@ def _judge_multiple(probabilities, targets, classes, judged: list[int]) -> list[
     t_present = torch.stack([present[given_mask[:, c], c].mean() for c in range(len(judged))])
     t_absent = torch.stack([(1 - present[~given_mask[:, c], c]).mean() for c in range(len(judged))])
     # a decision is off the confident joint when the other decision reaches its class threshold
-    off = torch.where(given_mask, (1 - present) >= t_absent, present >= t_present) & (decision < 0.5)
+    off = torch.where(given_mask, (1 - present) >= CONFIDENT_SLACK * t_absent,
+                      present >= CONFIDENT_SLACK * t_present) & (decision < 0.5)
     weakest = decision.min(dim=1)
-    flagged_per_column = []
-    for c in range(len(judged)):
-        for side in (True, False):
-            members = [row for row in range(len(targets)) if bool(given_mask[row, c]) == side]
-            errors = sum(bool(off[row, c]) for row in members)
-            flagged_per_column += [(row, c) for row in sorted(members, key=lambda r: float(decision[r, c]))[:errors]]
-    flagged = {row for row, _ in flagged_per_column}
+    flagged = set(off.any(dim=1).nonzero().flatten().tolist())
     ranking = []
     for row in sorted(range(len(targets)), key=lambda r: float(weakest.values[r])):
         suggested_mask = targets[row].clone()
@@ -244,7 +238,8 @@ def _threshold(label: str, confidence: torch.Tensor, right: torch.Tensor, target
             return Threshold(label, None, None, None, None, 0)
     support, correct = last + 1, int(cumulative[last])
     low, high = wilson_interval(correct, support)
-    return Threshold(label, round(float(confidence[last]), 6), round(correct / support, 4),
+    lowest = math.floor(float(confidence[last]) * 1e6) / 1e6  # rounded down: the last accepted row stays above
+    return Threshold(label, lowest, round(correct / support, 4),
                      round(low, 4), round(high, 4), support)
 
 
