@@ -17,6 +17,7 @@ from backend.common import redis_keys
 from backend.loop.audit import SUSPECT_MODEL_VERSION, latest
 from backend.loop.services import build_services
 from backend.server.app import create_app
+from tests.admin_support import TOKEN
 from tests.fake_label_studio import FakeLabelStudio
 from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
 from tests.loop_helpers import annotation_event, run_burst_worker
@@ -100,6 +101,13 @@ def test_a_wrong_label_is_flagged_marked_listed_exported_and_cleared_once_fixed(
 
     code, out, _ = _cli(monkeypatch, ls_services.settings, capsys, "suspects", str(PROJECT))
     assert code == 0 and f"{label_studio.url}/projects/{PROJECT}/data?task={wrong['id']}" in out
+    admin_settings = ls_services.settings.replace(admin_token=TOKEN)
+    admin = create_app(admin_settings, services=build_services(admin_settings, redis, encoders=ls_services.encoders)
+                       ).test_client()
+    assert admin.post("/admin/login", data={"token": TOKEN}, headers={"Origin": "http://localhost"}).status_code == 303
+    page = admin.get("/admin").get_data(as_text=True)
+    assert "Label audit" in page and f'<tr data-task="{wrong["id"]}">' in page
+    assert f"would label {coverage['would_label']} of {2 * UNLABELED} remaining tasks" in page
     code, out, _ = _cli(monkeypatch, ls_services.settings, capsys, "status")
     assert code == 0 and f"would label {coverage['would_label']} of {2 * UNLABELED} remaining tasks" in out
 
