@@ -29,6 +29,7 @@ PER_CLASS = 20
 UNLABELED = 5  # per class, from val
 WRONG = "132478121_2a430adea2.jpg"  # an ant, labeled "bees"
 AUDIT_TIMEOUT_S = 300
+CLI_TIMEOUT_S = 300  # importing torch and building the services, on two shared cores
 SUSPECT_FILTER = {"filters": {"conjunction": "and", "items": [
     {"filter": "filter:tasks:predictions_model_versions", "operator": "contains", "type": "List",
      "value": [SUSPECT_MODEL_VERSION]}]}}
@@ -61,7 +62,7 @@ def project(ls_api, headstart, documents_root) -> dict:
 def headstart_cli(pair, *args: str, label_studio_url: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "REDIS_URL": pair.redis_url, "LABEL_STUDIO_URL": label_studio_url}
     return subprocess.run([sys.executable, "-m", "backend.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=CLI_TIMEOUT_S)
 
 
 def audit_of(pair, project: int) -> dict:
@@ -71,24 +72,26 @@ def audit_of(pair, project: int) -> dict:
 
 
 def wait_for_audit(pair, project: int, labels: dict[int, str]) -> dict:
-    """The audit made under the served version after the labels in `labels` (task → label) were trained on."""
+    """`headstart suspects --json` once the audit stored under the served version was made after the labels in
+    `labels` (task → label) were trained on (polled in Redis: the CLI takes a while to start on a busy host)."""
     from redis import Redis
 
+    from backend.common import redis_keys
     from backend.core.store import ModelStore
 
-    store = ModelStore(Redis.from_url(pair.redis_url))
+    redis = Redis.from_url(pair.redis_url)
+    store = ModelStore(redis)
 
     def audited():
         number = store.current_number(str(project), "label")
-        if number is None:
+        if number is None or store.meta(str(project), "label", number)["trained_on"] != {
+                str(task): [label] for task, label in labels.items()}:
             return None
-        meta = store.meta(str(project), "label", number)
-        if meta["trained_on"] != {str(task): [label] for task, label in labels.items()}:
-            return None
-        audit = audit_of(pair, project)
-        return audit if audit.get("audited") and audit["model_version"] == f"label-v{number}" else None
-    return wait_until(audited, timeout_s=AUDIT_TIMEOUT_S, interval_s=2.0, processes=pair.processes,
-                      what=f"an audit of project {project} under a version trained on {len(labels)} labels")
+        raw = redis.get(redis_keys.audit(str(project), "label"))
+        return raw is not None and json.loads(raw)["model_version"] == f"label-v{number}"
+    wait_until(audited, timeout_s=AUDIT_TIMEOUT_S, interval_s=2.0, processes=pair.processes,
+               what=f"an audit of project {project} under a version trained on {len(labels)} labels")
+    return audit_of(pair, project)
 
 
 def filtered(ls_api, project: int) -> dict[int, dict]:
