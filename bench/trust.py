@@ -195,13 +195,18 @@ def _features(params: Params) -> dict:
         splits = []
         for split in ("train", "val"):
             items = data.images(name, split)
-            if (name, split) not in stored or len(stored[(name, split)][0]) != len(items):
-                encoder = encoder or load_image_encoder("mobilenet_v2")
-                stored[(name, split)] = (_embed(encoder, items),
-                                         torch.tensor([classes.index(cls) for _, cls in items]))
+            if (name, split) in stored and len(stored[(name, split)][0]) == len(items):
+                splits.append(_capped(*stored[(name, split)], params.per_class_cap))
+                continue
+            if params.per_class_cap is not None:  # quick: embed only the capped images, cache nothing
+                items = [item for cls in classes for item in [i for i in items if i[1] == cls][:params.per_class_cap]]
+            encoder = encoder or load_image_encoder("mobilenet_v2")
+            embedded = (_embed(encoder, items), torch.tensor([classes.index(cls) for _, cls in items]))
+            if params.per_class_cap is None:
+                stored[(name, split)] = embedded
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(stored, cache)
-            splits.append(_capped(*stored[(name, split)], params.per_class_cap))
+            splits.append(embedded)
         out[name] = (splits[0], splits[1], classes)
     return out
 
