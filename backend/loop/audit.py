@@ -160,10 +160,15 @@ def sync_markers(services: Services, project: str, specs: dict[str, HeadSpec], r
         if name in existing and existing[name]["suggested"] == suspect["suggested"]:
             continue
         control = name.split(":", 1)[0]
-        prediction = client.predictions.create(
-            task=suspect["task"], result=[specs[control].result(suspect["suggested"])],
-            score=suspect["suggested_probability"], mislabeling=round(1 - suspect["given_probability"], 4),
-            model_version=SUSPECT_MODEL_VERSION)
+        try:
+            prediction = client.predictions.create(
+                task=suspect["task"], result=[specs[control].result(suspect["suggested"])],
+                score=suspect["suggested_probability"], mislabeling=round(1 - suspect["given_probability"], 4),
+                model_version=SUSPECT_MODEL_VERSION)
+        except Exception as exc:  # the task was deleted since the labels were read: nothing to mark
+            if getattr(exc, "status_code", None) not in (400, 404):
+                raise
+            continue
         services.redis.hset(key, name, json.dumps({"prediction": prediction.id, "suggested": suspect["suggested"]}))
         written += 1
     log.info("project %s: suspect markers: %d written, %d cleared", project, written, deleted)
