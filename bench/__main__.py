@@ -1,4 +1,4 @@
-"""`python -m bench all|retrain|predict|accuracy|webhook|gpu|text|loop|active|table [--quick]`."""
+"""`python -m bench all|retrain|predict|accuracy|webhook|gpu|text|loop|active|trust|table [--quick]`."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from pathlib import Path
 BENCHMARKS = ("retrain", "predict", "accuracy", "webhook", "gpu", "text")
 # not part of `all`: it starts a real Label Studio and labels for minutes (see bench/README.md)
 LABEL_STUDIO_BENCHMARKS = ("loop", "active")
+# not part of `all` either: the label audit's measurement, minutes of cross-validation per cell (bench/README.md)
+AUDIT_BENCHMARKS = ("trust",)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("name", choices=("all", *BENCHMARKS, *LABEL_STUDIO_BENCHMARKS, "table"),
+    parser.add_argument("name", choices=("all", *BENCHMARKS, *LABEL_STUDIO_BENCHMARKS, *AUDIT_BENCHMARKS, "table"),
                         help="a benchmark, all of them but loop (then the table), or only the table")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, to check the code runs (results are not meaningful; they go to a "

@@ -44,6 +44,7 @@ class FakeLabelStudio:
     legacy_token: str = "0123456789abcdef0123456789abcdef01234567"
     pat: str = field(default_factory=personal_access_token)
     imported_predictions: list[dict] = field(default_factory=list)
+    predictions: dict[int, dict] = field(default_factory=dict)  # id → one made by POST /api/predictions/
     refreshes: int = 0
     media_auth: list[str] = field(default_factory=list)
     api_requests: list[str] = field(default_factory=list)  # "GET /api/tasks/" per API call (not media, not tokens)
@@ -192,6 +193,18 @@ class FakeLabelStudio:
         def import_predictions(project):
             self.imported_predictions += request.json
             return jsonify(created=len(request.json)), 201
+
+        @app.post("/api/predictions/")
+        def create_prediction():
+            prediction = {**request.json, "id": len(self.predictions) + 1 + max(self.predictions, default=0)}
+            self.predictions[prediction["id"]] = prediction
+            return jsonify(prediction), 201
+
+        @app.delete("/api/predictions/<int:prediction>/")
+        def delete_prediction(prediction):
+            if self.predictions.pop(prediction, None) is None:
+                return jsonify(detail="Not found."), 404
+            return "", 204
 
         @app.get("/tasks/<int:task>/presign/")
         def presign(task):

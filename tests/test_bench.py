@@ -86,3 +86,16 @@ def test_table_without_markers_leaves_the_readme_alone(results_dir, tmp_path):
     readme.write_text("# headstart\n")
     assert "no <!-- performance:start -->" in table.update_readme(readme, results_dir)
     assert readme.read_text() == "# headstart\n"
+
+
+def test_trust_runs_in_quick_mode(results_dir, tmp_path, monkeypatch):
+    pytest.importorskip("sklearn", reason="the trust benchmark's baseline needs the bench extra: "
+                                          "pip install -e '.[bench]'")
+    monkeypatch.setenv("HEADSTART_BENCH_FEATURES", str(tmp_path / "none.pt"))  # embed the quick subset itself
+    record = importlib.import_module("bench.trust").run(quick=True, results_dir=results_dir)
+    assert json.loads((results_dir / "trust.json").read_text()) == record and record["complete"]
+    for name in ("hymenoptera", "flowers12"):
+        for key in ("topn_precision", "baseline_topn_precision", "cut_precision", "cut_recall",
+                    "autoaccept_precision_gap"):
+            assert key in record[name]
+        assert 0 <= record[name]["topn_precision"] <= 1 and 0 <= record[name]["baseline_topn_precision"] <= 1

@@ -11,6 +11,7 @@ import yaml
 
 from backend.cli import COMMANDS
 from backend.cli.admin import HANDLERS
+from backend.cli.audit import AUDIT_COMMANDS
 from backend.common.settings import SETTINGS
 from tests.helpers import REPO
 
@@ -144,7 +145,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_headstart_commands_named_exist(pages):
-    known = set(COMMANDS) | set(HANDLERS)
+    known = set(COMMANDS) | set(HANDLERS) | set(AUDIT_COMMANDS)
     named = set()
     for text in pages.values():
         code = INLINE_CODE.findall(prose(text))

@@ -15,12 +15,13 @@ from rq import get_current_job
 
 from backend.common import redis_keys
 from backend.common.errors import HeadstartError, NotEnoughLabels
-from backend.common.queues import enqueue_embed_chunk, enqueue_index, enqueue_repredict, training_waiting
+from backend.common.queues import enqueue_audit, enqueue_embed_chunk, enqueue_index, enqueue_repredict, training_waiting
 from backend.core.encoders import Encoder
 from backend.labelstudio import webhooks
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
 from backend.labelstudio.task_index import read_tasks
 from backend.loop.active_queue import ensure_sampling, refresh_queue
+from backend.loop.audit import audit_project
 from backend.loop.features import MediaItem
 from backend.loop.repredict import repredict, served_version
 from backend.loop.retrain import retrain_project
@@ -53,6 +54,8 @@ def train_project(services: Services, project: str) -> dict:
     services.metrics.observe("headstart_training_seconds", time.perf_counter() - started)
     if summary["promoted"] and services.settings.repredict_unlabeled and services.can_reach_label_studio:
         enqueue_repredict(services.redis, services.settings, project, summary["model_version"])
+    if any(outcome["status"] != "skipped" for outcome in summary["controls"].values()):
+        enqueue_audit(services.redis, services.settings, project)  # suspects and coverage of the labels just read
     queue = _refresh_queue(services, project)
     summary["queue"] = queue["status"]
     summary["ls_requests"] = summary.get("ls_requests", 0) + queue.get("ls_requests", 0)
@@ -188,6 +191,13 @@ def _embedding_done(services: Services, project: str) -> bool:
     progress = services.redis.hmget(redis_keys.embedding_progress(project), ["total", "done", "failed"])
     total, done, failed = (int(value or 0) for value in progress)
     return total > 0 and done + failed >= total
+
+
+def audit_labels(services: Services, project: str) -> dict:
+    """Judge the project's labels under its served heads (suspects, near-duplicate conflicts, auto-accept coverage),
+    store the audit with the version and bring Label Studio's suspect markers in line."""
+    services.redis.delete(redis_keys.audit_queued(project))  # a training finishing from now on queues another
+    return audit_project(services, project)
 
 
 def _config(services: Services, project: str) -> str:

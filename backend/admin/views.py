@@ -18,6 +18,7 @@ from rq.serializers import JSONSerializer
 
 from backend.admin.errors import NotFound
 from backend.loop.active_queue import queue_status
+from backend.loop import audit_report
 from backend.loop.predictor import model_version_of, project_id
 from backend.common.redis_conn import LOCAL_REDIS_URL
 from backend.loop.services import Services
@@ -213,7 +214,8 @@ def models(services: Services, project: object) -> dict:
                          "versions": [version_view(meta, current) for meta in store.versions(identifier, control)]})
     return {"project": identifier, "model_version": served_version(services, identifier),
             "label_config_known": services.projects.label_config(identifier) is not None,
-            "queue": queue_status(services, identifier), "controls": controls}
+            "queue": queue_status(services, identifier), "controls": controls,
+            "audit": audit_report.suspects(services, identifier)}
 
 
 def version_view(meta: dict, current: int | None) -> dict:
@@ -254,7 +256,8 @@ def projects(services: Services) -> list[dict]:
                       "queue": queue_status(services, project),
                       "controls": [{"control": control, "current": current[control],
                                     "versions": len(services.store.versions(project, control))}
-                                   for control in controls]})
+                                   for control in controls],
+                      "coverage": audit_report.coverage(services, project)})
     return views
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 
 from backend.cli.admin import add_admin_commands
+from backend.cli.audit import add_audit_commands
 from backend.common.errors import HeadstartError
 from backend.common.settings import Settings
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("backbones", help="list the available backbones")
     admin_commands = add_admin_commands(commands)
+    admin_commands.update(add_audit_commands(commands))
 
     args = parser.parse_args(argv)
     try:

@@ -150,6 +150,9 @@ def _status(services, args, out: Output) -> int:
         out.table("Inputs a worker died on (skipped once poison)", ["project", "task", "kills", "poison", "url"],
                   [[k["project"], k["task_id"], k["kills"], "yes" if k["poison"] else "no", k["url"][:80]]
                    for k in data["killer_inputs"]])
+    for p in data["projects"]:
+        for coverage in p.get("coverage") or []:
+            out.line(f"project {p['project']}, control {coverage['control']}: {coverage['line']}")
     return EXIT_OK
 
 

@@ -32,6 +32,7 @@ EMBED_JOB = "worker.jobs.embed_tasks"
 INDEX_JOB = "worker.jobs.index_tasks"
 EMBED_CHUNK_JOB = "worker.jobs.embed_chunk"
 WEBHOOK_AUTH_JOB = "worker.jobs.secure_webhook"
+AUDIT_JOB = "worker.jobs.audit_labels"
 
 
 def queue(name: str, redis: Redis) -> Queue:
@@ -179,3 +180,12 @@ def enqueue_webhook_auth(redis: Redis, settings: Settings, project: str, backend
         failure_ttl=FAILED_JOB_TTL_S, result_ttl=RESULT_TTL_S,
         description=f"add basic auth to project {project}'s webhook", meta={"project": project},
     )
+
+
+def enqueue_audit(redis: Redis, settings: Settings, project: str) -> Job | None:
+    """Audit the project's labels (suspects, conflicts, auto-accept coverage) after a training; None when an audit
+    is already queued (it will read the newest labels when it starts)."""
+    if not redis.set(redis_keys.audit_queued(project), "1", nx=True, ex=settings.job_timeout_s):
+        return None
+    return _enqueue_background(redis, settings, AUDIT_JOB, (project,), f"audit the labels of project {project}",
+                               project)

@@ -173,3 +173,22 @@ def inputs_in_flight(job_id: str) -> str:
 def input_kills(project_id: str) -> str:
     """hash media URL → JSON {task_id, kills, at}: inputs of P that were in flight when a worker died."""
     return f"{PREFIX}:kills:{project_id}"
+
+
+# --- label audit (backend.loop.audit) -------------------------------------------------------------
+
+
+def audit(project_id: str, control: str) -> str:
+    """string, JSON: the latest audit of control C of P (suspect labels, conflicts, auto-accept, out-of-fold
+    probabilities) and the version it was made under."""
+    return f"{PREFIX}:audit:{project_id}:{control}"
+
+
+def audit_markers(project_id: str) -> str:
+    """hash "C:task" → JSON {prediction, suggested}: the suspect markers (predictions) written into Label Studio."""
+    return f"{PREFIX}:audit:{project_id}:markers"
+
+
+def audit_queued(project_id: str) -> str:
+    """string, with a TTL: an audit of P is queued and has not started yet (later requests coalesce into it)."""
+    return f"{PREFIX}:audit:{project_id}:queued"

@@ -124,6 +124,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ACTIVE_FRONT", "active_front", "8", int,
             "Unlabeled tasks headstart keeps at the front of Label Studio's queue at a time (the next picks; "
             "refreshed after every training). At least the number of annotators labeling at once."),
+    Setting("AUTO_ACCEPT_PRECISION", "auto_accept_precision", "0.98", float,
+            "Target precision of auto-accept: per class, the confidence above which the model's labels reach it "
+            "out of fold (shown by `headstart status` and /admin; `headstart export --min-precision` overrides it)."),
+    Setting("SUSPECT_MARKERS", "suspect_markers", "true", _bool,
+            "After each training, mark the tasks whose label is probably wrong in Label Studio with a prediction "
+            "of model version `headstart-suspect` (its suggested label), filterable in the Data Manager."),
     Setting("JOB_TIMEOUT_S", "job_timeout_s", "1800", int, "RQ timeout for one job, in seconds."),
     Setting("JOB_RETRIES", "job_retries", "3", int, "RQ retries for a failing job (with backoff)."),
     Setting("WORKER_HEARTBEAT_S", "worker_heartbeat_s", "10", int,
@@ -174,6 +180,8 @@ class Settings:
     repredict_unlabeled: bool = True
     active_learning: bool = True
     active_front: int = 8
+    auto_accept_precision: float = 0.98
+    suspect_markers: bool = True
     job_timeout_s: int = 1800
     job_retries: int = 3
     worker_heartbeat_s: int = 10

@@ -16,6 +16,7 @@ from backend.admin import actions, views
 from backend.admin.auth import (COOKIE, COOKIE_PATH, CSRF_HEADER, SESSION_TTL_S, FailedSignIns, bearer, csrf_token,
                                 new_session, same_origin, session_ok, token_ok)
 from backend.admin.chart import learning_curve
+from backend.loop.audit_report import coverage_line
 from backend.common.errors import BadRequest
 from backend.server.current import services
 
@@ -145,7 +146,8 @@ def page():
     curves = {(project["project"], control["control"]): learning_curve(
         control["versions"], title=f"project {project['project']} {control['control']}: accuracy vs labels")
         for project in data["projects"] for control in project["controls"]}
-    return render_template("admin.html", data=data, curves=curves, csrf=g.get("csrf", ""))
+    return render_template("admin.html", data=data, curves=curves, csrf=g.get("csrf", ""),
+                           coverage_line=coverage_line)
 
 
 # --- JSON API: the same views and actions as the CLI ---------------------------------------------

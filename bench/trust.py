@@ -1,0 +1,218 @@
+"""`trust`: does the label audit find flipped labels, and does auto-accept reach its target precision?
+
+For each shared set, at k = 10, 20 and all labels per class drawn from `train`, a fraction (5, 10, 20 %) of the
+drawn labels is flipped to another class at random (3 seeds). Then, with the product's own functions on the
+product's features (MobileNetV2, as `accuracy` embeds them):
+- the audit: `backend.core.audit.out_of_fold_probabilities` + `judge_labels`, what the audit job
+  (`backend.loop.audit`) runs after each training. Reported: precision of its ranking at N = the number of
+  flipped labels (`topn_precision`), and precision / recall of its cut (the flagged suspects) against the
+  flipped set;
+- the baseline, in the same run: scikit-learn LogisticRegression(C=1, class_weight="balanced"), 5-fold
+  out-of-fold probabilities, ranked by the probability of the given label (`baseline_topn_precision`);
+- auto-accept: per class thresholds at AUTO_ACCEPT_PRECISION's default (0.98) from the audit's out-of-fold
+  probabilities (on the noisy labels), applied to the served head (`fit_candidate`, calibrated) on all of `val`:
+  the precision realized there against the true labels, its gap to the target in points, and the coverage.
+Not through Redis, RQ and Label Studio: tests/test_audit_loop.py and tests/e2e/test_label_audit.py check that
+path; this measures the numbers. Features are cached in HEADSTART_BENCH_FEATURES
+(default ~/.cache/headstart/bench-features.pt) after the first embedding.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from backend.core.audit import auto_accept_thresholds, judge_labels, out_of_fold_probabilities
+from backend.core.candidates import fit_candidate
+from backend.core.head_fitting import encode_targets
+from backend.core.heads import head_probabilities
+from backend.core.image_encoder import load_image_encoder
+from backend.core.torch_runtime import set_torch_threads
+from bench import data
+from bench.accuracy import _embed
+from bench.harness import RESULTS_DIR, Run, goal, print_table, rounded
+
+NAME = "trust"
+SETS = ("hymenoptera", "flowers12")
+TARGET = 0.98  # AUTO_ACCEPT_PRECISION's default
+
+
+@dataclass(frozen=True)
+class Params:
+    ks: tuple
+    noise: tuple
+    seeds: int
+    per_class_cap: int | None = None
+
+
+FULL = Params(ks=(10, 20, "all"), noise=(0.05, 0.1, 0.2), seeds=3)
+QUICK = Params(ks=("all",), noise=(0.1,), seeds=1, per_class_cap=12)
+
+
+def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
+    params = QUICK if quick else FULL
+    bench_run = Run(NAME, quick=quick, results_dir=results_dir)
+    set_torch_threads(1)
+    features = _features(params)
+    cells, rows = {name: {} for name in SETS}, []
+    # the headline cells (all labels, 10 % noise) first; results are written after every cell, so a run stopped
+    # early keeps what it measured (`complete` says whether the whole grid ran)
+    order = sorted(((k, noise) for k in params.ks for noise in params.noise),
+                   key=lambda cell: (cell[0] != "all", cell[1] != 0.1))
+    record = {}
+    for k, noise in order:
+        for name in SETS:
+            (x_train, y_train), (x_val, y_val), classes = features[name]
+            runs = [_trial(x_train, y_train, x_val, y_val, classes, k=k, noise=noise, seed=seed)
+                    for seed in range(params.seeds)]
+            cell = {key: rounded(statistics.mean(r[key] for r in runs if r[key] is not None), 3)
+                    if any(r[key] is not None for r in runs) else None for key in runs[0]}
+            cells[name][f"k={k} noise={noise}"] = cell
+            rows.append([name, str(k), f"{noise:.0%}", cell["labels"], cell["flipped"], cell["topn_precision"],
+                         cell["baseline_topn_precision"], cell["cut_precision"], cell["cut_recall"],
+                         cell["autoaccept_precision"], cell["autoaccept_coverage"]])
+            print(f"{name} k={k} noise={noise:.0%}: {cell}", flush=True)
+            record = _finish(bench_run, params, cells, complete=len(rows) == len(order) * len(SETS))
+    print_table("label audit: flipped labels found, auto-accept realized", ["set", "k", "noise", "labels", "flipped",
+                "top-N prec.", "baseline", "cut prec.", "cut recall", "auto-accept prec. (val)", "coverage (val)"],
+                rows)
+    return record
+
+
+def _finish(bench_run: Run, params: Params, cells: dict, *, complete: bool) -> dict:
+    headline = {name: _headline(cells[name].get("k=all noise=0.1")) for name in SETS}
+    goals = {}
+    for name, figures in headline.items():
+        gap = None if figures["topn_precision"] is None else figures["topn_precision"] - figures["baseline_topn_precision"]
+        goals[f"{name}_topn_vs_baseline"] = goal(gap, 0.0, at_least=True)
+        goals[f"{name}_cut_precision"] = goal(figures["cut_precision"], 0.9, at_least=True)
+        goals[f"{name}_cut_recall"] = goal(figures["cut_recall"], 0.8, at_least=True)
+        goals[f"{name}_autoaccept_precision_gap"] = goal(figures["autoaccept_precision_gap"], 1.0, at_least=False)
+    notes = [f"{params.seeds} seeds per cell; flipped labels go to another class drawn at random",
+             "auto-accept thresholds come from out-of-fold probabilities on the noisy labels; precision is "
+             "realized on all of val against its true labels",
+             "CONFIDENT_SLACK (backend/core/audit.py) was chosen on these two sets at 10 % noise, all labels"]
+    return bench_run.finish({**headline, "cells": cells, "target": TARGET, "complete": complete}, goals=goals,
+                            notes=notes)
+
+
+def _headline(cell: dict | None) -> dict:
+    keys = ("topn_precision", "baseline_topn_precision", "cut_precision", "cut_recall", "autoaccept_precision_gap",
+            "autoaccept_precision", "autoaccept_coverage")
+    return {key: (cell or {}).get(key) for key in keys}
+
+
+def _trial(x_train, y_train, x_val, y_val, classes, *, k, noise: float, seed: int) -> dict:
+    rng = random.Random(seed)
+    chosen = _draw(y_train, k, rng)
+    x, truth = x_train[chosen], y_train[chosen]
+    flipped = sorted(rng.sample(range(len(chosen)), round(noise * len(chosen))))
+    given = truth.clone()
+    for row in flipped:
+        given[row] = rng.choice([c for c in range(len(classes)) if c != int(truth[row])])
+    labels = [[classes[int(c)]] for c in given]
+    probabilities = out_of_fold_probabilities(x, given, num_classes=len(classes), multi_label=False)
+    audit = judge_labels(probabilities, labels, classes, multi_label=False)
+    wrong = set(flipped)
+    result = {"labels": len(chosen), "flipped": len(wrong), "topn_precision": None, "baseline_topn_precision": None,
+              "cut_precision": None, "cut_recall": None, "autoaccept_precision": None,
+              "autoaccept_precision_gap": None, "autoaccept_coverage": None}
+    if not audit.judged or not wrong:
+        return result
+    top = {suspect.index for suspect in audit.ranking[:len(wrong)]}
+    flagged = {suspect.index for suspect in audit.suspects}
+    baseline = _baseline_ranking(x, given, seed)[:len(wrong)]
+    result.update(topn_precision=len(top & wrong) / len(wrong),
+                  baseline_topn_precision=len(set(baseline) & wrong) / len(wrong),
+                  cut_precision=len(flagged & wrong) / len(flagged) if flagged else None,
+                  cut_recall=len(flagged & wrong) / len(wrong))
+    thresholds = auto_accept_thresholds(probabilities, labels, classes, multi_label=False, target=TARGET)
+    candidate = fit_candidate(control="label", classes=classes, multi_label=False, features=x, labels=labels,
+                              task_ids=list(range(len(labels))), encoder=_EncoderRecord())
+    served = head_probabilities(candidate.head, x_val, multi_label=False)
+    confidence, predicted = served.max(dim=1)
+    cuts = torch.tensor([thresholds[name].threshold if thresholds[name].threshold is not None else 2.0
+                         for name in classes])
+    accepted = confidence >= cuts[predicted]
+    if int(accepted.sum()):
+        realized = float((predicted[accepted] == y_val[accepted]).float().mean())
+        result.update(autoaccept_precision=realized, autoaccept_precision_gap=abs(realized - TARGET) * 100)
+    result["autoaccept_coverage"] = float(accepted.float().mean())
+    return result
+
+
+def _draw(targets: torch.Tensor, k, rng: random.Random) -> list[int]:
+    if k == "all":
+        return list(range(len(targets)))
+    chosen = []
+    for label in sorted(set(targets.tolist())):
+        members = [i for i, t in enumerate(targets.tolist()) if t == label]
+        chosen += rng.sample(members, min(k, len(members)))
+    return sorted(chosen)
+
+
+def _baseline_ranking(x: torch.Tensor, given: torch.Tensor, seed: int) -> list[int]:
+    """Indices ranked by the 5-fold out-of-fold probability of the given label (class-balanced logistic)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    folds = min(5, int(torch.bincount(given)[torch.bincount(given) > 0].min()))
+    probabilities = cross_val_predict(LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000), x.numpy(),
+                                      given.numpy(), cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+                                      method="predict_proba")
+    present = sorted(set(given.tolist()))
+    column = {c: i for i, c in enumerate(present)}
+    given_probability = probabilities[np.arange(len(given)), [column[int(c)] for c in given]]
+    return np.argsort(given_probability, kind="stable").tolist()
+
+
+class _EncoderRecord:
+    """What `fit_candidate` records about the encoder (the features are already embedded)."""
+
+    name = key = "mobilenet_v2"
+    modality = "image"
+    feature_dim = 1280
+    parameter_count = 0
+
+    @staticmethod
+    def preprocessing() -> dict:
+        return {}
+
+
+def _features(params: Params) -> dict:
+    """Per set: (train features, targets), (val features, targets), classes; cached across runs."""
+    cache = Path(os.environ.get("HEADSTART_BENCH_FEATURES", Path.home() / ".cache" / "headstart" / "bench-features.pt"))
+    stored = torch.load(cache, weights_only=False) if cache.exists() else {}
+    encoder, out = None, {}
+    for name in SETS:
+        classes = data.classes_of(data.images(name, "train"))
+        splits = []
+        for split in ("train", "val"):
+            items = data.images(name, split)
+            if (name, split) in stored and len(stored[(name, split)][0]) == len(items):
+                splits.append(_capped(*stored[(name, split)], params.per_class_cap))
+                continue
+            if params.per_class_cap is not None:  # quick: embed only the capped images, cache nothing
+                items = [item for cls in classes for item in [i for i in items if i[1] == cls][:params.per_class_cap]]
+            encoder = encoder or load_image_encoder("mobilenet_v2")
+            embedded = (_embed(encoder, items), torch.tensor([classes.index(cls) for _, cls in items]))
+            if params.per_class_cap is None:
+                stored[(name, split)] = embedded
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(stored, cache)
+            splits.append(embedded)
+        out[name] = (splits[0], splits[1], classes)
+    return out
+
+
+def _capped(x: torch.Tensor, y: torch.Tensor, cap: int | None):
+    if cap is None:
+        return x, y
+    keep = [i for c in sorted(set(y.tolist())) for i in (y == c).nonzero().flatten().tolist()[:cap]]
+    return x[keep], y[keep]
