@@ -23,7 +23,6 @@ import time
 import torch
 
 from backend.common import redis_keys
-from backend.common.errors import HeadMismatch
 from backend.core.audit import (Audit, accepted, auto_accept_thresholds, judge_labels, near_duplicate_conflicts,
                                 out_of_fold_probabilities)
 from backend.core.head_fitting import encode_targets
@@ -31,8 +30,8 @@ from backend.core.heads import head_probabilities
 from backend.core.store import HeadVersion
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
 from backend.loop.features import MediaItem
-from backend.loop.predictor import check_head_matches
 from backend.loop.repredict import unlabeled_task_ids
+from backend.loop.retrain import current_head
 from backend.loop.services import Services
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ def audit_project(services: Services, project: str) -> dict:
 
 def audit_control(services: Services, project: str, spec: HeadSpec) -> dict:
     """The audit record of one control (JSON-ready): under the served head, from cached features."""
-    head = served_head(services, project, spec)
+    head = current_head(services, project, spec)
     record = {"project": project, "control": spec.control, "at": time.time(), "judged": False, "suspects": [],
               "conflicts": [], "auto_accept": None, "out_of_fold": None, "labels": 0,
               "model_version": f"{spec.control}-v{head.number}" if head else None}
@@ -173,18 +172,6 @@ def sync_markers(services: Services, project: str, specs: dict[str, HeadSpec], r
         written += 1
     log.info("project %s: suspect markers: %d written, %d cleared", project, written, deleted)
     return {"written": written, "cleared": deleted, "standing": len(wanted)}
-
-
-def served_head(services: Services, project: str, spec: HeadSpec) -> HeadVersion | None:
-    number = services.store.current_number(project, spec.control)
-    if number is None:
-        return None
-    head = services.store.load(project, spec.control, number)
-    try:
-        check_head_matches(spec, head)
-    except HeadMismatch:
-        return None
-    return head
 
 
 def _oof(features: torch.Tensor, labels: list[list[str]], spec: HeadSpec) -> torch.Tensor | None:

@@ -15,7 +15,8 @@ import torch
 from backend.common.errors import NotEnoughLabels
 from backend.core.audit import Threshold, auto_accept_thresholds
 from backend.labelstudio.labeling_config import parse_label_config
-from backend.loop.audit import served_head, latest, machine_labels
+from backend.loop.audit import latest, machine_labels
+from backend.loop.retrain import current_head
 from backend.loop.repredict import unlabeled_task_ids
 from backend.loop.services import Services
 
@@ -69,7 +70,7 @@ def export_lines(services: Services, project: str, *, min_precision: float) -> I
     unlabeled task that every served head labels at `min_precision` or better, as a prediction marked `machine`."""
     config = services.projects.label_config(project)
     specs = parse_label_config(config) if config else []
-    heads = {spec.control: served_head(services, project, spec) for spec in specs}
+    heads = {spec.control: current_head(services, project, spec) for spec in specs}
     if not specs or not any(heads.values()):
         raise NotEnoughLabels(f"Project {project} has no head yet, so there are no machine labels to export: label "
                               "a few tasks of each class and let a training finish (`headstart models "
