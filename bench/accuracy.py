@@ -4,7 +4,8 @@ Features come from the product's encoder (decode_image + ImageEncoder.embed: Mob
 crop 224, L2-normalized). For k labeled images per class drawn from `train` (k = 1, 2, 5, 10, 20
 and all; 5 seeds), each method is fitted on the same features and scored on all of `val`:
 
-- headstart: backend.core.head_fitting.fit_head with the product's default recipe;
+- headstart: backend.core.candidates.fit_candidate, what every training job runs: the recipe chosen
+  per draw by the labels' own cross-validation (never val), fitted and calibrated;
 - ref_logreg: scikit-learn LogisticRegression(C=1);
 - ref_linear: a linear layer trained with Adam, 300 full-batch steps.
 
@@ -27,7 +28,7 @@ from backend.core.image_encoder import load_image_encoder
 from backend.core.torch_runtime import set_torch_threads
 from backend.core.heads import head_probabilities
 from backend.core.images import decode_image
-from backend.core.head_fitting import fit_head
+from backend.core.candidates import fit_candidate
 from bench import data
 from bench.harness import RESULTS_DIR, Run, goal, median, print_table, rounded
 
@@ -65,16 +66,20 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
         curves[name] = {}
         for k in params.ks:
             scores = {method: [] for method in METHODS}
+            recipes = []
             for seed in range(params.seeds):
                 chosen = _draw(y_train, k, seed)
                 x, y = x_train[chosen], y_train[chosen]
                 started = time.perf_counter()
-                head = fit_head(x, y, num_classes=len(classes), multi_label=False)
+                candidate = fit_candidate(control=data.CONTROL, classes=classes, multi_label=False, features=x,
+                                          labels=[[classes[i]] for i in y.tolist()], task_ids=chosen.tolist(),
+                                          encoder=encoder)
                 fit_ms.append((time.perf_counter() - started) * 1000)
-                scores["headstart"].append(_accuracy(head, x_val, y_val))
+                recipes.append(candidate.meta["recipe"])
+                scores["headstart"].append(_accuracy(candidate.head, x_val, y_val))
                 scores["ref_logreg"].append(_logreg_accuracy(x, y, x_val, y_val))
                 scores["ref_linear"].append(_accuracy(_adam_head(x, y, len(classes), seed), x_val, y_val))
-            curves[name][str(k)] = _cell(scores, labels=len(chosen))
+            curves[name][str(k)] = {**_cell(scores, labels=len(chosen)), "headstart_recipes": recipes}
     gaps = {(name, k): cell["headstart"] - max(cell["ref_logreg"], cell["ref_linear"])
             for name, cells in curves.items() for k, cell in cells.items()}
     worst = min(gaps, key=gaps.get)

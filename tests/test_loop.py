@@ -169,3 +169,22 @@ def test_events_while_nothing_can_train_are_kept_for_later(client, loop_settings
     annotate(client, first_per_class(train, 1), ids)
     run_burst_worker(loop_settings, redis, services)
     assert ModelStore(redis).current_number(str(PROJECT), "label") == 1
+
+
+def test_one_more_label_is_served_before_its_validation_and_validated_in_the_same_job(
+        client, loop_settings, redis, services, images):
+    train, _, ids = images
+    items = first_per_class(train, 11)
+    annotate(client, items[:10] + items[11:21], ids)
+    run_burst_worker(loop_settings, redis, services)
+    first = current_meta(redis)
+    assert first["version"] == 1 and first["validated"] is True
+
+    annotate(client, [items[10]], ids)  # one ant more: only labels changed
+    run_burst_worker(loop_settings, redis, services)
+    second = current_meta(redis)
+    assert second["version"] == 2 and second["label_count"] == 21
+    assert second["selection"]["recipe"] == first["selection"]["recipe"]  # refitted, not chosen again
+    assert second["validated"] is True and second["promotion"]["promote"] is True
+    assert not second["promotion"]["reason"].startswith("promoted before validation")
+    assert second["out_of_fold_correct"] is not None and 0.8 <= second["metrics"]["cv_accuracy"] <= 1.0

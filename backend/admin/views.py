@@ -231,6 +231,8 @@ def version_view(meta: dict, current: int | None) -> dict:
         "labels": meta.get("label_count"),
         "labels_per_class": meta.get("labels_per_class"),
         "classes": meta.get("classes"),
+        "recipe": meta.get("recipe") if isinstance(meta.get("recipe"), str) else None,
+        "selection": meta.get("selection"),  # the choice and its out-of-fold evidence, shown on hover
         "cv_accuracy": metrics.get("cv_accuracy"),
         "cv_folds": metrics.get("cv_folds"),
         "train_accuracy": metrics.get("train_accuracy"),

@@ -63,15 +63,24 @@ def encode_targets(labels: Sequence[Sequence[str]], classes: Sequence[str], *, m
 
 def fit_head(
     features: torch.Tensor, targets: torch.Tensor, *, num_classes: int, multi_label: bool,
-    recipe: HeadRecipe = HeadRecipe(),
+    recipe: HeadRecipe = HeadRecipe(), warm: nn.Linear | None = None,
 ) -> nn.Linear:
-    """Fit a fresh head. `targets` are class indices (single) or a 0/1 matrix (multiple)."""
+    """Fit a fresh head. `targets` are class indices (single) or a 0/1 matrix (multiple).
+
+    `warm` (a head of raw logits of the same shape) starts L-BFGS from its weights instead of zero:
+    the optimum is the same, reached in fewer iterations when the labels changed little.
+    """
     if features.shape[0] == 0:
         raise NotEnoughLabels("No labeled examples to train on. Label a few tasks first.")
     torch.manual_seed(recipe.seed)
     head = build_head(features.shape[1], num_classes)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
+    with torch.no_grad():
+        if warm is not None and tuple(warm.weight.shape) == tuple(head.weight.shape):
+            head.weight.copy_(warm.weight)
+            head.bias.copy_(warm.bias)
+        else:
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
     loss_of = _loss_function(features, targets, num_classes=num_classes, multi_label=multi_label,
                              penalty=1.0 / (2.0 * recipe.inverse_regularization * features.shape[0]))
     optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=recipe.max_iter,

@@ -3,7 +3,8 @@
 Every gunicorn worker and RQ worker on any host reads the same keys, so they agree on the
 current version without a shared disk. A version is written once, complete (tensors, metadata and,
 when it is promoted, the pointer, in one transaction); later only its status changes (an admin's
-promotion or rollback), so no reader ever sees a half-written version.
+promotion or rollback) and a version promoted before its validation gets that validation added
+(`amend`, `withdraw`); its tensors never change, so no reader ever sees a half-written version.
 
 Keys, for project P and control C:
   headstart:head:P:C:N        hash {tensors, meta}   version N (immutable once written)
@@ -132,6 +133,43 @@ class ModelStore:
         pipe.hset(key, "meta", json.dumps(meta))
         pipe.set(self._key(project, control, "current"), number)
         pipe.execute()
+
+    def amend(self, project: str, control: str, number: int, updates: dict) -> dict:
+        """Add `updates` to a version's metadata (its validation, found after it was promoted)."""
+        key = self._key(project, control, number)
+        with self.redis.pipeline() as pipe:
+            pipe.watch(key)
+            raw = pipe.hget(key, "meta")
+            if raw is None:
+                raise KeyError(f"No version {number} of {project}/{control}")
+            meta = {**json.loads(raw), **updates}
+            pipe.multi()
+            pipe.hset(key, "meta", json.dumps(meta))
+            pipe.execute()
+        return meta
+
+    def withdraw(self, project: str, control: str, number: int, *, back_to: int | None, updates: dict,
+                 reason: str) -> bool:
+        """Mark version `number` rejected (with `updates`) and, if it is still the one served, serve
+        `back_to` again (None: nothing), in one transaction; returns whether the pointer moved."""
+        key, current_key = self._key(project, control, number), self._key(project, control, "current")
+        with self.redis.pipeline() as pipe:
+            pipe.watch(key, current_key)
+            raw = pipe.hget(key, "meta")
+            if raw is None:
+                raise KeyError(f"No version {number} of {project}/{control}")
+            served = pipe.get(current_key)
+            moved = served is not None and int(served) == number
+            meta = {**json.loads(raw), **updates, "status": "rejected", "status_reason": reason,
+                    "rolled_back_at": time.time()}
+            pipe.multi()
+            pipe.hset(key, "meta", json.dumps(meta))
+            if moved and back_to is not None:
+                pipe.set(current_key, back_to)
+            elif moved:
+                pipe.delete(current_key)
+            pipe.execute()
+        return moved
 
     def rollback_target(self, project: str, control: str) -> tuple[int, int]:
         """(current, previous): the version served now and the one a rollback would serve instead.

@@ -1,9 +1,13 @@
-"""The retrain pipeline: labels → features → fit → validate → decide → one write → promote.
+"""The retrain pipeline: labels → features → fit → validate → decide → write → promote.
+
+When only labels changed since the served version, the order is fit → promote → validate → keep, roll
+back or replace (`promote_then_validate`): a new label is served after one warm-started fit, and the
+guard's decision is the same, taken a moment later.
 
 Plain functions over one process's `Services`. The RQ job (`worker.jobs.train_project`) only takes
 and releases the project's training lock around `retrain_project`; tests and benchmarks call the
 same functions. Each control of the labeling config gets its own head, and each head version is
-written exactly once, with the guard's decision in it.
+written once (its validation added once, when it was served first), with the guard's decision in it.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from typing import Sequence
 import torch
 
 from backend.common.errors import HeadMismatch, HeadstartError, NotEnoughLabels
-from backend.core.candidates import Candidate, fit_candidate
+from backend.core.candidates import Candidate, fit_candidate, fit_provisional, is_refit_enough, validate_provisional
 from backend.core.encoders import Encoder
-from backend.core.head_fitting import HeadRecipe, Validation
+from backend.core.head_fitting import Validation
+from backend.core.recipe_choice import NoUsableRecipe
 from backend.core.promotion import decide
 from backend.core.store import HeadVersion, ModelStore
 from backend.labelstudio.label_mirror import Example
@@ -98,24 +103,92 @@ def retrain_control(services: Services, project: str, spec: HeadSpec, *, job_id:
     task_ids = [example.task_id for example in examples]
     labels = [example.choices for example in examples]
     served_number = services.store.current_number(project, spec.control)  # what the candidate is meant to replace
+    current = current_head(services, project, spec)
+    extra = {"job_id": job_id, "unknown_labels": unknown, "media_errors": media_errors}
+    if can_promote_first(current, encoder, len(labels)):
+        return promote_then_validate(services, project, spec, current, features=features, labels=labels,
+                                     task_ids=task_ids, encoder=encoder, extra_meta=extra)
     candidate = fit_candidate(
         control=spec.control, classes=spec.classes, multi_label=spec.multi_label, features=features,
-        labels=labels, task_ids=task_ids, encoder=encoder,
-        extra_meta={"job_id": job_id, "unknown_labels": unknown, "media_errors": media_errors},
+        labels=labels, task_ids=task_ids, encoder=encoder, extra_meta=extra,
     )
-    current = current_head(services, project, spec)
     current_features = features if current is None or current.backbone_key == encoder.key else \
         features_under(services, project, current, examples, inline=spec.inline)
     decision = decide(candidate.meta, current, task_ids=task_ids, labels=labels, current_features=current_features)
+    number, status = _save(services, project, spec, candidate, decision, replaces=served_number)
+    return {"status": status, "version": number, "reason": decision.reason, "labels": len(examples),
+            "cv_accuracy": candidate.validation.accuracy, "train_seconds": candidate.meta["train_seconds"]}
+
+
+def can_promote_first(current: HeadVersion | None, encoder: Encoder, label_count: int) -> bool:
+    """Only the labels changed since the served version (same encoder, a validated recipe choice that
+    still holds): its recipe can be refitted and served at once, and validated right after."""
+    return (current is not None and current.backbone_key == encoder.key and current.meta.get("validated", True)
+            and is_refit_enough(current.meta, label_count))
+
+
+def promote_then_validate(services: Services, project: str, spec: HeadSpec, current: HeadVersion, *,
+                          features: torch.Tensor, labels: list, task_ids: list[int], encoder: Encoder,
+                          extra_meta: dict) -> dict:
+    """Serve the served recipe refitted on the new labels at once (one warm-started fit), then run
+    the guard's validation in the same job: roll back to `current` if the new version validates worse."""
+    provisional = fit_provisional(control=spec.control, classes=spec.classes, multi_label=spec.multi_label,
+                                  features=features, labels=labels, task_ids=task_ids, encoder=encoder,
+                                  served=current.head, served_meta=current.meta, extra_meta=extra_meta)
+    pending = {"promote": True, "reason": "promoted before validation: only labels changed; validating",
+               "candidate_score": None, "current_score": None}
+    number = services.store.save(project, spec.control, provisional.head,
+                                 {**provisional.meta, "promotion": pending, "status": "promoted"},
+                                 promote=True, reason=pending["reason"], replaces=current.number)
+    if services.store.meta(project, spec.control, number)["status"] != "promoted":  # a newer head won meanwhile
+        services.metrics.add("headstart_trainings_total", outcome="superseded")
+        return {"status": "superseded", "version": number, "labels": len(labels)}
+    log.info("project %s %s-v%d: promoted before validation", project, spec.control, number)
+    return settle_provisional(services, project, spec, current, provisional, number, features=features,
+                              labels=labels, task_ids=task_ids)
+
+
+def settle_provisional(services: Services, project: str, spec: HeadSpec, current: HeadVersion,
+                       provisional: Candidate, number: int, *, features: torch.Tensor, labels: list,
+                       task_ids: list[int]) -> dict:
+    """Validate version `number` (served before validation) against `current`, the version it replaced:
+    keep it, or roll back to `current`."""
+    try:
+        updates = validate_provisional(provisional, classes=spec.classes, multi_label=spec.multi_label,
+                                       features=features, labels=labels, task_ids=task_ids)
+    except NoUsableRecipe as exc:
+        services.store.withdraw(project, spec.control, number, back_to=current.number, updates={"validated": False},
+                                reason=f"rolled back: validation failed: {exc}")
+        services.metrics.add("headstart_trainings_total", outcome="rejected")
+        log.warning("project %s %s-v%d rolled back: %s", project, spec.control, number, exc)
+        return {"status": "rejected", "version": number, "reason": str(exc), "labels": len(labels)}
+    decision = decide({**provisional.meta, **updates}, current, task_ids=task_ids, labels=labels,
+                      current_features=features)
+    if not decision.promote:
+        reason = f"rolled back after validation: {decision.reason}"
+        services.store.withdraw(project, spec.control, number, back_to=current.number,
+                                updates={**updates, "promotion": {**decision.as_dict(), "reason": reason}},
+                                reason=reason)
+        services.metrics.add("headstart_trainings_total", outcome="rejected")
+        log.info("project %s %s-v%d: %s", project, spec.control, number, reason)
+        return {"status": "rejected", "version": number, "reason": reason, "labels": len(labels),
+                "cv_accuracy": updates["metrics"]["cv_accuracy"]}
+    services.store.amend(project, spec.control, number, {**updates, "promotion": decision.as_dict()})
+    services.metrics.add("headstart_trainings_total", outcome="promoted")
+    log.info("project %s %s-v%d: validated (%s)", project, spec.control, number, decision.reason)
+    return {"status": "promoted", "version": number, "reason": decision.reason, "labels": len(labels),
+            "cv_accuracy": updates["metrics"]["cv_accuracy"], "train_seconds": provisional.meta["train_seconds"]}
+
+
+def _save(services: Services, project: str, spec: HeadSpec, candidate: Candidate, decision, *, replaces):
     status = "promoted" if decision.promote else "rejected"
     number = services.store.save(project, spec.control, candidate.head,
                                  {**candidate.meta, "promotion": decision.as_dict(), "status": status},
-                                 promote=decision.promote, reason=decision.reason, replaces=served_number)
+                                 promote=decision.promote, reason=decision.reason, replaces=replaces)
     status = services.store.meta(project, spec.control, number)["status"]  # "superseded" if a newer head won
     services.metrics.add("headstart_trainings_total", outcome=status)
     log.info("project %s %s-v%d: %s (%s)", project, spec.control, number, status, decision.reason)
-    return {"status": status, "version": number, "reason": decision.reason, "labels": len(examples),
-            "cv_accuracy": candidate.validation.accuracy, "train_seconds": candidate.meta["train_seconds"]}
+    return number, status
 
 
 def label_shortage(examples: list[Example], spec: HeadSpec, minimum: int) -> str | None:
@@ -178,11 +251,11 @@ class TrainedVersion:
 def train_version(
     store: ModelStore, *, project: str, control: str, classes: Sequence[str], multi_label: bool,
     features: torch.Tensor, labels: Sequence[Sequence[str]], task_ids: Sequence[int], encoder: Encoder,
-    recipe: HeadRecipe = HeadRecipe(), extra_meta: dict | None = None,
+    extra_meta: dict | None = None,
 ) -> TrainedVersion:
     """Fit a candidate and save it unserved, without the guard (for seeding versions in tests and benchmarks)."""
     candidate: Candidate = fit_candidate(control=control, classes=classes, multi_label=multi_label,
                                          features=features, labels=labels, task_ids=task_ids, encoder=encoder,
-                                         recipe=recipe, extra_meta=extra_meta)
+                                         extra_meta=extra_meta)
     number = store.save(project, control, candidate.head, candidate.meta)
     return TrainedVersion(number=number, meta=store.meta(project, control, number), validation=candidate.validation)
