@@ -6,6 +6,8 @@ Label Studio's API is the local stand-in (tests/fake_label_studio.py); tests/e2e
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from backend.common.queues import EMBED_QUEUE, TRAIN_QUEUE, enqueue_index, queue
@@ -91,6 +93,26 @@ def test_after_a_promotion_every_unlabeled_task_gets_exactly_one_prediction_of_t
     # a second pass for the same version (a duplicate job, a retry) writes nothing more
     assert repredict(ls_services, str(PROJECT), served)["predictions"] == 0
     assert len(label_studio.imported_predictions) == len(unlabeled)
+
+
+def test_two_passes_at_once_write_each_task_once_and_a_failed_write_is_retried(ls_services, redis, label_studio):
+    """Two workers re-predicting the same version (the promotion's job and an embedding chunk's pass, or a
+    retried job) claim tasks from the ledger: each task goes to one of them."""
+    client = _connected(ls_services, redis, label_studio)
+    _label(client, label_studio, [1, 2, 9, 10])
+    jobs.train_project(ls_services, str(PROJECT))
+    queue(EMBED_QUEUE, redis).empty()
+    served = ls_services.predictor.served(str(PROJECT), CONFIG_2).model_version
+    unlabeled = unlabeled_task_ids(ls_services, str(PROJECT))
+    label_studio.fail_api_with = 503  # the first pass claims everything, then cannot write
+    with pytest.raises(Exception):
+        repredict(ls_services, str(PROJECT), served)
+    label_studio.fail_api_with = None
+    assert PredictionLedger(redis).unwritten(str(PROJECT), served, unlabeled) == unlabeled  # released
+    with ThreadPoolExecutor(2) as pool:
+        passes = list(pool.map(lambda _: repredict(ls_services, str(PROJECT), served), range(2)))
+    assert sum(p["predictions"] for p in passes) == len(unlabeled)
+    assert sorted(p["task"] for p in label_studio.imported_predictions) == unlabeled
 
 
 def test_a_task_answered_by_predict_is_not_written_again_for_that_version(ls_services, redis, label_studio):

@@ -58,7 +58,8 @@ def train_project(services: Services, project: str) -> dict:
         enqueue_audit(services.redis, services.settings, project)  # suspects and coverage of the labels just read
     queue = _refresh_queue(services, project)
     summary["queue"] = queue["status"]
-    summary["ls_requests"] = summary.get("ls_requests", 0) + queue.get("ls_requests", 0)
+    summary["queue_ls_requests"] = queue.get("ls_requests", 0)  # re-ranking Label Studio's queue (active learning)
+    summary["ls_requests"] = summary.get("ls_requests", 0) + summary["queue_ls_requests"]
     return summary
 
 

@@ -38,6 +38,23 @@ class PredictionLedger:
         written = self.redis.smismember(redis_keys.predicted(project, model_version), task_ids)
         return [task for task, done in zip(task_ids, written) if not done]
 
+    def claim(self, project: str, model_version: str, task_ids: list[int]) -> list[int]:
+        """Mark these tasks as getting `model_version`'s prediction and return those no one had marked: of two
+        passes (two workers) over the same tasks, each task goes to one. `release` what is then not written."""
+        if not task_ids:
+            return []
+        key = redis_keys.predicted(project, model_version)
+        pipe = self.redis.pipeline(transaction=False)
+        for task in task_ids:
+            pipe.sadd(key, task)
+        pipe.expire(key, LEDGER_TTL_S)
+        added = pipe.execute()[:-1]
+        return [task for task, new in zip(task_ids, added) if new]
+
+    def release(self, project: str, model_version: str, task_ids: list[int]) -> None:
+        if task_ids:
+            self.redis.srem(redis_keys.predicted(project, model_version), *task_ids)
+
     def record(self, project: str, model_version: str, task_ids: list[int]) -> None:
         if task_ids:
             key = redis_keys.predicted(project, model_version)
@@ -76,7 +93,18 @@ def repredict(services: Services, project: str, model_version: str, task_ids: li
         wanted = set(task_ids)
         unlabeled = [task for task in unlabeled if task in wanted]
     ledger = PredictionLedger(services.redis)
-    todo = ledger.unwritten(project, model_version, unlabeled)
+    todo = ledger.claim(project, model_version, unlabeled)
+    unwritten = set(todo)  # claimed, and released again unless written
+    try:
+        return _write(services, project, model_version, config, todo, unwritten, should_yield)
+    finally:
+        ledger.release(project, model_version, sorted(unwritten))
+
+
+def _write(services: Services, project: str, model_version: str, config: str, todo: list[int],
+           unwritten: set[int], should_yield: Callable[[], bool]) -> dict:
+    """Predict the claimed tasks from cached features and import them in batches; what is written leaves
+    `unwritten`."""
     data = services.tasks.data(project, todo)
     tasks = [{"id": task, "data": data[task]} for task in todo if task in data]
     predictions, not_embedded = services.predictor.predict_cached(tasks, project=project, label_config=config)
@@ -93,7 +121,7 @@ def repredict(services: Services, project: str, model_version: str, task_ids: li
         batch = payload[start:start + WRITE_BATCH]
         client = client or services.label_studio()
         client.projects.import_predictions(id=int(project), request=batch)
-        ledger.record(project, model_version, [item["task"] for item in batch])
+        unwritten.difference_update(item["task"] for item in batch)
         written += len(batch)
     log.info("project %s: wrote %d predictions of %s (%d tasks not embedded yet)",
              project, written, model_version, len(not_embedded))
