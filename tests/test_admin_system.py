@@ -24,7 +24,7 @@ from tests.admin_browser import INSTALL_HINT, Browser, find_chromium
 from tests.admin_support import TOKEN, labeled_images
 from tests.helpers import CONFIG_2, HYMENOPTERA, REPO, free_port
 from tests.loop_helpers import annotation_event, local_url
-from backend.common.queues import TRAIN_QUEUE, TrainingScheduler, queue
+from backend.common.queues import TRAIN_JOB, TRAIN_QUEUE, TrainingScheduler, queue
 from backend.common.settings import Settings
 from backend.labelstudio.label_mirror import LabelStore
 
@@ -265,7 +265,8 @@ def test_cli_api_and_page_agree_and_admin_actions_take_effect(system, capsys, re
 
     # Metrics from either gunicorn worker add up the same counters; gauges are measured at scrape time.
     trained = [job for job in cli_json(capsys, "jobs")  # a job deferred to a running one trained nothing
-               if job["status"] == "finished" and not job["result"].get("status", "").startswith("deferred")]
+               if job["function"] == TRAIN_JOB and job["status"] == "finished"
+               and not job["result"].get("status", "").startswith("deferred")]
     for _ in range(4):
         text = requests.get(system["url"] + "/metrics", timeout=10).text
         assert re.search(r'^headstart_workers\{state="idle"\} 2$', text, re.M)

@@ -124,7 +124,7 @@ def started_job_ids(redis) -> list[str]:
     return StartedJobRegistry(queue=queue(TRAIN_QUEUE, redis)).get_job_ids(cleanup=False)
 
 
-def running_training(redis, project: int, *, deadline_s: float = 30) -> Job:
+def running_training(redis, project: int, *, deadline_s: float = 120) -> Job:
     """The job holding the project's training lock, once its worker is known."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:

@@ -70,7 +70,7 @@ def audit_control(services: Services, project: str, spec: HeadSpec) -> dict:
         return {**record, "reason": "no head is served yet: nothing to judge the labels with"}
     examples, _ = services.labels.examples(project, spec)
     encoder = services.encoders.for_key(head.meta["backbone"], head.backbone_key)
-    vectors = services.features.cached(project, [MediaItem(e.task_id, e.url) for e in examples], encoder)
+    vectors = services.features.cached(project, [MediaItem(e.task_id, e.url, spec.inline) for e in examples], encoder)
     rows = [i for i, vector in enumerate(vectors) if vector is not None]
     examples = [examples[i] for i in rows]
     record["labels"] = len(examples)
@@ -116,7 +116,7 @@ def machine_labels(services: Services, project: str, spec: HeadSpec, head: HeadV
     """Task id → (the served head's label above its class threshold, or None; its confidence), for tasks whose
     input is embedded under the head's encoder."""
     data = services.tasks.data(project, task_ids)
-    items = [MediaItem(task, value if isinstance(value := data[task].get(spec.data_key), str) else "")
+    items = [MediaItem(task, value if isinstance(value := data[task].get(spec.data_key), str) else "", spec.inline)
              for task in task_ids if task in data]
     encoder = services.encoders.for_key(head.meta["backbone"], head.backbone_key)
     vectors = services.features.cached(project, items, encoder) if items else []

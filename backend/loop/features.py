@@ -125,9 +125,11 @@ class FeatureSource:
     def _fetch_and_embed(self, project: str, items: list[MediaItem], encoder: Encoder,
                          plan: FetchPlan) -> dict[str, torch.Tensor | MediaError]:
         results: dict[str, torch.Tensor | MediaError] = {}
-        if plan.max_fetch is not None and len(items) > plan.max_fetch:
-            skipped = items[plan.max_fetch:]
-            items = items[:plan.max_fetch]
+        fetched = [item for item in items if not item.inline]  # an inline text is no fetch: never capped
+        if plan.max_fetch is not None and len(fetched) > plan.max_fetch:
+            skipped = fetched[plan.max_fetch:]
+            left_out = {item.url for item in skipped}
+            items = [item for item in items if item.inline or item.url not in left_out]
             log.warning("project %s: %d inputs not fetched in this request (PREDICT_MAX_FETCH=%d); the workers "
                         "embed them", project, len(skipped), plan.max_fetch)
             for item in skipped:
