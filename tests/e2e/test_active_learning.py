@@ -104,8 +104,11 @@ def test_before_any_head_the_next_task_is_one_headstart_ranked_first(ls_api, lab
     active["other"] = other
 
 
-def test_after_labels_the_queue_follows_the_new_head_and_shows_its_prediction(ls_api, headstart, active):
+def test_after_labels_the_queue_follows_the_new_head_and_shows_its_prediction(ls_api, label_studio, headstart, active):
     project, truth = active["project"], active["truth"]
+    # a fresh second annotator: Label Studio hands a user the task it still holds locked for them first, and
+    # the one of the test above may have left the front since
+    other = LabelStudioApi(label_studio.url, label_studio.add_user("annotator3@headstart.test"))
     labeled = []
     round_before = int(queue_state(headstart.redis_url, project)["round"])
     for _ in range(6):  # the stream's own tasks, labeled with the truth (both classes appear among the picks)
@@ -126,7 +129,7 @@ def test_after_labels_the_queue_follows_the_new_head_and_shows_its_prediction(ls
         state = wait_until(headed, timeout_s=QUEUE_TIMEOUT_S, what="a front ranked with a head",
                            processes=headstart.processes)
         task = next_task(ls_api, project)
-        second = next_task(active["other"], project)
+        second = next_task(other, project)
         version = ls_api.backend(active["backend"])["model_version"]
         if queue_state(headstart.redis_url, project)["round"] == state["round"]:
             break  # both asked while this front was the current one
