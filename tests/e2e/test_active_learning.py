@@ -137,8 +137,14 @@ def test_after_labels_the_queue_follows_the_new_head_and_shows_its_prediction(ls
     assert not set(front) & set(labeled)
     assert task["id"] in front
     assert task["id"] not in labeled
-    shown = [p for p in task["predictions"] if p["result"]]
-    assert shown and shown[0]["model_version"] == version, task["predictions"]
+
+    def shown() -> list[dict] | None:  # the served version's pre-label (its re-prediction may still be writing)
+        current = ls_api.backend(active["backend"])["model_version"]
+        listed = ls_api.get(f"/api/tasks/{task['id']}")["predictions"]
+        return [p for p in listed if p["result"] and p["model_version"] == current] or None
+    assert wait_until(shown, timeout_s=QUEUE_TIMEOUT_S, what="the served version's prediction on the next task",
+                      processes=headstart.processes)
+    assert version.startswith("label-v")
     assert second["id"] in front and second["id"] != task["id"]
 
 
