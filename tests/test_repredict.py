@@ -115,6 +115,26 @@ def test_two_passes_at_once_write_each_task_once_and_a_failed_write_is_retried(l
     assert sorted(p["task"] for p in label_studio.imported_predictions) == unlabeled
 
 
+def test_predict_leaves_a_task_to_the_pass_that_is_writing_it(ls_services, redis, label_studio):
+    """Label Studio's "Retrieve Predictions" asks for tasks it saw without the version's prediction; if a
+    re-prediction pass is writing that prediction at that moment, /predict answers none for the task
+    (an empty list: Label Studio saves nothing) instead of a second one."""
+    client = _connected(ls_services, redis, label_studio)
+    _label(client, label_studio, [1, 2, 9, 10])
+    jobs.train_project(ls_services, str(PROJECT))
+    served = ls_services.predictor.served(str(PROJECT), CONFIG_2).model_version
+    ledger = PredictionLedger(redis)
+    assert ledger.claim(str(PROJECT), served, [3]) == [3]  # a pass took task 3 and has not written it yet
+
+    def ask():
+        return client.post("/predict", json={"project": f"{PROJECT}.1", "label_config": CONFIG_2,
+                                             "tasks": [label_studio.tasks[2], label_studio.tasks[3]]}).get_json()
+    held, other = ask()["results"]
+    assert held == [] and other["result"] and other["model_version"] == served
+    ledger.written(str(PROJECT), served, [3])
+    assert ask()["results"][0]["result"]  # written: Label Studio asking again (it lost it) gets it
+
+
 def test_a_task_answered_by_predict_is_not_written_again_for_that_version(ls_services, redis, label_studio):
     client = _connected(ls_services, redis, label_studio)
     _label(client, label_studio, [1, 2, 9, 10])

@@ -126,6 +126,12 @@ def task_index_built(project_id: str) -> str:
 # --- predictions written (backend.loop.repredict, backend.server.contract) ----------------------
 
 
+def predicting(project_id: str, model_version: str) -> str:
+    """set of task ids a re-prediction pass has claimed for `model_version` and not written yet (expires): a
+    `/predict` for them answers no prediction, so Label Studio does not save a second one."""
+    return f"{PREFIX}:predicting:{project_id}:{model_version}"
+
+
 def predicted(project_id: str, model_version: str) -> str:
     """set of task ids of P that already carry a prediction of `model_version` in Label Studio."""
     return f"{PREFIX}:predicted:{project_id}:{model_version}"

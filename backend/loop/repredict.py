@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # and annotators' submits meanwhile fail with "database is locked"; small batches keep that short
 WRITE_BATCH = 200
 LEDGER_TTL_S = 30 * 24 * 3600
+WRITING_TTL_S = 300  # a pass that died mid-write stops holding /predict's answers back after this
 
 
 class PredictionLedger:
@@ -39,8 +40,9 @@ class PredictionLedger:
         return [task for task, done in zip(task_ids, written) if not done]
 
     def claim(self, project: str, model_version: str, task_ids: list[int]) -> list[int]:
-        """Mark these tasks as getting `model_version`'s prediction and return those no one had marked: of two
-        passes (two workers) over the same tasks, each task goes to one. `release` what is then not written."""
+        """Mark these tasks as getting `model_version`'s prediction from this pass and return those no one had
+        marked: of two passes (two workers) over the same tasks, each task goes to one. Until `written` or
+        `release`d they are also *being written*: a `/predict` for them answers none (`being_written`)."""
         if not task_ids:
             return []
         key = redis_keys.predicted(project, model_version)
@@ -48,12 +50,27 @@ class PredictionLedger:
         for task in task_ids:
             pipe.sadd(key, task)
         pipe.expire(key, LEDGER_TTL_S)
-        added = pipe.execute()[:-1]
-        return [task for task, new in zip(task_ids, added) if new]
+        claimed = [task for task, new in zip(task_ids, pipe.execute()[:-1]) if new]
+        if claimed:
+            writing = redis_keys.predicting(project, model_version)
+            self.redis.pipeline(transaction=False).sadd(writing, *claimed).expire(writing, WRITING_TTL_S).execute()
+        return claimed
+
+    def written(self, project: str, model_version: str, task_ids: list[int]) -> None:
+        if task_ids:
+            self.redis.srem(redis_keys.predicting(project, model_version), *task_ids)
 
     def release(self, project: str, model_version: str, task_ids: list[int]) -> None:
         if task_ids:
             self.redis.srem(redis_keys.predicted(project, model_version), *task_ids)
+            self.redis.srem(redis_keys.predicting(project, model_version), *task_ids)
+
+    def being_written(self, project: str, model_version: str, task_ids: list[int]) -> set[int]:
+        """Of these tasks, those a re-prediction pass is writing `model_version`'s prediction for right now."""
+        if not task_ids:
+            return set()
+        flags = self.redis.smismember(redis_keys.predicting(project, model_version), task_ids)
+        return {task for task, flag in zip(task_ids, flags) if flag}
 
     def record(self, project: str, model_version: str, task_ids: list[int]) -> None:
         if task_ids:
@@ -96,13 +113,13 @@ def repredict(services: Services, project: str, model_version: str, task_ids: li
     todo = ledger.claim(project, model_version, unlabeled)
     unwritten = set(todo)  # claimed, and released again unless written
     try:
-        return _write(services, project, model_version, config, todo, unwritten, should_yield)
+        return _write(services, project, model_version, config, todo, ledger, unwritten, should_yield)
     finally:
         ledger.release(project, model_version, sorted(unwritten))
 
 
 def _write(services: Services, project: str, model_version: str, config: str, todo: list[int],
-           unwritten: set[int], should_yield: Callable[[], bool]) -> dict:
+           ledger: PredictionLedger, unwritten: set[int], should_yield: Callable[[], bool]) -> dict:
     """Predict the claimed tasks from cached features and import them in batches; what is written leaves
     `unwritten`."""
     data = services.tasks.data(project, todo)
@@ -122,6 +139,7 @@ def _write(services: Services, project: str, model_version: str, config: str, to
         client = client or services.label_studio()
         client.projects.import_predictions(id=int(project), request=batch)
         unwritten.difference_update(item["task"] for item in batch)
+        ledger.written(project, model_version, [item["task"] for item in batch])
         written += len(batch)
     log.info("project %s: wrote %d predictions of %s (%d tasks not embedded yet)",
              project, written, model_version, len(not_embedded))

@@ -97,6 +97,7 @@ def predict():
         raise BadRequest("'label_config' is missing and this project has not been set up yet.")
     results = hub.predictor.predict(tasks, project=project, label_config=label_config,
                                     plan=FetchPlan.for_request(hub.settings))
+    results = _leave_to_the_worker(hub, project, tasks, results)
     _record_answered(hub, project, tasks, results)
     hub.metrics.add("headstart_predict_requests_total")
     hub.metrics.add("headstart_predictions_total", len(tasks))
@@ -104,11 +105,24 @@ def predict():
     return jsonify(results=results)
 
 
-def _record_answered(hub, project: str, tasks: list[dict], results: list[dict]) -> None:
+def _leave_to_the_worker(hub, project: str, tasks: list[dict], results: list[dict]) -> list:
+    """A task a re-prediction pass is writing this version's prediction for right now is answered with no
+    prediction (an empty list: Label Studio saves nothing for it), or Label Studio would hold two."""
+    versions = {result["model_version"] for result in results if result["result"]}
+    ids = [task["id"] for task in tasks if isinstance(task.get("id"), int)]
+    try:
+        busy = {version: PredictionLedger(hub.redis).being_written(project, version, ids) for version in versions}
+    except RedisError:
+        return results
+    return [[] if result["result"] and task.get("id") in busy.get(result["model_version"], ()) else result
+            for task, result in zip(tasks, results)]
+
+
+def _record_answered(hub, project: str, tasks: list[dict], results: list) -> None:
     """Label Studio saves each answer as a prediction of its model_version: the worker must not write another."""
     answered: dict[str, list[int]] = {}
     for task, result in zip(tasks, results):
-        if result["result"] and isinstance(task.get("id"), int):
+        if isinstance(result, dict) and result["result"] and isinstance(task.get("id"), int):
             answered.setdefault(result["model_version"], []).append(task["id"])
     try:
         for version, task_ids in answered.items():
