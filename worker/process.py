@@ -95,7 +95,10 @@ def abandoned_job_handler(services: Services):
     def rerun_abandoned_at_once(job, exc_type, exc_value, traceback) -> bool:
         if exc_type is not AbandonedJobError:
             return True
-        services.features.poison.charge(job.id)  # the inputs it was on when its worker died
+        try:
+            services.features.poison.charge(job.id)  # the inputs it was on when its worker died
+        except Exception as exc:  # charging is bookkeeping: it must never keep the job from its retry
+            log.warning("job %s: the inputs in flight were not charged: %s", job.id, exc)
         if job.retries_left and job.retry_intervals:
             index = max(len(job.retry_intervals) - job.retries_left, 0)
             job.retry_intervals = [0 if i == index else s for i, s in enumerate(job.retry_intervals)]

@@ -109,13 +109,13 @@ def _leave_to_the_worker(hub, project: str, tasks: list[dict], results: list[dic
     """A task a re-prediction pass is writing this version's prediction for right now is answered with no
     prediction (an empty list: Label Studio saves nothing for it), or Label Studio would hold two."""
     versions = {result["model_version"] for result in results if result["result"]}
-    ids = [task["id"] for task in tasks if isinstance(task.get("id"), int)]
+    ids = [task["id"] for task in tasks if isinstance(task.get("id"), int) and not isinstance(task["id"], bool)]
     try:
         busy = {version: PredictionLedger(hub.redis).being_written(project, version, ids) for version in versions}
     except RedisError:
         return results
-    return [[] if result["result"] and task.get("id") in busy.get(result["model_version"], ()) else result
-            for task, result in zip(tasks, results)]
+    return [[] if result["result"] and task.get("id") in ids and task["id"] in busy.get(result["model_version"], ())
+             else result for task, result in zip(tasks, results)]
 
 
 def _record_answered(hub, project: str, tasks: list[dict], results: list) -> None:
