@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
+from rq import Worker
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -154,7 +155,10 @@ def training_requested(redis, project: int, *, deadline_s: float = 120) -> Job:
             return job
         time.sleep(0.002)
         job.refresh()
-    raise AssertionError(f"training {job.id} was not taken by a worker within {deadline_s}s")
+    workers = {w.name: (w.get_state(), w.get_current_job_id()) for w in Worker.all(connection=redis)}
+    raise AssertionError(f"training {job.id} ({job.description}, {job.get_status()}, enqueued {job.enqueued_at}) was "
+                         f"not taken by a worker within {deadline_s}s; train queue {queue(TRAIN_QUEUE, redis).job_ids}, "
+                         f"workers {workers}")
 
 
 def training_seconds(redis) -> list[float]:

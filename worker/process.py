@@ -179,8 +179,18 @@ class HeadstartWorker(SimpleWorker):
     def run_maintenance_tasks(self):
         try:
             super().run_maintenance_tasks()
+            self._requeue_lost_trainings()
         except REDIS_DOWN as exc:
             log.warning("registry maintenance skipped (Redis unreachable): %s", exc)
+
+    def _requeue_lost_trainings(self) -> None:
+        """A training popped by a worker that died before starting it is in no registry RQ cleans."""
+        if self.services is None:
+            return
+        for project in self.services.projects.all():
+            if self.services.scheduler.requeue_if_lost(project):
+                log.warning("project %s: its queued training was lost by a worker killed as it took it; "
+                            "queued it again", project)
 
     def _wait_for_redis(self) -> None:
         delay = 0.5
