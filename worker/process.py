@@ -14,6 +14,10 @@ Surviving faults:
   JOB_RETRIES. With no retries left the job lands in the failed registry as AbandonedJobError.
   The handler also charges a kill to each input the job had in flight (`backend.loop.poison`): an
   input that kills MEDIA_POISON_KILLS workers is skipped from then on instead of killing them all.
+- A job popped off the queues by a worker killed before it marked the job started is in no queue and
+  no registry (RQ pops with BLPOP when a worker listens on several queues). For trainings, every
+  worker's maintenance queues the project's training again once its queued job has been missing
+  for LOST_JOB_GRACE_S (`TrainingScheduler.requeue_if_lost`).
 - Redis going away does not stop the worker: it waits for Redis and carries on; a job that lost
   Redis midway is detected as abandoned once Redis is back and re-run.
 """
