@@ -54,7 +54,7 @@ def train_project(services: Services, project: str) -> dict:
     services.metrics.observe("headstart_training_seconds", time.perf_counter() - started)
     if summary["promoted"] and services.settings.repredict_unlabeled and services.can_reach_label_studio:
         enqueue_repredict(services.redis, services.settings, project, summary["model_version"])
-    if any(outcome["status"] != "skipped" for outcome in summary["controls"].values()):
+    if any(outcome["status"] not in ("skipped", "unchanged") for outcome in summary["controls"].values()):
         enqueue_audit(services.redis, services.settings, project)  # suspects and coverage of the labels just read
     queue = _refresh_queue(services, project)
     summary["queue"] = queue["status"]
