@@ -146,7 +146,10 @@ def training_requested(redis, project: int, *, deadline_s: float = 120) -> Job:
     and on a loaded machine this process can be off the CPU for longer, so waiting for the lock to be held
     (as `running_training` does) could miss the whole job and wait forever.
     """
-    marker = redis.get(f"headstart:train:{project}:queued") or redis.get(f"headstart:train:{project}:running")
+    def requested() -> bytes | None:
+        return redis.get(f"headstart:train:{project}:queued") or redis.get(f"headstart:train:{project}:running")
+
+    marker = requested()
     assert marker is not None and marker != b"pending", f"no training was requested or running: {marker!r}"
     job = Job.fetch(marker.decode(), connection=redis, serializer=JSONSerializer)
     deadline = time.monotonic() + deadline_s
@@ -154,6 +157,9 @@ def training_requested(redis, project: int, *, deadline_s: float = 120) -> Job:
         if job.get_status() in (JobStatus.STARTED, JobStatus.FINISHED, JobStatus.FAILED) and job.worker_name:
             return job
         time.sleep(0.002)
+        marker = requested()
+        if marker not in (None, b"pending") and marker.decode() != job.id:  # lost by a dying worker, queued again
+            job = Job.fetch(marker.decode(), connection=redis, serializer=JSONSerializer)
         job.refresh()
     workers = {w.name: (w.get_state(), w.get_current_job_id()) for w in Worker.all(connection=redis)}
     raise AssertionError(f"training {job.id} ({job.description}, {job.get_status()}, enqueued {job.enqueued_at}) was "
