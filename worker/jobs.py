@@ -15,7 +15,8 @@ from rq import get_current_job
 
 from backend.common import redis_keys
 from backend.common.errors import HeadstartError, NotEnoughLabels
-from backend.common.queues import enqueue_audit, enqueue_embed_chunk, enqueue_index, enqueue_repredict, training_waiting
+from backend.common.queues import (enqueue_audit, enqueue_embed_chunk, enqueue_index, enqueue_queue_refresh,
+                                    enqueue_repredict, training_waiting)
 from backend.core.encoders import Encoder
 from backend.labelstudio import webhooks
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
@@ -39,7 +40,8 @@ WEBHOOK_LOOK_INTERVAL_S = 2.0
 
 def train_project(services: Services, project: str) -> dict:
     """Take the project's training lock, run the retrain pipeline, release the lock (re-queueing if
-    labels changed meanwhile), and queue re-prediction of unlabeled tasks after a promotion."""
+    labels changed meanwhile), and queue the background work a new head calls for: re-prediction of the
+    unlabeled tasks after a promotion, the label audit and the re-ranking of the labeling queue."""
     job = get_current_job()
     job_id = job.id if job is not None else f"direct-{uuid.uuid4().hex}"
     scheduler = services.scheduler
@@ -59,11 +61,15 @@ def train_project(services: Services, project: str) -> dict:
         enqueue_repredict(services.redis, services.settings, project, summary["model_version"])
     if any(outcome["status"] not in ("skipped", "unchanged") for outcome in summary["controls"].values()):
         enqueue_audit(services.redis, services.settings, project)  # suspects and coverage of the labels just read
-    queue = _refresh_queue(services, project)
-    summary["queue"] = queue["status"]
-    summary["queue_ls_requests"] = queue.get("ls_requests", 0)  # re-ranking Label Studio's queue (active learning)
-    summary["ls_requests"] = summary.get("ls_requests", 0) + summary["queue_ls_requests"]
+    if services.settings.active_learning and services.can_reach_label_studio:
+        enqueue_queue_refresh(services.redis, services.settings, project)  # with the head just served
     return summary
+
+
+def refresh_labeling_queue(services: Services, project: str) -> dict:
+    """Re-rank the project's labeling queue in Label Studio (active learning) with the served head."""
+    services.redis.delete(redis_keys.active_refresh_queued(project))  # a training finishing from now on queues another
+    return _refresh_queue(services, project)
 
 
 def _refresh_queue(services: Services, project: str) -> dict:

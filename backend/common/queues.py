@@ -34,6 +34,7 @@ INDEX_JOB = "worker.jobs.index_tasks"
 EMBED_CHUNK_JOB = "worker.jobs.embed_chunk"
 WEBHOOK_AUTH_JOB = "worker.jobs.secure_webhook"
 AUDIT_JOB = "worker.jobs.audit_labels"
+QUEUE_REFRESH_JOB = "worker.jobs.refresh_labeling_queue"
 
 
 def queue(name: str, redis: Redis) -> Queue:
@@ -221,3 +222,13 @@ def enqueue_audit(redis: Redis, settings: Settings, project: str) -> Job | None:
         return None
     return _enqueue_background(redis, settings, AUDIT_JOB, (project,), f"audit the labels of project {project}",
                                project)
+
+
+def enqueue_queue_refresh(redis: Redis, settings: Settings, project: str) -> Job | None:
+    """Re-rank the project's labeling queue (active learning) in the background, after a training; None when a
+    re-ranking is already queued (it will rank with the newest head when it starts). It is not part of the
+    training: at 5,000 embedded tasks it takes seconds, which the next submit's training would wait for."""
+    if not redis.set(redis_keys.active_refresh_queued(project), "1", nx=True, ex=settings.job_timeout_s):
+        return None
+    return _enqueue_background(redis, settings, QUEUE_REFRESH_JOB, (project,),
+                               f"re-rank the labeling queue of project {project}", project)

@@ -173,6 +173,11 @@ def active(project_id: str) -> str:
     return f"{PREFIX}:active:{project_id}"
 
 
+def active_refresh_queued(project_id: str) -> str:
+    """flag (expires): a job re-ranking P's labeling queue is queued; requests meanwhile join it."""
+    return f"{PREFIX}:active-refresh-queued:{project_id}"
+
+
 # --- inputs that killed workers (backend.loop.poison) -------------------------------------------
 
 
