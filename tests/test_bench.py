@@ -72,7 +72,8 @@ def test_accuracy_zero_shot_alone_merges_k0_into_the_results_keeping_the_rest(tm
     """`python -m bench accuracy --zero-shot`: only k=0, written beside what the last full run measured."""
     accuracy = importlib.import_module("bench.accuracy")
     earlier = {"benchmark": "accuracy", "sets": {"hymenoptera": {}}, "worst_gap": -0.5, "quick": True,
-               "worst_gap_cell": "hymenoptera k=1", "goals": {"worst_gap": {"target": 0, "direction": ">=", "met": False}}, "notes": ["earlier"]}
+               "worst_gap_cell": "hymenoptera k=1", "notes": ["earlier"],
+               "goals": {"worst_gap": {"target": 0, "direction": ">=", "met": False}}}
     (tmp_path / "accuracy.json").write_text(json.dumps(earlier))
     accuracy.run(quick=True, results_dir=tmp_path, zero_shot_only=True)
     written = json.loads((tmp_path / "accuracy.json").read_text())
