@@ -61,8 +61,8 @@ def categories(backbone: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=16)
 def _index(backbone: str) -> dict[str, tuple[int, ...]]:
-    """Every normalized class name and its singular forms → the classes with that name (ImageNet has two
-    "crane"s: a choice named so stands for both)."""
+    """Every normalized class name and its singular forms → the classes with that name (case-insensitively
+    "cardigan" is a dog breed and a sweater: a choice named so stands for both)."""
     by_name: dict[str, list[int]] = {}
     for position, name in enumerate(categories(backbone)):
         for form in dict.fromkeys(singular_forms(normalized(name))):
