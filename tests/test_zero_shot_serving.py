@@ -148,3 +148,26 @@ def test_unlabeled_tasks_get_zero_shot_pre_labels_once_embedded(zs_settings, red
     assert sum(p["result"][0]["value"]["choices"] == [truth[p["task"]]] for p in pushed) >= 9
     run_burst_worker(settings, redis, services)  # nothing queued again: no second v0 per task
     assert len(label_studio.imported_predictions) == len(label_studio.tasks)
+
+
+TWO_CONTROLS = ('<View><Image name="image" value="$image"/>'
+                '<Choices name="species" toName="image"><Choice value="ants"/><Choice value="bees"/></Choices>'
+                '<Choices name="tags" toName="image" choice="multiple"><Choice value="insect"/><Choice value="ant"/>'
+                '<Choice value="bee"/></Choices></View>')
+
+
+def test_a_control_without_its_head_is_served_zero_shot_beside_a_trained_one(zs_services, hymenoptera_features,
+                                                                              val_handful):
+    from backend.loop.retrain import train_version
+
+    features, labels = hymenoptera_features
+    tags = train_version(zs_services.store, project="43", control="tags", classes=["insect", "ant", "bee"],
+                         multi_label=True, features=features, labels=[["insect", n[:-1]] for n in labels],
+                         task_ids=list(range(len(labels))), encoder=zs_services.encoders.get())
+    zs_services.store.promote("43", "tags", tags.number)
+    tasks = [{"id": index, "data": {"image": local_url(path)}} for index, (path, _) in enumerate(val_handful)]
+    predictions = zs_services.predictor.predict(tasks, project="43", label_config=TWO_CONTROLS)
+    assert {p["model_version"] for p in predictions} == {f"species-v0+tags-v{tags.number}"}
+    by_control = [{region["from_name"]: region["value"]["choices"] for region in p["result"]} for p in predictions]
+    assert all(set(controls) == {"species", "tags"} for controls in by_control)
+    assert sum(controls["species"] == [cls] for controls, (_, cls) in zip(by_control, val_handful)) >= 9
