@@ -80,13 +80,15 @@ def test_a_project_whose_choices_are_not_all_imagenet_classes_gets_nothing(clien
 
 
 def test_predicted_values_map_choices_and_a_wrong_name_is_refused_at_setup(client, val_handful):
-    mapped = config('<Choice value="Formicidae" predicted_values="ant"/>', '<Choice value="Apis" predicted_values="bee"/>')
+    mapped = config('<Choice value="Formicidae" predicted_values="ant"/>',
+                    '<Choice value="Apis" predicted_values="bee"/>')
     assert setup(client, mapped).json["model_version"] == "label-v0"
     results = predict(client, val_handful, mapped)
     truth = {"ants": ["Formicidae"], "bees": ["Apis"]}
     assert sum(r["result"][0]["value"]["choices"] == truth[cls] for r, (_, cls) in zip(results, val_handful)) >= 9
 
-    typo = config('<Choice value="Formicidae" predicted_values="antt"/>', '<Choice value="Apis" predicted_values="bee"/>')
+    typo = config('<Choice value="Formicidae" predicted_values="antt"/>',
+                  '<Choice value="Apis" predicted_values="bee"/>')
     refused = setup(client, typo)
     assert refused.status_code == 400 and refused.json["error"] == "UnknownModelClass"
     assert "'antt'" in refused.json["message"] and "'ant'" in refused.json["message"]
