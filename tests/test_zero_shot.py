@@ -8,7 +8,7 @@ import torch
 from torchvision import models
 
 from backend.common.errors import UnknownModelClass
-from backend.core.backbones import get_spec
+from backend.core.backbones import REGISTRY, get_spec
 from backend.core.encoders import InputLimits
 from backend.core.zero_shot import (ZeroShotClassifiers, categories, load_classifier, match_choices, normalized,
                                     singular_forms)
@@ -88,3 +88,17 @@ def test_backbones_without_a_measured_feature_norm_offer_no_zero_shot():
     assert spec.feature_norm is None
     with pytest.raises(ValueError, match="feature norm"):
         load_classifier(spec)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_backbone_names_the_imagenet_classifier_it_cuts_off(name):
+    """`classifier` is the part `cut_classifier` removes: it takes the pooled features and gives 1,000 logits, one
+    per name of the weights record (checked on the meta device: nothing is allocated or downloaded)."""
+    spec = REGISTRY[name]
+    with torch.device("meta"):
+        model = spec.builder(weights=None)
+        classifier = model.get_submodule(spec.classifier)
+        assert classifier(torch.empty(2, spec.feature_dim)).shape == (2, 1000)
+        spec.cut_classifier(model)
+    assert isinstance(model.get_submodule(spec.classifier), torch.nn.Identity)
+    assert len(categories(name)) == 1000
