@@ -93,6 +93,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
     results = {
         "labels": label_count,
         "headstart_s": rounded(headstart_s),
+        "submit_to_served_p50_s": rounded(headstart_s),  # the same median, under the name the checks read
         "naive_s": rounded(naive_s, 1),
         "floor_s": rounded(floor_s, 4),
         "speedup_vs_naive": rounded(naive_s / headstart_s, 1) if served else None,
@@ -121,7 +122,8 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
         "core_s: floor_s plus the 5-fold cross-validation the promotion guard runs (backend.core, no HTTP/queue)",
     ]
     goals = {"speedup_vs_naive": goal(results["speedup_vs_naive"], 100, at_least=True),
-             "ratio_to_floor": goal(results["ratio_to_floor"], 1.5, at_least=False)}
+             "ratio_to_floor": goal(results["ratio_to_floor"], 1.5, at_least=False),
+             "submit_to_served_p50_s": goal(results["submit_to_served_p50_s"], 1.0, at_least=False)}
     record = bench_run.finish(results, goals=goals, notes=notes)
     print_table(f"retrain ({label_count} labels)", ["what", "seconds"], [
         ["headstart: webhook → new version served", headstart_s],

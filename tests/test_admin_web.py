@@ -112,6 +112,29 @@ def test_admin_has_its_own_token_when_basic_auth_guards_label_studio_routes(admi
     assert client.get("/admin/api/overview", auth=("ls", "secret")).status_code == 401  # basic auth is not the admin
 
 
+def test_the_page_says_whether_label_studio_routes_are_open_and_whether_webhooks_carry_the_credentials(
+        admin_settings, redis, services):
+    from backend.labelstudio.webhooks import WebhookAuth
+
+    open_page = create_app(admin_settings, services=services).test_client()
+    overview = open_page.get("/admin/api/overview", headers=BEARER).json["access"]
+    assert overview["basic_auth"] is False and "BASIC_AUTH_USER" in overview["message"]
+    guarded = admin_settings.replace(basic_auth_user="ls", basic_auth_pass="secret")
+    guarded_services = build_services(guarded, redis, encoders=services.encoders)
+    guarded_services.projects.remember("4", CONFIG_2)
+    guarded_services.projects.remember("5", CONFIG_2)
+    WebhookAuth(redis).record("4", "tag", {"state": "failed", "message": "Label Studio refused: 403, give the key "
+                                                                         "project admin rights"})
+    client = create_app(guarded, services=guarded_services).test_client()
+    access = client.get("/admin/api/overview", headers=BEARER).json["access"]
+    states = {hook["project"]: (hook["state"], hook["message"]) for hook in access["webhooks"]}
+    assert access["basic_auth"] is True
+    assert states["4"] == ("failed", "Label Studio refused: 403, give the key project admin rights")
+    assert states["5"][0] == "not tried yet"
+    page = client.get("/admin", headers=BEARER).get_data(as_text=True)
+    assert 'data-webhook-project="4"' in page and "give the key project admin rights" in page
+
+
 def test_api_errors_name_what_is_missing(client):
     assert client.get("/admin/api/projects/4/models", headers=BEARER).json["error"] == "NotFound"
     assert client.post("/admin/api/jobs/abc/retry", headers=BEARER).status_code == 404

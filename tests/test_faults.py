@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
+from rq import Worker
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -145,7 +146,10 @@ def training_requested(redis, project: int, *, deadline_s: float = 120) -> Job:
     and on a loaded machine this process can be off the CPU for longer, so waiting for the lock to be held
     (as `running_training` does) could miss the whole job and wait forever.
     """
-    marker = redis.get(f"headstart:train:{project}:queued") or redis.get(f"headstart:train:{project}:running")
+    def requested() -> bytes | None:
+        return redis.get(f"headstart:train:{project}:queued") or redis.get(f"headstart:train:{project}:running")
+
+    marker = requested()
     assert marker is not None and marker != b"pending", f"no training was requested or running: {marker!r}"
     job = Job.fetch(marker.decode(), connection=redis, serializer=JSONSerializer)
     deadline = time.monotonic() + deadline_s
@@ -153,8 +157,14 @@ def training_requested(redis, project: int, *, deadline_s: float = 120) -> Job:
         if job.get_status() in (JobStatus.STARTED, JobStatus.FINISHED, JobStatus.FAILED) and job.worker_name:
             return job
         time.sleep(0.002)
+        marker = requested()
+        if marker not in (None, b"pending") and marker.decode() != job.id:  # lost by a dying worker, queued again
+            job = Job.fetch(marker.decode(), connection=redis, serializer=JSONSerializer)
         job.refresh()
-    raise AssertionError(f"training {job.id} was not taken by a worker within {deadline_s}s")
+    workers = {w.name: (w.get_state(), w.get_current_job_id()) for w in Worker.all(connection=redis)}
+    raise AssertionError(f"training {job.id} ({job.description}, {job.get_status()}, enqueued {job.enqueued_at}) was "
+                         f"not taken by a worker within {deadline_s}s; train queue {queue(TRAIN_QUEUE, redis).job_ids}, "
+                         f"workers {workers}")
 
 
 def training_seconds(redis) -> list[float]:

@@ -188,3 +188,25 @@ def test_one_more_label_is_served_before_its_validation_and_validated_in_the_sam
     assert second["validated"] is True and second["promotion"]["promote"] is True
     assert not second["promotion"]["reason"].startswith("promoted before validation")
     assert second["out_of_fold_correct"] is not None and 0.8 <= second["metrics"]["cv_accuracy"] <= 1.0
+
+
+def test_a_training_with_no_changed_label_keeps_the_served_version(client, loop_settings, redis, services, images):
+    """START_TRAINING with nothing new (or a relabel undone) saves no version: it would be the same head, and
+    every unlabeled task would be re-predicted for it."""
+    train, _, ids = images
+    items = first_per_class(train, 3)
+    annotate(client, items, ids)
+    run_burst_worker(loop_settings, redis, services)
+    assert current_meta(redis)["version"] == 1
+
+    assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT}}).status_code == 200
+    run_burst_worker(loop_settings, redis, services)
+    store = ModelStore(redis)
+    assert [meta["version"] for meta in store.versions(str(PROJECT), "label")] == [1]
+    assert store.current_number(str(PROJECT), "label") == 1
+
+    path = items[0][0]  # a real change still trains
+    client.post("/webhook", json=annotation_event(project=PROJECT, task_id=ids[path], annotation_id=1000 + ids[path],
+                                                  url=local_url(path), choice="bees", action="ANNOTATION_UPDATED"))
+    run_burst_worker(loop_settings, redis, services)
+    assert current_meta(redis)["version"] == 2 and current_meta(redis)["trained_on"][str(ids[path])] == ["bees"]

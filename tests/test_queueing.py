@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import pytest
 from rq import Worker
@@ -147,3 +148,42 @@ def test_a_request_that_died_while_enqueueing_blocks_trainings_only_briefly(redi
     assert 0 < redis.ttl("headstart:train:3:queued") <= PENDING_MARKER_TTL_S <= 60
     redis.delete("headstart:train:3:queued")  # what expiry does
     assert scheduler.request("3", reason="the submit after") == "queued"
+
+
+def test_a_training_popped_by_a_worker_killed_before_it_started_does_not_wedge_the_project(redis, loop_settings):
+    """RQ pops a job off the queues (BLPOP) and only then marks it started: a worker killed in between leaves a
+    job that says "queued" but is in no queue. The next request must queue a training, not coalesce into it."""
+    scheduler = TrainingScheduler(redis, loop_settings)
+    assert scheduler.request("3", reason="submit") == "queued"
+    assert scheduler.request("3", reason="submit") == "coalesced"  # really queued: joins it
+    (lost,) = queue(TRAIN_QUEUE, redis).job_ids
+    assert redis.lpop(queue(TRAIN_QUEUE, redis).key).decode() == lost  # what BLPOP did before the SIGKILL
+    assert scheduler.request("3", reason="next submit") == "queued"
+    assert queue(TRAIN_QUEUE, redis).job_ids != [lost] and queue(TRAIN_QUEUE, redis).count == 1
+
+
+def test_a_worker_requeues_a_training_lost_by_a_worker_killed_as_it_took_it(redis, loop_settings):
+    """Without a further submit, the labels a lost job was queued for still get trained: every worker's
+    registry maintenance queues it again once it has been missing longer than a live worker could take."""
+    from backend.common.queues import LOST_JOB_GRACE_S
+    from backend.labelstudio.projects import ProjectRegistry
+    from backend.loop.services import build_services
+    from worker.process import HeadstartWorker
+
+    ProjectRegistry(redis).remember("3", "<View/>")
+    scheduler = TrainingScheduler(redis, loop_settings)
+    assert scheduler.request("3", reason="submit") == "queued"
+    (lost,) = queue(TRAIN_QUEUE, redis).job_ids
+    redis.lpop(queue(TRAIN_QUEUE, redis).key)  # popped by a worker SIGKILLed before it marked the job started
+    worker = HeadstartWorker([queue(TRAIN_QUEUE, redis)], connection=redis)
+    worker.services = build_services(loop_settings, redis)
+    worker._requeue_lost_trainings()
+    assert queue(TRAIN_QUEUE, redis).count == 0  # within the grace a live worker may still be starting it
+    job = queue(TRAIN_QUEUE, redis).fetch_job(lost)
+    job.enqueued_at = job.enqueued_at - timedelta(seconds=LOST_JOB_GRACE_S + 1)
+    job.save()
+    worker._requeue_lost_trainings()
+    (requeued,) = queue(TRAIN_QUEUE, redis).job_ids
+    assert requeued != lost and redis.get("headstart:train:3:queued").decode() == requeued
+    worker._requeue_lost_trainings()  # once
+    assert queue(TRAIN_QUEUE, redis).count == 1

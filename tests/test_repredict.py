@@ -205,3 +205,28 @@ def test_tasks_created_and_deleted_webhooks_keep_the_index_current_without_trust
     assert 77 not in ls_services.tasks.data(str(PROJECT))
     unknown = {"action": "TASKS_CREATED", "project": {"id": 999}, "tasks": [{"id": 1}]}
     assert client.post("/webhook", json=unknown).get_json()["status"].startswith("ignored")
+
+
+def test_embedding_chunks_write_their_predictions_together_not_one_request_each(
+        ls_services, redis, label_studio, monkeypatch):
+    """Label Studio's import recounts every task of the project per request, so chunks do not each send theirs:
+    the first chunk after PREDICTION_CATCH_UP_S writes what the chunks since embedded, and the last one the rest."""
+    client = _connected(ls_services, redis, label_studio)
+    _label(client, label_studio, [1, 2, 9, 10])
+    run_burst_worker(ls_services.settings, redis, ls_services)  # trains, and pre-labels the 12 unlabeled tasks
+    version = ls_services.predictor.served(str(PROJECT), CONFIG_2).model_version
+    before = len(label_studio.imported_predictions)
+    new_ids = list(range(101, 113))
+    unseen = dataset_images(HYMENOPTERA, "train")[:len(new_ids)]  # never embedded: the fixture's are from val
+    for task_id, (path, cls) in zip(new_ids, unseen):
+        label_studio.files[f"upload/{PROJECT}/{task_id}-{path.name}"] = path.read_bytes()
+        label_studio.tasks.append({**_task(task_id, f"{task_id}-{path.name}"), "class": cls})
+    monkeypatch.setattr(jobs, "EMBED_CHUNK", 2)  # 6 chunks
+    label_studio.api_requests.clear()
+    enqueue_index(redis, ls_services.settings, str(PROJECT), new_ids)
+    run_burst_worker(ls_services.settings, redis, ls_services)
+    imports = [call for call in label_studio.api_requests if call.endswith("/import/predictions")]
+    written = [p["task"] for p in label_studio.imported_predictions[before:]]
+    assert sorted(written) == new_ids and all(
+        p["model_version"] == version for p in label_studio.imported_predictions[before:])
+    assert len(imports) == 2  # the first chunk (nothing written lately) and the last (the pass is done)

@@ -30,6 +30,9 @@ from backend.loop.services import Services
 log = logging.getLogger(__name__)
 
 EMBED_CHUNK = 32  # tasks per embedding job: about a second of CPU, the longest a training waits
+# while a project is embedded, its new pre-labels go to Label Studio at most this often (and when the pass ends),
+# in one request each time: Label Studio's import costs the same for 32 predictions as for thousands
+PREDICTION_CATCH_UP_S = 10
 WEBHOOK_LOOKS = 3  # times the webhook is looked for: Label Studio calls /setup once before it creates it
 WEBHOOK_LOOK_INTERVAL_S = 2.0
 
@@ -54,7 +57,7 @@ def train_project(services: Services, project: str) -> dict:
     services.metrics.observe("headstart_training_seconds", time.perf_counter() - started)
     if summary["promoted"] and services.settings.repredict_unlabeled and services.can_reach_label_studio:
         enqueue_repredict(services.redis, services.settings, project, summary["model_version"])
-    if any(outcome["status"] != "skipped" for outcome in summary["controls"].values()):
+    if any(outcome["status"] not in ("skipped", "unchanged") for outcome in summary["controls"].values()):
         enqueue_audit(services.redis, services.settings, project)  # suspects and coverage of the labels just read
     queue = _refresh_queue(services, project)
     summary["queue"] = queue["status"]
@@ -123,7 +126,8 @@ def index_tasks(services: Services, project: str, task_ids: list[int] | None = N
 
 
 def embed_chunk(services: Services, project: str, task_ids: list[int]) -> dict:
-    """Embed the inputs of a few tasks (a unit of bounded duration), then predict them with the served version."""
+    """Embed the inputs of a few tasks (a unit of bounded duration); at most every PREDICTION_CATCH_UP_S, and when
+    the project's pass ends, write the served version's predictions of every task embedded since the last write."""
     config = _config(services, project)
     data = services.tasks.data(project, task_ids)
     vectors = []
@@ -137,8 +141,12 @@ def embed_chunk(services: Services, project: str, task_ids: list[int]) -> dict:
     pipe.hincrby(redis_keys.embedding_progress(project), "failed", failed)
     pipe.execute()
     version = served_version(services, project)
-    predicted = repredict(services, project, version, task_ids) if version else {}
-    if _embedding_done(services, project):
+    done = _embedding_done(services, project)
+    predicted = {}
+    if version and (done or services.redis.set(redis_keys.prediction_catch_up(project), 1, nx=True,
+                                               ex=PREDICTION_CATCH_UP_S)):
+        predicted = repredict(services, project, version)  # what this and the chunks since the last one embedded
+    if done:
         _refresh_queue(services, project)
     return {"project": project, "tasks": len(data), "media": len(vectors), "failed": failed,
             "predictions": predicted.get("predictions", 0)}

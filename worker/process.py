@@ -14,6 +14,10 @@ Surviving faults:
   JOB_RETRIES. With no retries left the job lands in the failed registry as AbandonedJobError.
   The handler also charges a kill to each input the job had in flight (`backend.loop.poison`): an
   input that kills MEDIA_POISON_KILLS workers is skipped from then on instead of killing them all.
+- A job popped off the queues by a worker killed before it marked the job started is in no queue and
+  no registry (RQ pops with BLPOP when a worker listens on several queues). For trainings, every
+  worker's maintenance queues the project's training again once its queued job has been missing
+  for LOST_JOB_GRACE_S (`TrainingScheduler.requeue_if_lost`).
 - Redis going away does not stop the worker: it waits for Redis and carries on; a job that lost
   Redis midway is detected as abandoned once Redis is back and re-run.
 """
@@ -179,8 +183,18 @@ class HeadstartWorker(SimpleWorker):
     def run_maintenance_tasks(self):
         try:
             super().run_maintenance_tasks()
+            self._requeue_lost_trainings()
         except REDIS_DOWN as exc:
             log.warning("registry maintenance skipped (Redis unreachable): %s", exc)
+
+    def _requeue_lost_trainings(self) -> None:
+        """A training popped by a worker that died before starting it is in no registry RQ cleans."""
+        if self.services is None:
+            return
+        for project in self.services.projects.all():
+            if self.services.scheduler.requeue_if_lost(project):
+                log.warning("project %s: its queued training was lost by a worker killed as it took it; "
+                            "queued it again", project)
 
     def _wait_for_redis(self) -> None:
         delay = 0.5

@@ -18,6 +18,7 @@ from rq.serializers import JSONSerializer
 
 from backend.admin.errors import NotFound
 from backend.loop.active_queue import queue_status
+from backend.labelstudio.webhooks import WebhookAuth
 from backend.loop import audit_report
 from backend.loop.predictor import model_version_of, project_id
 from backend.common.redis_conn import LOCAL_REDIS_URL
@@ -278,10 +279,36 @@ def killer_inputs(services: Services) -> list[dict]:
             for entry in services.features.poison.report(project)]
 
 
+def access(services: Services) -> dict:
+    """Who may call the Label Studio routes, and per project whether Label Studio's webhooks carry the credentials
+    (`worker.jobs.secure_webhook` adds them; without them every submit's webhook is refused and nothing trains)."""
+    settings = services.settings
+    if not (settings.basic_auth_user or settings.basic_auth_pass):
+        return {"basic_auth": False, "message": (
+            "Open: /predict, /setup and /webhook answer anyone who reaches this backend. Set BASIC_AUTH_USER and "
+            "BASIC_AUTH_PASS and give Label Studio the same user and password in the model's settings.")}
+    auth = WebhookAuth(services.redis)
+    webhooks = []
+    for project in services.projects.all():
+        state = auth.state(project) or {"state": "not tried yet", "message": "tried at the project's next /setup"}
+        webhooks.append({"project": project, "state": state.get("state"), "at": iso(state.get("at")),
+                         "message": state.get("message") or _webhook_note(state)})
+    return {"basic_auth": True, "message": "Basic auth is on for /predict, /setup and /webhook.",
+            "webhooks": webhooks}
+
+
+def _webhook_note(state: dict) -> str:
+    if state.get("state") == "ok":
+        return f"webhook(s) {state.get('webhooks') or ''} carry the credentials".replace("  ", " ")
+    if state.get("state") == "missing":
+        return "Label Studio has no webhook pointing at this backend yet; looked for again at the next /setup"
+    return ""
+
+
 def overview(services: Services) -> dict:
     """Everything the /admin page shows, in one document (also GET /admin/api/overview)."""
     redis = services.redis
     return {"redis": redis_info(redis, services.settings.redis_url), "suspended": suspended(redis),
             "queues": queues(redis), "workers": workers(redis), "jobs": jobs(redis),
             "projects": [models(services, project) for project in services.projects.all()],
-            "killer_inputs": killer_inputs(services)}
+            "killer_inputs": killer_inputs(services), "access": access(services)}

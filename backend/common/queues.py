@@ -23,6 +23,7 @@ EMBED_QUEUE = "headstart-embed"
 QUEUE_NAMES = (TRAIN_QUEUE, EMBED_QUEUE)
 RETRY_INTERVALS_S = [5, 30, 120]
 PENDING_MARKER_TTL_S = 30  # how long a request's "enqueueing now" marker may stand before the job id replaces it
+LOST_JOB_GRACE_S = 5.0  # a live worker marks a job it popped as started within milliseconds; after this, it is lost
 FAILED_JOB_TTL_S = 7 * 24 * 3600
 RESULT_TTL_S = 24 * 3600
 
@@ -72,14 +73,45 @@ class TrainingScheduler:
         self.redis.set(_key(project, "queued"), job.id, ex=self.settings.job_timeout_s * 2)
         return "queued"
 
+    def requeue_if_lost(self, project: str) -> bool:
+        """Queue the project's training again if its queued job was lost; True if it was.
+
+        RQ workers listening on several queues pop a job (BLPOP) and only then mark it started, so a
+        worker killed in between, or killed while Redis was handing it the job, takes the job with it:
+        it is in no queue and no registry, and nothing would ever run the labels it was queued for.
+        Every worker calls this in its registry maintenance (each WORKER_HEARTBEAT_S).
+        """
+        marker = self.redis.get(_key(project, "queued"))
+        if marker is None or marker == b"pending":
+            return False
+        job = _fetch(marker.decode(), self.redis)
+        if job is None or job.get_status(refresh=False) != JobStatus.QUEUED or self._in_queue(job.id):
+            return False
+        if job.enqueued_at is not None and time.time() - job.enqueued_at.timestamp() < LOST_JOB_GRACE_S:
+            return False
+        self.redis.delete(_key(project, "queued"))
+        self.request(project, reason=f"job {job.id} was lost by a worker killed as it took it")
+        return True
+
+    def _in_queue(self, job_id: str) -> bool:
+        train = queue(TRAIN_QUEUE, self.redis)
+        return any(self.redis.lpos(key, job_id) is not None for key in (train.key, train.intermediate_queue_key))
+
     def _queued_job_alive(self, project: str) -> bool:
         """False when the queued marker names a job that is gone or already over (e.g. lost with Redis data)."""
         marker = self.redis.get(_key(project, "queued"))
         if marker is None or marker == b"pending":
             return marker is not None
         job = _fetch(marker.decode(), self.redis)
-        return job is not None and job.get_status(refresh=False) in (
-            JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
+        if job is None:
+            return False
+        status = job.get_status(refresh=False)
+        if status == JobStatus.QUEUED:
+            # A worker pops a job off the queue and only then marks it started: killed in between, it leaves a
+            # job that says "queued" but is in no queue, and would wedge the project's trainings until the marker
+            # expires. Queued means in the queue (or in RQ's intermediate list of a single-queue worker).
+            return self._in_queue(job.id)
+        return status in (JobStatus.SCHEDULED, JobStatus.DEFERRED)
 
     def seconds_until_next_start(self, project: str) -> float:
         """How long a starting job waits so trainings of a project start at most once per interval.

@@ -137,6 +137,12 @@ def predicted(project_id: str, model_version: str) -> str:
     return f"{PREFIX}:predicted:{project_id}:{model_version}"
 
 
+def prediction_catch_up(project_id: str) -> str:
+    """flag (expires): P's embedding chunks wrote their new predictions lately; the next chunk after it expires
+    writes every one made meanwhile, in one request."""
+    return f"{PREFIX}:prediction-catch-up:{project_id}"
+
+
 def embedding_progress(project_id: str) -> str:
     """hash {total, done, failed}: inputs of P's indexed tasks to embed, embedded, failed (latest pass)."""
     return f"{PREFIX}:embedding:{project_id}"

@@ -104,6 +104,11 @@ def retrain_control(services: Services, project: str, spec: HeadSpec, *, job_id:
     labels = [example.choices for example in examples]
     served_number = services.store.current_number(project, spec.control)  # what the candidate is meant to replace
     current = current_head(services, project, spec)
+    if trained_on_the_same(current, encoder, task_ids, labels):
+        # e.g. START_TRAINING with nothing new, or a relabel undone: a new version would be the same head, and
+        # would cost a re-prediction of every unlabeled task
+        return {"status": "unchanged", "version": served_number, "labels": len(examples),
+                "reason": "the served version was trained on exactly these labels"}
     extra = {"job_id": job_id, "unknown_labels": unknown, "media_errors": media_errors}
     if can_promote_first(current, encoder, len(labels)):
         return promote_then_validate(services, project, spec, current, features=features, labels=labels,
@@ -118,6 +123,16 @@ def retrain_control(services: Services, project: str, spec: HeadSpec, *, job_id:
     number, status = _save(services, project, spec, candidate, decision, replaces=served_number)
     return {"status": status, "version": number, "reason": decision.reason, "labels": len(examples),
             "cv_accuracy": candidate.validation.accuracy, "train_seconds": candidate.meta["train_seconds"]}
+
+
+def trained_on_the_same(current: HeadVersion | None, encoder: Encoder, task_ids: list[int],
+                        labels: list[list[str]]) -> bool:
+    """True when the served version was trained, under this encoder, on exactly these labels."""
+    if current is None or current.backbone_key != encoder.key:
+        return False
+    trained_on = current.meta.get("trained_on")
+    return isinstance(trained_on, dict) and trained_on == {str(task): list(names)
+                                                            for task, names in zip(task_ids, labels)}
 
 
 def can_promote_first(current: HeadVersion | None, encoder: Encoder, label_count: int) -> bool:
