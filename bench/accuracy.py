@@ -67,14 +67,14 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, zero_shot_only:
     encoder = load_image_encoder("mobilenet_v2")
     if zero_shot_only:
         return _run_zero_shot(bench_run, encoder, params, results_dir)
-    curves, fit_ms, zero_shot, zero_shot_matches = {}, [], {}, {}
+    curves, fit_ms, zero_shot = {}, [], {}
     for name in SETS:
         train, val = _capped(data.images(name, "train"), params), _capped(data.images(name, "val"), params)
         classes = data.classes_of(train)
         x_train, x_val = _embed(encoder, train), _embed(encoder, val)
         y_train = torch.tensor([classes.index(cls) for _, cls in train])
         y_val = torch.tensor([classes.index(cls) for _, cls in val])
-        zero_shot[name], zero_shot_matches[name] = zero_shot_accuracy(encoder, classes, x_val, y_val)
+        zero_shot[name] = measure_zero_shot(encoder, classes, x_val, y_val)
         curves[name] = {}
         for k in params.ks:
             scores = {method: [] for method in METHODS}
@@ -98,38 +98,48 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, zero_shot_only:
     results = {"sets": curves, "worst_gap": round(gaps[worst], 2), "worst_gap_cell": f"{worst[0]} k={worst[1]}",
                "headstart_fit_ms_median": rounded(median(fit_ms), 1), "seeds": params.seeds,
                "ref_linear_recipe": {"optimizer": "adam", "lr": ADAM_LR, "steps": ADAM_STEPS, "full_batch": True},
-               "zero_shot": zero_shot, "zero_shot_matches": zero_shot_matches}
+               **_zero_shot_keys(zero_shot)}
     notes = ["accuracy in % on all of val, mean (and std) over seeds; k labeled images per class from train",
              "features: the product's encoder (MobileNetV2 ImageNet, L2-normalized), shared by all methods",
              ZERO_SHOT_NOTE]
     record = bench_run.finish(results, goals={"worst_gap": goal(results["worst_gap"], 0, at_least=True),
-                                              **_zero_shot_goals(zero_shot)}, notes=notes)
+                                              **_zero_shot_goals(results["zero_shot"])}, notes=notes)
     for name, cells in curves.items():
         print_table(f"accuracy, {name} (% on val, mean over {params.seeds} seeds)", ["k", *METHODS, "gap"],
                     [[k, *(f"{cell[m]:.1f}±{cell[m + '_std']:.1f}" for m in METHODS), round(gaps[(name, k)], 1)]
                      for k, cell in cells.items()])
     print(f"worst gap: {results['worst_gap']} at {results['worst_gap_cell']}")
-    _print_zero_shot(zero_shot, zero_shot_matches)
+    _print_zero_shot(zero_shot)
     _plot(curves, results_dir / ("accuracy-quick.png" if quick else "accuracy.png"))
     return record
 
 
 ZERO_SHOT_NOTE = ("zero_shot: k=0, the <control>-v0 pre-labels (the backbone's ImageNet classifier restricted to the "
-                  "classes the choices name) on all of val; null where some choice names no ImageNet class")
+                  "classes the choices name) on all of val, and their mean score; null where some choice names no "
+                  "ImageNet class")
 
 
-def zero_shot_accuracy(encoder, classes: list[str], x_val: torch.Tensor,
-                       y_val: torch.Tensor) -> tuple[float | None, dict[str, list[str] | None]]:
-    """k=0 through the product's zero-shot path: % correct on val, or None when not every class matches an
-    ImageNet class (the product then serves nothing); and each class's ImageNet matches (None: none)."""
+def measure_zero_shot(encoder, classes: list[str], x_val: torch.Tensor, y_val: torch.Tensor) -> dict:
+    """k=0 through the product's zero-shot path: `accuracy` (% correct on val) and `mean_score` (the mean score
+    of the pre-labels: honest scores come close to the accuracy), both None when not every class matches an
+    ImageNet class (the product then serves nothing); `matches`: each class's ImageNet classes (None: none)."""
     names = categories(encoder.name)
     alone = {cls: match_choices(encoder.name, [cls]) for cls in classes}
     matches = {cls: None if match is None else [names[i] for i in match.indices[0]] for cls, match in alone.items()}
     match = match_choices(encoder.name, classes)
     if match is None:
-        return None, matches
+        return {"accuracy": None, "mean_score": None, "matches": matches}
     probabilities = ZeroShotClassifiers().get(encoder.name).probabilities(x_val, match)
-    return round(100.0 * (probabilities.argmax(dim=1) == y_val).float().mean().item(), 2), matches
+    accuracy = 100.0 * (probabilities.argmax(dim=1) == y_val).float().mean().item()
+    mean_score = 100.0 * probabilities.max(dim=1).values.mean().item()
+    return {"accuracy": round(accuracy, 2), "mean_score": round(mean_score, 2), "matches": matches}
+
+
+def _zero_shot_keys(per_set: dict[str, dict]) -> dict:
+    """The result keys: `zero_shot` (what the checks read), `zero_shot_mean_score`, `zero_shot_matches`."""
+    return {"zero_shot": {name: m["accuracy"] for name, m in per_set.items()},
+            "zero_shot_mean_score": {name: m["mean_score"] for name, m in per_set.items()},
+            "zero_shot_matches": {name: m["matches"] for name, m in per_set.items()}}
 
 
 def _zero_shot_goals(zero_shot: dict) -> dict:
@@ -139,31 +149,32 @@ def _zero_shot_goals(zero_shot: dict) -> dict:
 
 def _run_zero_shot(bench_run: Run, encoder, params: Params, results_dir: Path) -> dict:
     """Only k=0, merged into the existing accuracy.json (its other keys kept), or a record of its own."""
-    zero_shot, matches = {}, {}
+    per_set = {}
     for name in SETS:
         val = _capped(data.images(name, "val"), params)
         classes = data.classes_of(val)
         y_val = torch.tensor([classes.index(cls) for _, cls in val])
-        zero_shot[name], matches[name] = zero_shot_accuracy(encoder, classes, _embed(encoder, val), y_val)
-    _print_zero_shot(zero_shot, matches)
+        per_set[name] = measure_zero_shot(encoder, classes, _embed(encoder, val), y_val)
+    _print_zero_shot(per_set)
+    keys = _zero_shot_keys(per_set)
     existing = read_result(NAME, results_dir)
     if existing is None or existing.get("quick") != bench_run.quick:
-        return bench_run.finish({"zero_shot": zero_shot, "zero_shot_matches": matches},
-                                goals=_zero_shot_goals(zero_shot), notes=[ZERO_SHOT_NOTE])
-    existing.update(zero_shot=zero_shot, zero_shot_matches=matches,
-                    zero_shot_started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(bench_run.started)))
-    existing["goals"] = {**existing.get("goals", {}), **_zero_shot_goals(zero_shot)}
+        return bench_run.finish(keys, goals=_zero_shot_goals(keys["zero_shot"]), notes=[ZERO_SHOT_NOTE])
+    existing.update(keys, zero_shot_started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(bench_run.started)))
+    existing["goals"] = {**existing.get("goals", {}), **_zero_shot_goals(keys["zero_shot"])}
     existing["notes"] = [note for note in existing.get("notes", []) if not note.startswith("zero_shot:")] + \
         [ZERO_SHOT_NOTE]
     (results_dir / f"{NAME}.json").write_text(json.dumps(existing, indent=2) + "\n")
     return existing
 
 
-def _print_zero_shot(zero_shot: dict, matches: dict) -> None:
-    for name, accuracy in zero_shot.items():
-        matched = {cls: found for cls, found in matches[name].items() if found}
-        print(f"zero-shot (k=0), {name}: {'null' if accuracy is None else f'{accuracy:.1f}%'}; "
-              f"{len(matched)} of {len(matches[name])} classes are ImageNet classes: {matched}")
+def _print_zero_shot(per_set: dict[str, dict]) -> None:
+    for name, measured in per_set.items():
+        matched = {cls: found for cls, found in measured["matches"].items() if found}
+        figure = "null" if measured["accuracy"] is None else \
+            f"{measured['accuracy']:.1f}% (mean score {measured['mean_score']:.1f}%)"
+        print(f"zero-shot (k=0), {name}: {figure}; {len(matched)} of {len(measured['matches'])} classes are "
+              f"ImageNet classes: {matched}")
 
 
 def _capped(items, params: Params):

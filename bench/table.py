@@ -77,7 +77,9 @@ def _accuracy_rows(r: dict) -> list[str]:
     for name, accuracy in (r.get("zero_shot") or {}).items():
         matched = [cls for cls, found in (r.get("zero_shot_matches") or {}).get(name, {}).items() if found]
         target = (r.get("goals", {}).get(f"zero_shot_{name}") or {}).get("target")
-        value = "none served" if accuracy is None else f"{accuracy:.1f}%"
+        score = (r.get("zero_shot_mean_score") or {}).get(name)
+        value = "none served" if accuracy is None else f"{accuracy:.1f}%" + (
+            "" if score is None else f" (mean score {score:.1f}%)")
         rows.append(f"| accuracy | {name}, k=0 (no label): zero-shot `label-v0` pre-labels, % on val | {value} "
                     f"| ImageNet classes among its choices: {', '.join(matched) or 'none'} | "
                     f"| {'' if target is None else f'≥ {target:g}%'} "

@@ -20,7 +20,7 @@ KEYS = {
     "retrain": ("labels", "headstart_s", "naive_s", "floor_s", "speedup_vs_naive", "ratio_to_floor"),
     "predict": ("uncached_p50_ms", "raw_p50_ms", "uncached_ratio", "cached_p50_ms", "batch_img_per_s",
                 "raw_batch_img_per_s", "batch_ratio"),
-    "accuracy": ("sets", "worst_gap", "zero_shot", "zero_shot_matches"),
+    "accuracy": ("sets", "worst_gap", "zero_shot", "zero_shot_mean_score", "zero_shot_matches"),
     "webhook": ("events", "p50_ms", "p99_ms", "errors", "jobs_enqueued"),
     "gpu": ("run",),
     "text": ("worst_gap", "embed_ratio", "retrain_s", "predict_uncached_p50_ms", "predict_cached_p50_ms"),
@@ -82,6 +82,8 @@ def test_accuracy_zero_shot_alone_merges_k0_into_the_results_keeping_the_rest(tm
     assert written["goals"]["worst_gap"] == earlier["goals"]["worst_gap"]
     assert "zero_shot_hymenoptera" in written["goals"]
     assert 0 <= written["zero_shot"]["hymenoptera"] <= 100 and written["zero_shot"]["flowers12"] is None
+    scores = written["zero_shot_mean_score"]
+    assert 50 <= scores["hymenoptera"] <= 100 and scores["flowers12"] is None
     assert written["zero_shot_matches"]["flowers12"]["daisy"] == ["daisy"]
     assert written["zero_shot_matches"]["flowers12"]["sunflower"] is None
     assert written["notes"][0] == "earlier" and written["notes"][-1].startswith("zero_shot:")
