@@ -27,10 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int,
                         help="loop only: this many tasks instead of 1,000 (--quick) or 5,000, a smoke run "
                              "(results in a temporary directory unless --results-dir is given)")
+    parser.add_argument("--zero-shot", action="store_true",
+                        help="accuracy only: measure just k=0 (zero-shot pre-labels, under a minute) and merge it "
+                             "into the accuracy results, keeping their other keys")
     parser.add_argument("--results-dir", type=Path, help="where the JSON results go (default: bench/results)")
     args = parser.parse_args(argv)
     if args.tasks is not None and args.name != "loop":
         parser.error("--tasks applies to loop only")
+    if args.zero_shot and args.name != "accuracy":
+        parser.error("--zero-shot applies to accuracy only")
     from bench.data import ensure_weights
     from bench.harness import RESULTS_DIR
     from bench.table import update_readme
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"bench.{name}")
         print(f"\n=== {name} ===", flush=True)
         began = time.monotonic()
-        options = {"tasks": args.tasks} if name == "loop" else {}
+        options = {"tasks": args.tasks} if name == "loop" else {"zero_shot_only": True} if args.zero_shot else {}
         module.run(quick=args.quick, results_dir=results_dir, **options)
         print(f"({name}: {time.monotonic() - began:.0f} s)", flush=True)
     if args.name == "all" and results_dir == RESULTS_DIR:

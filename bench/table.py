@@ -74,6 +74,16 @@ def _accuracy_rows(r: dict) -> list[str]:
                     f"| | | |")
     rows.append(f"| accuracy | worst gap to the best reference (all sets, all k) | | | {r['worst_gap']:+g} points "
                 f"({r['worst_gap_cell']}) | ≥ 0 | {_status(r, 'worst_gap')} |")
+    for name, accuracy in (r.get("zero_shot") or {}).items():
+        matched = [cls for cls, found in (r.get("zero_shot_matches") or {}).get(name, {}).items() if found]
+        target = (r.get("goals", {}).get(f"zero_shot_{name}") or {}).get("target")
+        score = (r.get("zero_shot_mean_score") or {}).get(name)
+        value = "none served" if accuracy is None else f"{accuracy:.1f}%" + (
+            "" if score is None else f" (mean score {score:.1f}%)")
+        rows.append(f"| accuracy | {name}, k=0 (no label): zero-shot `label-v0` pre-labels, % on val | {value} "
+                    f"| ImageNet classes among its choices: {', '.join(matched) or 'none'} | "
+                    f"| {'' if target is None else f'≥ {target:g}%'} "
+                    f"| {_status(r, f'zero_shot_{name}') if target is not None else ''} |")
     return rows
 
 

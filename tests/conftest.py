@@ -65,8 +65,10 @@ def fixed_seeds():
 
 @pytest.fixture
 def settings(redis_url, tmp_path, text_model):
+    """Test settings. ZERO_SHOT is off: the ants/bees configs most tests use would otherwise be pre-labeled
+    before any training; tests/test_zero_shot_serving.py turns it on."""
     return Settings(redis_url=redis_url, model_dir=str(tmp_path), job_retries=0, repredict_unlabeled=False,
-                    text_encoder=text_model, active_learning=False)
+                    text_encoder=text_model, active_learning=False, zero_shot=False)
 
 
 @pytest.fixture(scope="session")

@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
 
     set_torch_threads(1)
     settings = Settings(redis_url=os.environ["REDIS_URL"], local_files_document_root=str(directory),
-                        repredict_unlabeled=False)
+                        repredict_unlabeled=False, zero_shot=False)
     redis = redis_lib.Redis.from_url(settings.redis_url)
     redis.flushdb()  # the test's own database: nothing may come from the embedding cache
     services = build_services(settings, redis, encoders=EncoderPool(default_name="mobilenet_v2"))

@@ -74,7 +74,7 @@ def system(redis, redis_url, tmp_path):
     """A backend on a free port and two workers, all started by the `headstart` CLI, against our Redis DB."""
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "LOCAL_FILES_DOCUMENT_ROOT": str(HYMENOPTERA),
-           "ADMIN_TOKEN": TOKEN, "JOB_RETRIES": "0", "REPREDICT_UNLABELED": "false", "TRAIN_MIN_INTERVAL_S": "0",
+           "ADMIN_TOKEN": TOKEN, "JOB_RETRIES": "0", "REPREDICT_UNLABELED": "false", "ZERO_SHOT": "false", "TRAIN_MIN_INTERVAL_S": "0",
            "LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": "", "WORKERS": "2", "THREADS": "2",
            "TORCH_THREADS": "1", "LOG_LEVEL": "WARNING"}
     processes = [Process("backend", ["serve", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path)]

@@ -20,7 +20,7 @@ KEYS = {
     "retrain": ("labels", "headstart_s", "naive_s", "floor_s", "speedup_vs_naive", "ratio_to_floor"),
     "predict": ("uncached_p50_ms", "raw_p50_ms", "uncached_ratio", "cached_p50_ms", "batch_img_per_s",
                 "raw_batch_img_per_s", "batch_ratio"),
-    "accuracy": ("sets", "worst_gap"),
+    "accuracy": ("sets", "worst_gap", "zero_shot", "zero_shot_mean_score", "zero_shot_matches"),
     "webhook": ("events", "p50_ms", "p99_ms", "errors", "jobs_enqueued"),
     "gpu": ("run",),
     "text": ("worst_gap", "embed_ratio", "retrain_s", "predict_uncached_p50_ms", "predict_cached_p50_ms"),
@@ -58,6 +58,7 @@ def test_benchmark_runs_in_quick_mode(name, results_dir):
             for cell in cells.values():
                 assert all(0 <= cell[method] <= 100 for method in ("headstart", "ref_logreg", "ref_linear"))
         assert (results_dir / "accuracy-quick.png").stat().st_size > 0
+        assert 0 <= written["zero_shot"]["hymenoptera"] <= 100 and written["zero_shot"]["flowers12"] is None
     elif name == "webhook":
         assert written["events"] > 0 and written["errors"] == 0 and written["jobs_enqueued"] >= 1
     elif name == "text":
@@ -65,6 +66,29 @@ def test_benchmark_runs_in_quick_mode(name, results_dir):
         assert all(run["status"] == "promoted" for run in written["retrain_runs"])
     else:
         assert written["run"] is True or "cuda" in written["reason"].lower()
+
+
+def test_accuracy_zero_shot_alone_merges_k0_into_the_results_keeping_the_rest(tmp_path):
+    """`python -m bench accuracy --zero-shot`: only k=0, written beside what the last full run measured."""
+    accuracy = importlib.import_module("bench.accuracy")
+    earlier = {"benchmark": "accuracy", "sets": {"hymenoptera": {}}, "worst_gap": -0.5, "quick": True,
+               "worst_gap_cell": "hymenoptera k=1", "notes": ["earlier"],
+               "goals": {"worst_gap": {"target": 0, "direction": ">=", "met": False}}}
+    (tmp_path / "accuracy.json").write_text(json.dumps(earlier))
+    accuracy.run(quick=True, results_dir=tmp_path, zero_shot_only=True)
+    written = json.loads((tmp_path / "accuracy.json").read_text())
+    assert {key: written[key] for key in ("sets", "worst_gap", "quick")} == {"sets": {"hymenoptera": {}},
+                                                                          "worst_gap": -0.5, "quick": True}
+    assert written["goals"]["worst_gap"] == earlier["goals"]["worst_gap"]
+    assert "zero_shot_hymenoptera" in written["goals"]
+    assert 0 <= written["zero_shot"]["hymenoptera"] <= 100 and written["zero_shot"]["flowers12"] is None
+    scores = written["zero_shot_mean_score"]
+    assert 50 <= scores["hymenoptera"] <= 100 and scores["flowers12"] is None
+    assert written["zero_shot_matches"]["flowers12"]["daisy"] == ["daisy"]
+    assert written["zero_shot_matches"]["flowers12"]["sunflower"] is None
+    assert written["notes"][0] == "earlier" and written["notes"][-1].startswith("zero_shot:")
+    rows = "\n".join(table._accuracy_rows(written))
+    assert "hymenoptera, k=0" in rows and "flowers12, k=0" in rows and "none served" in rows
 
 
 def test_table_replaces_only_the_text_between_the_markers(results_dir, tmp_path):

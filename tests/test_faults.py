@@ -94,7 +94,7 @@ class WorkerFleet:
 def worker_env(redis_url: str, **extra: str) -> dict:
     return {**os.environ, "REDIS_URL": redis_url, "LOCAL_FILES_DOCUMENT_ROOT": str(HYMENOPTERA),
             "WORKER_HEARTBEAT_S": "1", "TRAIN_MIN_INTERVAL_S": "0", "JOB_RETRIES": "3",
-            "REPREDICT_UNLABELED": "false", "LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": "",
+            "REPREDICT_UNLABELED": "false", "ZERO_SHOT": "false", "LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": "",
             "TORCH_THREADS": "1", "LOG_LEVEL": "INFO", **extra}
 
 
@@ -224,7 +224,7 @@ def test_workers_killed_mid_training_lose_no_label_and_no_version(own_redis, enc
     project = 31
     interleaved, val, ids = images
     settings = Settings(redis_url=own_redis.url, model_dir=str(tmp_path), local_files_document_root=str(HYMENOPTERA),
-                        job_retries=3, train_min_interval_s=0, repredict_unlabeled=False)
+                        job_retries=3, train_min_interval_s=0, repredict_unlabeled=False, zero_shot=False)
     redis, services, client = backend_for(settings, encoders)
     store = ModelStore(redis)
     fleet = WorkerFleet(worker_env(own_redis.url), tmp_path / "workers.log")
@@ -302,7 +302,7 @@ def test_redis_going_away_and_coming_back(own_redis, encoders, images, tmp_path)
     label_studio.start()
     settings = Settings(redis_url=own_redis.url, model_dir=str(tmp_path), local_files_document_root=str(HYMENOPTERA),
                         label_studio_url=label_studio.url, label_studio_api_key=label_studio.legacy_token,
-                        job_retries=3, train_min_interval_s=0, repredict_unlabeled=False)
+                        job_retries=3, train_min_interval_s=0, repredict_unlabeled=False, zero_shot=False)
     redis, services, client = backend_for(settings, encoders)
     store = ModelStore(redis)
     fleet = WorkerFleet(worker_env(own_redis.url, LABEL_STUDIO_URL=label_studio.url,
@@ -552,7 +552,7 @@ def test_an_input_that_kills_its_workers_is_charged_then_skipped_and_reported(ow
     try:
         settings = Settings(redis_url=own_redis.url, local_files_document_root=str(HYMENOPTERA),
                             media_poison_kills=POISON_KILLS, job_retries=POISON_KILLS + 2, train_min_interval_s=0,
-                            repredict_unlabeled=False)
+                            repredict_unlabeled=False, zero_shot=False)
         redis, services, client = backend_for(settings, encoders)
         store = ModelStore(redis)
         labeled(interleaved[:6], ids, project=project, client=client)

@@ -60,3 +60,9 @@ class StoreUnavailable(HeadstartError):
     """Redis could not be reached."""
 
     http_status = 503
+
+
+class UnknownModelClass(UnsupportedLabelConfig):
+    """A <Choice predicted_values="..."> names a class the image backbone's ImageNet classifier does not have."""
+
+    http_status = 400

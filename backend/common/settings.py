@@ -117,6 +117,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REPREDICT_UNLABELED", "repredict_unlabeled", "true", _bool,
             "After a promotion, predict every unlabeled task and write the predictions into "
             "Label Studio."),
+    Setting("ZERO_SHOT", "zero_shot", "true", _bool,
+            "Before a control's first head, pre-label with the image backbone's own ImageNet classifier when every "
+            "choice names an ImageNet class (or lists them in predicted_values), as model version <control>-v0."),
     Setting("ACTIVE_LEARNING", "active_learning", "true", _bool,
             "Order Label Studio's labeling queue by what teaches the head most: set a project's sampling to "
             "Uncertainty sampling (when it is still the default) and keep headstart's next picks current for it. "
@@ -178,6 +181,7 @@ class Settings:
     train_min_interval_s: float = 1.0
     label_check_s: float = 30.0
     repredict_unlabeled: bool = True
+    zero_shot: bool = True
     active_learning: bool = True
     active_front: int = 8
     auto_accept_precision: float = 0.98

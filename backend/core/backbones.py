@@ -39,27 +39,34 @@ class BackboneSpec:
     weights: models.WeightsEnum
     feature_dim: int
     cut_classifier: Callable[[nn.Module], None]
+    classifier: str  # the dotted path of the ImageNet classifier `cut_classifier` removes (zero-shot loads it)
+    # the median L2 norm of its pooled features on real photos: the embedding cache keeps L2-normalized
+    # features, and the ImageNet classifier is fed them rescaled by this (None: not measured, no zero-shot)
+    feature_norm: float | None = None
 
 
 REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
+        # feature_norm: median pooled-feature norm on hymenoptera (27.5) and flowers12 (23.1) photos, both
+        # splits (tests/test_zero_shot.py checks the rescaled classifier against torchvision's full model)
         BackboneSpec("mobilenet_v2", models.mobilenet_v2,
-                     models.MobileNet_V2_Weights.IMAGENET1K_V1, 1280, _drop_attr("classifier")),
+                     models.MobileNet_V2_Weights.IMAGENET1K_V1, 1280, _drop_attr("classifier"), "classifier",
+                     feature_norm=25.0),
         BackboneSpec("mobilenet_v3_large", models.mobilenet_v3_large,
-                     models.MobileNet_V3_Large_Weights.IMAGENET1K_V2, 960, _drop_attr("classifier")),
+                     models.MobileNet_V3_Large_Weights.IMAGENET1K_V2, 960, _drop_attr("classifier"), "classifier"),
         BackboneSpec("resnet18", models.resnet18,
-                     models.ResNet18_Weights.IMAGENET1K_V1, 512, _drop_attr("fc")),
+                     models.ResNet18_Weights.IMAGENET1K_V1, 512, _drop_attr("fc"), "fc"),
         BackboneSpec("resnet50", models.resnet50,
-                     models.ResNet50_Weights.IMAGENET1K_V2, 2048, _drop_attr("fc")),
+                     models.ResNet50_Weights.IMAGENET1K_V2, 2048, _drop_attr("fc"), "fc"),
         BackboneSpec("efficientnet_b0", models.efficientnet_b0,
-                     models.EfficientNet_B0_Weights.IMAGENET1K_V1, 1280, _drop_attr("classifier")),
+                     models.EfficientNet_B0_Weights.IMAGENET1K_V1, 1280, _drop_attr("classifier"), "classifier"),
         BackboneSpec("convnext_tiny", models.convnext_tiny,
-                     models.ConvNeXt_Tiny_Weights.IMAGENET1K_V1, 768, _drop_last_of("classifier")),
+                     models.ConvNeXt_Tiny_Weights.IMAGENET1K_V1, 768, _drop_last_of("classifier"), "classifier.2"),
         BackboneSpec("vgg16", models.vgg16,
-                     models.VGG16_Weights.IMAGENET1K_V1, 4096, _drop_last_of("classifier")),
+                     models.VGG16_Weights.IMAGENET1K_V1, 4096, _drop_last_of("classifier"), "classifier.6"),
         BackboneSpec("vit_b_16", models.vit_b_16,
-                     models.ViT_B_16_Weights.IMAGENET1K_V1, 768, _drop_attr("heads")),
+                     models.ViT_B_16_Weights.IMAGENET1K_V1, 768, _drop_attr("heads"), "heads"),
     )
 }
 
@@ -95,6 +102,15 @@ def _file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
+def load_state_dict(spec: BackboneSpec, weights_file: str = "") -> dict[str, torch.Tensor]:
+    """The full ImageNet state dict: from `weights_file`, or torchvision's weights (torch hub cache)."""
+    if not weights_file:
+        return spec.weights.get_state_dict(progress=False)
+    if not os.path.isfile(weights_file):
+        raise ConfigurationError(f"BACKBONE_WEIGHTS_FILE {weights_file!r} does not exist.")
+    return torch.load(weights_file, map_location="cpu", weights_only=True)
+
+
 def load_backbone(name: str, weights_file: str = "") -> nn.Module:
     """Build the frozen feature extractor, in eval mode, with the classifier removed.
 
@@ -104,10 +120,7 @@ def load_backbone(name: str, weights_file: str = "") -> nn.Module:
     spec = get_spec(name)
     if weights_file:
         model = spec.builder(weights=None)
-        if not os.path.isfile(weights_file):
-            raise ConfigurationError(f"BACKBONE_WEIGHTS_FILE {weights_file!r} does not exist.")
-        state = torch.load(weights_file, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        model.load_state_dict(load_state_dict(spec, weights_file))
     else:
         model = spec.builder(weights=spec.weights)
     spec.cut_classifier(model)

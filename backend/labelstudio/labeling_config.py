@@ -43,6 +43,8 @@ class HeadSpec:
     modality: str = "image"  # which encoder: "image" or "text"
     markup: str = ""  # "html" for <HyperText>: the visible text is embedded
     inline: bool = False  # the task's value is the text itself (not a URL to fetch it from)
+    # per class, the backbone classes a `<Choice predicted_values="ant,bee">` names (empty: none named)
+    predicted_values: tuple[tuple[str, ...], ...] = ()
 
     def result(self, choices: list[str]) -> dict:
         return {"from_name": self.control, "to_name": self.to_name, "type": "choices",
@@ -87,10 +89,22 @@ def _parse(config: str) -> tuple[HeadSpec, ...]:
             modality=modality,
             markup=markup,
             inline=modality == "text" and value_type != "url",
+            predicted_values=_predicted_values(control),
         ))
     if not specs:
         raise UnsupportedLabelConfig(f"Nothing in this labeling config can be served. {SUPPORTED}")
     return tuple(specs)
+
+
+def _predicted_values(control: ChoicesTag) -> tuple[tuple[str, ...], ...]:
+    """Each choice's `predicted_values="jeep,cab"` (the convention of Label Studio's YOLO backend) as names."""
+    attrs = control.labels_attrs or {}
+    named = []
+    for label in control.labels:
+        tag = attrs.get(label)
+        raw = str((tag.attr if tag is not None else {}).get("predicted_values") or "")
+        named.append(tuple(name.strip() for name in raw.split(",") if name.strip()))
+    return tuple(named) if any(named) else ()
 
 
 def choices_in(result: list, spec: HeadSpec) -> list[str] | None:

@@ -1,10 +1,15 @@
-"""Pre-labels for Label Studio tasks from the current head versions (the `predict` hook)."""
+"""Pre-labels for Label Studio tasks from the current head versions (the `predict` hook).
+
+A control without a usable trained head is served zero-shot (`backend.core.zero_shot`) when ZERO_SHOT is on,
+it is a single-choice control on an <Image>, and every choice matches one of the image backbone's ImageNet
+classes: as version `<control>-v0`, until its first head is promoted.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from redis import Redis
@@ -12,14 +17,16 @@ from redis.exceptions import RedisError
 
 from backend.core.heads import choose_classes, head_probabilities
 from backend.core.store import HeadVersion, ModelStore
-from backend.common.errors import BadRequest, HeadMismatch, MediaError
+from backend.common.errors import BadRequest, HeadMismatch, MediaError, UnknownBackbone, UnknownModelClass
 from backend.core.encoders import EncoderPool
+from backend.core.zero_shot import ClassMatch, ZeroShotClassifiers, match_choices, supports_zero_shot
 from backend.loop.features import FeatureSource, FetchPlan, MediaItem
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
 
 log = logging.getLogger(__name__)
 
 UNTRAINED_VERSION = "untrained"
+ZERO_SHOT_NUMBER = 0  # `<control>-v0`: trained heads are numbered from 1
 MAX_PROJECT_DIGITS = 18
 
 
@@ -34,9 +41,13 @@ def project_id(project: object) -> str:
     return str(int(identifier))
 
 
-def model_version_of(specs: list[HeadSpec], heads: dict[str, HeadVersion]) -> str:
-    """The `model_version` Label Studio records: changes whenever any served head changes."""
-    served = [f"{spec.control}-v{heads[spec.control].number}" for spec in specs if spec.control in heads]
+def model_version_of(specs: list[HeadSpec], heads: dict[str, HeadVersion],
+                     zero_shot: dict[str, ClassMatch] | None = None) -> str:
+    """The `model_version` Label Studio records: changes whenever any served head changes (zero-shot: v0)."""
+    zero_shot = zero_shot or {}
+    served = [f"{spec.control}-v{heads[spec.control].number}" if spec.control in heads
+              else f"{spec.control}-v{ZERO_SHOT_NUMBER}" for spec in specs
+              if spec.control in heads or spec.control in zero_shot]
     return "+".join(served) if served else UNTRAINED_VERSION
 
 
@@ -56,16 +67,24 @@ class Served:
 
     specs: list[HeadSpec]
     heads: dict[str, HeadVersion]
+    zero_shot: dict[str, ClassMatch] = field(default_factory=dict)  # controls served zero-shot (no usable head)
 
     @property
     def model_version(self) -> str:
-        return model_version_of(self.specs, self.heads)
+        return model_version_of(self.specs, self.heads, self.zero_shot)
+
+    @property
+    def anything(self) -> bool:
+        """Whether any control gets a prediction (a trained head or zero-shot)."""
+        return bool(self.heads or self.zero_shot)
 
 
 class Predictor:
     def __init__(self, *, redis: Redis, store: ModelStore, features: FeatureSource,
-                 encoders: EncoderPool, multi_label_threshold: float):
+                 encoders: EncoderPool, multi_label_threshold: float,
+                 zero_shot: ZeroShotClassifiers | None = None):
         self.redis = redis
+        self.zero_shot = zero_shot  # None: ZERO_SHOT is off
         self.store = store
         self.features = features
         self.encoders = encoders
@@ -90,7 +109,37 @@ class Predictor:
                 log.warning("project %s: %s", project, exc)
                 continue
             heads[spec.control] = head
-        return Served(specs=specs, heads=heads)
+        return Served(specs=specs, heads=heads, zero_shot=self._zero_shot_matches(
+            [spec for spec in specs if spec.control not in heads], project=project))
+
+    def check_zero_shot(self, label_config: str) -> None:
+        """Refuse a config whose `predicted_values` name a class the image backbone lacks (raises
+        UnknownModelClass, with the closest names); `/setup` calls it so Label Studio shows the fix."""
+        self._zero_shot_matches(parse_label_config(label_config), strict=True)
+
+    def _zero_shot_matches(self, specs: list[HeadSpec], *, project: str = "",
+                           strict: bool = False) -> dict[str, ClassMatch]:
+        """The zero-shot match of each of `specs` that can be served so (see the module's docstring)."""
+        backbone = self.encoders.default_name
+        try:
+            if self.zero_shot is None or not supports_zero_shot(backbone):
+                return {}
+        except UnknownBackbone:  # BACKBONE is wrong: the workers say so when they load it
+            return {}
+        matches = {}
+        for spec in specs:
+            if spec.modality != "image":
+                continue
+            try:
+                match = match_choices(backbone, spec.classes, spec.predicted_values)
+            except UnknownModelClass as exc:
+                if strict:
+                    raise
+                log.warning("project %s: no zero-shot pre-labels for %s: %s", project, spec.control, exc)
+                continue
+            if match is not None and not spec.multi_label and len(spec.classes) > 1:  # one class: always 1.0
+                matches[spec.control] = match
+        return matches
 
     def predict(self, tasks: list[dict], *, project: str, label_config: str,
                 plan: FetchPlan | None = None) -> list[dict]:
@@ -108,15 +157,19 @@ class Predictor:
         served = self.served(project, label_config)
         version = served.model_version
         predictions = [{"model_version": version, "score": 0.0, "result": []} for _ in tasks]
-        if not served.heads:
+        if not served.anything:
             return predictions, []
         per_task_scores: list[list[float]] = [[] for _ in tasks]
         not_embedded: set[int] = set()
         for spec in served.specs:
             head = served.heads.get(spec.control)
-            if head is None:
+            match = served.zero_shot.get(spec.control)
+            if head is None and match is None:
                 continue
-            encoder = self.encoders.for_key(head.meta["backbone"], head.backbone_key)
+            if head is not None:
+                encoder = self.encoders.for_key(head.meta["backbone"], head.backbone_key)
+            else:
+                encoder = self.encoders.for_input("image")
             items = [MediaItem(task_id=_task_id(task), url=_media_url(task, spec), inline=spec.inline)
                      for task in tasks]
             if cached_only:
@@ -129,10 +182,15 @@ class Predictor:
                                     if isinstance(vector, MediaError)])
             if not usable:
                 continue
-            probabilities = head_probabilities(head.head, torch.stack([features[i] for i in usable]),
-                                               multi_label=head.multi_label)
+            stacked = torch.stack([features[i] for i in usable])
+            if head is not None:
+                probabilities = head_probabilities(head.head, stacked, multi_label=head.multi_label)
+                classes, multi_label = head.classes, head.multi_label
+            else:
+                classifier = self.zero_shot.get(encoder.name, self.encoders.weights_file)
+                probabilities, classes, multi_label = classifier.probabilities(stacked, match), match.choices, False
             for index, (choices, score) in zip(usable, choose_classes(
-                    probabilities, head.classes, multi_label=head.multi_label, threshold=self.threshold)):
+                    probabilities, list(classes), multi_label=multi_label, threshold=self.threshold)):
                 predictions[index]["result"].append(spec.result(choices))
                 per_task_scores[index].append(score)
         for index in not_embedded:  # a partial prediction (some controls only) waits for the rest

@@ -91,12 +91,13 @@ def unlabeled_task_ids(services: Services, project: str) -> list[int]:
 
 
 def served_version(services: Services, project: str) -> str | None:
-    """The model_version served now, or None when the project has no config or no head yet."""
+    """The model_version served now, or None when the project has no config, or neither a head nor zero-shot
+    pre-labels (`<control>-v0`, written for the unlabeled tasks as their features are cached) yet."""
     config = services.projects.label_config(project)
     if config is None:
         return None
     served = services.predictor.served(project, config)
-    return served.model_version if served.heads else None
+    return served.model_version if served.anything else None
 
 
 def repredict(services: Services, project: str, model_version: str, task_ids: list[int] | None = None, *,

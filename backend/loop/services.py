@@ -18,6 +18,7 @@ from backend.common.settings import Settings
 from backend.core.encoders import EncoderPool, InputLimits
 from backend.core.memory_budget import MemoryBudget
 from backend.core.store import ModelStore
+from backend.core.zero_shot import ZeroShotClassifiers
 from backend.labelstudio.client import MediaToken, make_client
 from backend.labelstudio.label_mirror import LabelStore
 from backend.labelstudio.media import MediaFetcher
@@ -65,7 +66,8 @@ def build_services(settings: Settings, redis: Redis, *, device: str = "cpu",
     features = FeatureSource(redis, fetcher, limits=limits, metrics=metrics,
                              poison=PoisonLedger(redis, kills_allowed=settings.media_poison_kills))
     predictor = Predictor(redis=redis, store=store, features=features, encoders=encoders,
-                          multi_label_threshold=settings.multi_label_threshold)
+                          multi_label_threshold=settings.multi_label_threshold,
+                          zero_shot=ZeroShotClassifiers() if settings.zero_shot else None)
     return Services(settings=settings, redis=redis, store=store, labels=LabelStore(redis),
                     projects=ProjectRegistry(redis), tasks=TaskIndex(redis), scheduler=TrainingScheduler(redis, settings),
                     encoders=encoders, features=features, predictor=predictor, metrics=metrics)

@@ -60,6 +60,7 @@ def setup():
     if not isinstance(schema, str):
         raise BadRequest("'schema' (the labeling config XML) is missing from /setup.")
     hub = services()
+    hub.predictor.check_zero_shot(schema)  # a predicted_values naming no ImageNet class: 400 with the fix
     served = hub.predictor.served(project, schema)
     try:
         if hub.projects.remember(project, schema) and hub.can_reach_label_studio:

@@ -43,6 +43,8 @@ class HeadstartPair:
             "LABEL_STUDIO_API_KEY": api_key,
             "LOCAL_FILES_DOCUMENT_ROOT": str(documents_root),
             "PYTHONUNBUFFERED": "1",
+            # the flows here measure the trained loop from "untrained" on; zero-shot v0 is tested in process
+            "ZERO_SHOT": "false",
             **(extra_env or {}),
         })
         executable = str(headstart_executable())
