@@ -24,6 +24,7 @@ from backend.common.errors import HeadstartError
 from backend.core.active import rank_unlabeled
 from backend.core.heads import head_probabilities
 from backend.labelstudio.labeling_config import parse_label_config
+from backend.labelstudio.prediction_writes import write_predictions
 from backend.labelstudio.sampling import (
     DEFAULT_SAMPLING, UNCERTAINTY_SAMPLING, make_current, point_project_at_backend, read_queue_settings,
     set_uncertainty_sampling,
@@ -125,8 +126,7 @@ def publish_front(services: Services, project: str, front: list[int], scores: di
         services.redis.hdel(key, "looked_up")
         tag = f"{TAG_PREFIX}{services.redis.hincrby(key, 'round', 1)}"
         payload = [{"task": task, "result": [], "score": scores.get(task), "model_version": tag} for task in front]
-        if payload:
-            client.projects.import_predictions(id=int(project), request=payload)
+        writes = write_predictions(client, int(project), payload, project_tasks=services.tasks.count(project))
         settings = services.settings
         make_current(client, project, None if target == DIRECT else json.loads(target), tag,
                      basic_auth=(settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None)
@@ -142,7 +142,7 @@ def publish_front(services: Services, project: str, front: list[int], scores: di
                                       "scored": int(bool(scores)), "refreshed_at": time.time(), "note": ""})
     log.info("project %s: next %d task(s) by %s under %s", project, len(front), strategy, tag)
     return {"project": project, "status": "published", "tag": tag, "front": front, "strategy": strategy,
-            "ls_requests": 2 + (3 if looked_up else 0)}
+            "ls_requests": writes + 1 + (3 if looked_up else 0)}
 
 
 def _target(services: Services, client, project: str) -> str | None:

@@ -16,6 +16,7 @@ from typing import Callable
 from redis import Redis
 
 from backend.common import redis_keys
+from backend.labelstudio.prediction_writes import write_predictions
 from backend.loop.services import Services
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def _write(services: Services, project: str, model_version: str, payload: list[d
                     "not_embedded": not_embedded, "remaining": remaining}
         batch = payload[start:start + WRITE_BATCH]
         client = client or services.label_studio()
-        client.projects.import_predictions(id=int(project), request=batch)
+        write_predictions(client, int(project), batch, project_tasks=services.tasks.count(project))
         unwritten.difference_update(item["task"] for item in batch)
         ledger.written(project, model_version, [item["task"] for item in batch])
         written += len(batch)
