@@ -26,6 +26,21 @@ def head_current(project: str, control: str) -> str:
     return f"{PREFIX}:head:{project}:{control}:current"
 
 
+def head_detailed(project: str, control: str) -> str:
+    """set of N: versions of P/C that may still carry per-label detail (backend.core.retention)."""
+    return f"{PREFIX}:head:{project}:{control}:detailed"
+
+
+def head_rejected(project: str, control: str) -> str:
+    """set of N: rejected or superseded versions of P/C not deleted yet (backend.core.retention)."""
+    return f"{PREFIX}:head:{project}:{control}:rejected"
+
+
+def head_swept(project: str, control: str) -> str:
+    """string: present once the two sets above cover every version of P/C (backend.core.retention)."""
+    return f"{PREFIX}:head:{project}:{control}:swept"
+
+
 def head_controls(project: str) -> str:
     """set of C: the controls of P that have versions."""
     return f"{PREFIX}:heads:{project}"

@@ -11,6 +11,9 @@ Keys, for project P and control C:
   headstart:head:P:C:next     counter                the last version number handed out
   headstart:head:P:C:current  string N               the version being served
   headstart:heads:P           set of C               the controls that have versions
+
+After each write the store applies its `Retention` (`backend.core.retention`): per-label detail only on
+the served, rollback-target and newest versions; old rejected versions deleted.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 
 from backend.common import redis_keys
 from backend.core.heads import rebuild_head
+from backend.core.retention import PRUNABLE_STATUSES, Retention, previous_promoted, retain
 
 
 
@@ -56,8 +60,9 @@ class HeadVersion:
 
 
 class ModelStore:
-    def __init__(self, redis: Redis):
+    def __init__(self, redis: Redis, retention: Retention | None = None):
         self.redis = redis
+        self.retention = retention or Retention()
 
     def _key(self, project: str, control: str, suffix: str | int) -> str:
         if suffix == "next":
@@ -101,10 +106,18 @@ class ModelStore:
             pipe.multi()
             pipe.hset(self._key(project, control, number), mapping={"tensors": tensors, "meta": json.dumps(record)})
             pipe.sadd(redis_keys.head_controls(project), control)
+            pipe.sadd(redis_keys.head_detailed(project, control), number)
+            if record["status"] in PRUNABLE_STATUSES:
+                pipe.sadd(redis_keys.head_rejected(project, control), number)
             if promote:
                 pipe.set(current_key, number)
             pipe.execute()
+        self.retain(project, control)
         return number
+
+    def retain(self, project: str, control: str) -> dict:
+        """Drop old versions' per-label detail and old rejected versions (see `backend.core.retention`)."""
+        return retain(self.redis, project, control, self.retention)
 
     def numbering_started(self, project: str, control: str) -> bool:
         """Whether P/C has a version counter (absent on first contact, or after Redis lost its data)."""
@@ -132,6 +145,7 @@ class ModelStore:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, "meta", json.dumps(meta))
         pipe.set(self._key(project, control, "current"), number)
+        pipe.srem(redis_keys.head_rejected(project, control), number)  # served again: never pruned
         pipe.execute()
 
     def amend(self, project: str, control: str, number: int, updates: dict) -> dict:
@@ -164,11 +178,13 @@ class ModelStore:
                     "rolled_back_at": time.time()}
             pipe.multi()
             pipe.hset(key, "meta", json.dumps(meta))
+            pipe.sadd(redis_keys.head_rejected(project, control), number)
             if moved and back_to is not None:
                 pipe.set(current_key, back_to)
             elif moved:
                 pipe.delete(current_key)
             pipe.execute()
+        self.retain(project, control)
         return moved
 
     def rollback_target(self, project: str, control: str) -> tuple[int, int]:
@@ -183,13 +199,11 @@ class ModelStore:
         metas = {meta["version"]: meta for meta in self.versions(project, control)}
         if current not in metas:
             raise LookupError(f"{project}/{control}: the current pointer names a missing version {current}")
-        since = metas[current].get("promoted_at", float("inf"))
-        earlier = [meta for number, meta in metas.items() if number != current
-                   and meta.get("status") == "promoted" and meta.get("promoted_at", 0) < since]
-        if not earlier:
+        target = previous_promoted(metas, current)
+        if target is None:
             raise LookupError(f"{project}/{control}-v{current} is the first promoted version; "
                               "there is none to roll back to")
-        return current, max(earlier, key=lambda meta: meta.get("promoted_at", 0))["version"]
+        return current, target
 
     def rollback(self, project: str, control: str, *, reason: str = "rolled back") -> tuple[int, int]:
         """Serve the previous version (see `rollback_target`); returns (left, now current).
