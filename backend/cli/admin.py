@@ -43,6 +43,8 @@ def add_admin_commands(commands) -> dict[str, Callable[[Settings, argparse.Names
     models = command("models", "`models PROJECT`, `models promote PROJECT VERSION`, `models rollback PROJECT`")
     models.add_argument("words", nargs="+", metavar="PROJECT | promote PROJECT VERSION | rollback PROJECT")
     models.add_argument("--control", help="the Choices control, when the project has several")
+    models.add_argument("--limit", type=int, default=None, help="versions per control to list (default 50, newest)")
+    models.add_argument("--before", type=int, default=None, help="list versions numbered below this one (older pages)")
     train = command("train", "queue a training of PROJECT now (coalesced like webhook requests)")
     train.add_argument("project")
     train.add_argument("--wait", action="store_true", help="wait for the training job and print its outcome")
@@ -282,7 +284,7 @@ def _models(services, args, out: Output) -> int:
         return EXIT_OK
     if len(words) != 1:
         raise UsageError("usage: headstart models PROJECT | models promote PROJECT VERSION | models rollback PROJECT")
-    data = views.models(services, words[0])
+    data = views.models(services, words[0], limit=max(args.limit or views.VERSIONS_SHOWN, 1), before=args.before)
     if out.as_json:
         out.json(data)
         return EXIT_OK
@@ -294,6 +296,9 @@ def _models(services, args, out: Output) -> int:
                   [[v["name"], "current" if v["current"] else "", v["status"], v["reason"], v["labels"],
                     _fraction(v["cv_accuracy"]), _fraction(v["train_accuracy"]), v["trainable_parameters"],
                     v["non_trainable_parameters"], v["backbone"], v["created_at"]] for v in control["versions"]])
+        if control["older"]:
+            out.line(f"the newest {len(control['versions'])} of {control['version_count']} versions; older ones: "
+                     f"headstart models {data['project']} --before {control['older']}")
     return EXIT_OK
 
 

@@ -258,5 +258,37 @@ class ModelStore:
             pipe.hget(self._key(project, control, number), "meta")
         return [json.loads(raw) for raw in pipe.execute() if raw is not None]
 
+    def versions_page(self, project: str, control: str, *, limit: int, before: int | None = None,
+                      statuses: tuple[str, ...] | None = None) -> tuple[list[dict], int | None]:
+        """(metadata of up to `limit` versions numbered below `before` (None: all), newest first, only those with one
+        of `statuses` when given; the `before` of the next page, None when there is none). Reads a page's worth of
+        versions at a time, never every one."""
+        top = int(self.redis.get(self._key(project, control, "next")) or 0) + 1
+        number = min(top, before) if before is not None else top
+        page: list[dict] = []
+        while number > 1 and len(page) < limit:
+            numbers = list(range(number - 1, max(number - 1 - max(limit, 50), 0), -1))
+            pipe = self.redis.pipeline(transaction=False)
+            for candidate in numbers:
+                pipe.hget(self._key(project, control, candidate), "meta")
+            for candidate, raw in zip(numbers, pipe.execute()):
+                number = candidate
+                if raw is None:
+                    continue
+                meta = json.loads(raw)
+                if statuses is None or meta.get("status") in statuses:
+                    page.append(meta)
+                    if len(page) == limit:
+                        break
+        return page, (number if number > 1 and len(page) == limit else None)
+
+    def count(self, project: str, control: str) -> int:
+        """How many versions of P/C are stored (without reading their metadata)."""
+        last = int(self.redis.get(self._key(project, control, "next")) or 0)
+        pipe = self.redis.pipeline(transaction=False)
+        for number in range(1, last + 1):
+            pipe.exists(self._key(project, control, number))
+        return sum(pipe.execute())
+
     def controls(self, project: str) -> list[str]:
         return sorted(member.decode() for member in self.redis.smembers(redis_keys.head_controls(project)))
