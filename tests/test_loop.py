@@ -188,3 +188,32 @@ def test_one_more_label_is_served_before_its_validation_and_validated_in_the_sam
     assert second["validated"] is True and second["promotion"]["promote"] is True
     assert not second["promotion"]["reason"].startswith("promoted before validation")
     assert second["out_of_fold_correct"] is not None and 0.8 <= second["metrics"]["cv_accuracy"] <= 1.0
+
+
+def test_a_stale_rerun_never_promotes_a_head_of_older_labels_over_a_newer_one(client, services, images, monkeypatch):
+    """A training re-run after lost heartbeats while the first run still embeds: the newer run reads more labels and
+    promotes; the older one, finishing last and judged against that newer head, must not replace it."""
+    from backend.loop.retrain import retrain_project
+
+    train, _, ids = images
+    annotate(client, first_per_class(train, 3), ids)
+    later = [item for item in first_per_class(train, 5) if item not in first_per_class(train, 3)]
+    embed = services.features.features
+    raced = []
+
+    def embed_while_a_newer_training_promotes(project, items, encoder):
+        vectors = embed(project, items, encoder)
+        if not raced:  # the stale run has read its labels; meanwhile more arrive and a newer run promotes
+            raced.append(True)
+            annotate(client, later, ids, start_annotation=2000)
+            assert retrain_project(services, str(PROJECT), job_id="newer")["promoted"] == ["label"]
+        return vectors
+
+    monkeypatch.setattr(services.features, "features", embed_while_a_newer_training_promotes)
+    stale = retrain_project(services, str(PROJECT), job_id="stale")
+
+    store = services.store
+    served = store.meta(str(PROJECT), "label", store.current_number(str(PROJECT), "label"))
+    assert served["job_id"] == "newer" and len(served["trained_on"]) == 10
+    assert stale["controls"]["label"]["status"] == "superseded" and stale["promoted"] == []
+    assert "newer labels" in stale["controls"]["label"]["reason"]

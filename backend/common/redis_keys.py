@@ -70,7 +70,9 @@ def labels(project: str) -> str:
 def labels_meta(project: str, what: str) -> str:
     """Mirror bookkeeping: `stale` (a counter, bumped whenever the mirror must be fully re-read before training),
     `synced` (fully read from Label Studio once),
-    `changes` (counter of webhook writes), `staging` (a resync's copy before it is swapped in)."""
+    `changes` (counter of webhook writes), `staging` (a resync's copy before it is swapped in), `snapshot` (counter,
+    bumped as each training starts reading labels: a version records it, and one read earlier is never promoted
+    over it)."""
     return f"{PREFIX}:labels:{project}:{what}"
 
 

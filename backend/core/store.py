@@ -81,7 +81,9 @@ class ModelStore:
         when the candidate was compared (`replaces`: its number, or None for none; ANY_CURRENT skips the check):
         if another process moved the pointer
         meanwhile (a job re-run after its worker was thought dead, racing the job that replaced it), the
-        candidate is saved as "superseded" instead of replacing a newer head.
+        candidate is saved as "superseded" instead of replacing a newer head. So is one whose `label_snapshot` (the
+        labels its training read, `backend.loop.retrain`) is older than the served version's, whatever `replaces`
+        says: a run that read the labels before the served version's training did never replaces it.
         """
         number = int(self.redis.incr(self._key(project, control, "next")))
         now = time.time()
@@ -93,10 +95,17 @@ class ModelStore:
             current = int(current) if current is not None else None
             record = {**meta, "version": number, "project": project, "control": control,
                       "created_at": meta.get("created_at", now)}
+            served_snapshot = self._snapshot(pipe, project, control, current) if promote else None
             if promote and replaces != ANY_CURRENT and current != replaces:
                 promote = False
                 record.update(status="superseded", status_reason=(
                     f"not served: v{current} replaced v{replaces} while this candidate was judged"))
+            elif promote and served_snapshot is not None and record.get("label_snapshot") is not None \
+                    and record["label_snapshot"] < served_snapshot:
+                promote = False
+                record.update(status="superseded", status_reason=(
+                    f"not served: v{current} was trained on newer labels (snapshot {served_snapshot}, this one "
+                    f"{record['label_snapshot']}): a stale re-run of a training"))
             elif promote:
                 record.update(status="promoted", status_reason=reason or "promoted", promoted_at=now)
             else:
@@ -114,6 +123,12 @@ class ModelStore:
             pipe.execute()
         self.retain(project, control)
         return number
+
+    def _snapshot(self, pipe, project: str, control: str, number: int | None) -> int | None:
+        """The label snapshot version `number` was trained on (None: unknown, or no such version)."""
+        raw = pipe.hget(self._key(project, control, number), "meta") if number is not None else None
+        snapshot = json.loads(raw).get("label_snapshot") if raw is not None else None
+        return int(snapshot) if isinstance(snapshot, int) else None
 
     def retain(self, project: str, control: str) -> dict:
         """Drop old versions' per-label detail and old rejected versions (see `backend.core.retention`)."""
