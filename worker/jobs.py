@@ -122,6 +122,18 @@ def index_tasks(services: Services, project: str, task_ids: list[int] | None = N
             "backbone": "+".join(dict.fromkeys(encoder.key for encoder, _ in items_by_input))}
 
 
+def forget_deleted_tasks(services: Services, project: str, task_ids: list[int]) -> dict:
+    """TASKS_DELETED is a hint: of the indexed tasks it named, drop only those Label Studio no longer lists (a forged
+    or stale webhook removes nothing that still exists)."""
+    indexed = sorted(services.tasks.data(project, task_ids))
+    present = {task["id"] for task in read_tasks(services.label_studio(), project, ids=indexed)} if indexed else set()
+    gone = [task for task in indexed if task not in present]
+    services.tasks.remove(project, gone)
+    if len(present):
+        log.warning("project %s: TASKS_DELETED named %d task(s) Label Studio still has: kept", project, len(present))
+    return {"project": project, "named": len(task_ids), "removed": len(gone), "kept": len(present)}
+
+
 def embed_chunk(services: Services, project: str, task_ids: list[int]) -> dict:
     """Embed the inputs of a few tasks (a unit of bounded duration), then predict them with the served version."""
     config = _config(services, project)

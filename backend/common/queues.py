@@ -33,6 +33,8 @@ INDEX_JOB = "worker.jobs.index_tasks"
 EMBED_CHUNK_JOB = "worker.jobs.embed_chunk"
 WEBHOOK_AUTH_JOB = "worker.jobs.secure_webhook"
 AUDIT_JOB = "worker.jobs.audit_labels"
+FORGET_TASKS_JOB = "worker.jobs.forget_deleted_tasks"
+FORGET_PROJECT_JOB = "worker.jobs.forget_deleted_project"
 
 
 def queue(name: str, redis: Redis) -> Queue:
@@ -165,6 +167,12 @@ def enqueue_index(redis: Redis, settings: Settings, project: str, task_ids: list
     what = "every task" if task_ids is None else f"{len(task_ids)} new task(s)"
     return _enqueue_background(redis, settings, INDEX_JOB, (project, task_ids),
                                f"index and embed {what} of project {project}", project)
+
+
+def enqueue_forget_tasks(redis: Redis, settings: Settings, project: str, task_ids: list[int]) -> Job:
+    """TASKS_DELETED named these tasks: drop from the task index those Label Studio no longer has."""
+    return _enqueue_background(redis, settings, FORGET_TASKS_JOB, (project, task_ids),
+                               f"confirm {len(task_ids)} deleted task(s) of project {project}", project)
 
 
 def enqueue_embed_chunk(redis: Redis, settings: Settings, project: str, task_ids: list[int]) -> Job:

@@ -22,7 +22,7 @@ from flask import Blueprint, Flask, current_app, jsonify
 from redis.exceptions import RedisError
 
 from backend.common.errors import BadRequest
-from backend.common.queues import enqueue_index
+from backend.common.queues import enqueue_forget_tasks, enqueue_index
 from backend.labelstudio.label_mirror import Expected, LabelStore, annotation_record
 from backend.loop.predictor import project_id
 from backend.server.contract import json_body
@@ -115,11 +115,15 @@ def _record(hub, body: dict, action: str, project: str) -> str:
 
 def _record_tasks(hub, body: dict, action: str, project: str) -> str:
     """Tasks created: read back by id from Label Studio, indexed and embedded in the background (never taken
-    from the body). Tasks deleted: dropped from the task index, and their labels confirmed at the next training."""
+    from the body). Tasks deleted: their labels confirmed at the next training, and a background job drops from the
+    task index those Label Studio no longer lists (never on the body's word: without the API, the index stays)."""
     ids = _task_ids(body)
     if action == "TASKS_DELETED":
-        hub.tasks.remove(project, ids)
         hub.labels.add_hints(project, tasks=ids)
+        indexed = sorted(hub.tasks.data(project, ids)) if hub.can_reach_label_studio else []
+        if indexed:  # ids the index does not hold cost nothing more
+            enqueue_forget_tasks(hub.redis, hub.settings, project, indexed)
+            return "queued"
         return "recorded"
     if not hub.can_reach_label_studio or not ids:
         return "ignored: needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
