@@ -18,7 +18,7 @@ from rq.serializers import JSONSerializer
 
 from backend.admin.errors import NotFound
 from backend.loop.active_queue import queue_status
-from backend.loop import audit_report
+from backend.loop import audit_report, project_data
 from backend.loop.predictor import model_version_of, project_id
 from backend.common.redis_conn import LOCAL_REDIS_URL
 from backend.loop.services import Services
@@ -274,7 +274,7 @@ def status(services: Services) -> dict:
     brief = [{key: view[key] for key in ("name", "state", "host", "current_job")} for view in workers(redis)]
     return {"redis": redis_info(redis, services.settings.redis_url), "suspended": suspended(redis),
             "queues": queues(redis), "workers": brief, "projects": projects(services),
-            "killer_inputs": killer_inputs(services)}
+            "killer_inputs": killer_inputs(services), "deleted_project_hints": project_data.hints(redis)}
 
 
 def killer_inputs(services: Services) -> list[dict]:

@@ -48,6 +48,9 @@ def add_admin_commands(commands) -> dict[str, Callable[[Settings, argparse.Names
     train = command("train", "queue a training of PROJECT now (coalesced like webhook requests)")
     train.add_argument("project")
     train.add_argument("--wait", action="store_true", help="wait for the training job and print its outcome")
+    forget = command("forget", "drop every piece of PROJECT's data from Redis (a project deleted in Label Studio)")
+    forget.add_argument("project")
+    forget.add_argument("--yes", action="store_true", help="really drop it (without: say what would happen)")
     embed = command("embed", "pre-compute embeddings of every task of PROJECT on the workers")
     embed.add_argument("project")
     embed.add_argument("--no-wait", action="store_true", help="queue the job and return")
@@ -152,6 +155,8 @@ def _status(services, args, out: Output) -> int:
         out.table("Inputs a worker died on (skipped once poison)", ["project", "task", "kills", "poison", "url"],
                   [[k["project"], k["task_id"], k["kills"], "yes" if k["poison"] else "no", k["url"][:80]]
                    for k in data["killer_inputs"]])
+    for hint in data["deleted_project_hints"]:
+        out.line(f"project {hint['project']}: PROJECT_DELETED received ({hint['state']}): {hint['message']}")
     for p in data["projects"]:
         for coverage in p.get("coverage") or []:
             out.line(f"project {p['project']}, control {coverage['control']}: {coverage['line']}")
@@ -318,6 +323,20 @@ def _train(services, args, out: Output) -> int:
     return _finished(out, job)
 
 
+def _forget(services, args, out: Output) -> int:
+    from backend.loop import project_data
+    from backend.loop.predictor import project_id
+
+    project = project_id(args.project)
+    if not args.yes:
+        raise UsageError(f"`headstart forget {project} --yes` drops project {project}'s versions, labels, task "
+                         "index, queued jobs and the embeddings only it uses, for good (Label Studio keeps its data).")
+    result = project_data.forget_project(services.redis, project)
+    _print_result(out, result, f"project {project}: {result['keys']} keys and {result['embeddings']} embeddings "
+                               f"dropped, {result['jobs_cancelled']} queued jobs cancelled")
+    return EXIT_OK
+
+
 def _embed(services, args, out: Output) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -378,4 +397,4 @@ def _print_result(out: Output, result: dict, text: str) -> None:
 
 
 HANDLERS = {"status": _status, "workers": _workers, "queues": _queues, "jobs": _jobs, "models": _models,
-            "train": _train, "embed": _embed}
+            "train": _train, "embed": _embed, "forget": _forget}

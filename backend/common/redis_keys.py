@@ -113,6 +113,24 @@ def project(project_id: str) -> str:
 PROJECTS = f"{PREFIX}:projects"  # set of every project id seen
 
 
+def project_deleted(project_id: str) -> str:
+    """string, JSON {at, state, message}: a PROJECT_DELETED webhook named P; kept until Label Studio confirms it
+    (then P's data is dropped, this too) or it is found to be wrong."""
+    return f"{PREFIX}:project-deleted:{project_id}"
+
+
+def project_data(project_id: str) -> tuple[list[str], list[str]]:
+    """(keys, SCAN patterns): everything headstart keeps for project P, except the embeddings (content-addressed,
+    shared by projects with the same inputs: `backend.loop.project_data` works out which are P's alone) and the
+    shared metrics hash. Used to drop a deleted project's data."""
+    keys = [head_controls(project_id), media_digests(project_id), labels(project_id), project(project_id),
+            task_index(project_id), embedding_progress(project_id), webhook_auth(project_id), active(project_id),
+            input_kills(project_id), project_deleted(project_id)]
+    patterns = [f"{PREFIX}:{family}:{project_id}:*" for family in (
+        "head", "labels", "train", "tasks", "predicting", "predicted", "webhook-auth", "audit", "project")]
+    return keys, patterns
+
+
 # --- training coalescing (backend.common.queues) ------------------------------------------------
 
 
