@@ -82,9 +82,13 @@ def retain(redis: Redis, project: str, control: str, retention: Retention) -> di
     current = int(current_raw) if current_raw is not None else None
     last = int(redis.get(redis_keys.head_counter(project, control)) or 0)
     detailed = sorted(int(member) for member in redis.smembers(redis_keys.head_detailed(project, control)))
-    metas = _metas(redis, project, control, sorted(set(detailed) | ({current} if current else set())))
-    protected = set(range(last - retention.detail_keep + 1, last + 1)) | {current, previous_promoted(metas, current)}
-    trimmed = [number for number in detailed if number not in protected and _trim(redis, project, control, number)]
+    newest = set(range(last - retention.detail_keep + 1, last + 1))
+    leaving = [number for number in detailed if number not in newest and number != current]
+    trimmed = []
+    if leaving:  # only then are metadata read: a write costs nothing more while every version keeps its detail
+        metas = _metas(redis, project, control, sorted(set(detailed) | ({current} if current else set())))
+        target = previous_promoted(metas, current)
+        trimmed = [number for number in leaving if number != target and _trim(redis, project, control, number)]
     rejected = sorted(int(member) for member in redis.smembers(redis_keys.head_rejected(project, control)))
     old = rejected[:len(rejected) - retention.rejected_keep] if retention.rejected_keep else rejected
     deleted = [number for number in old if number != current and _delete_unserved(redis, project, control, number)]
