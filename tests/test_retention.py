@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from backend.common import redis_keys
+from backend.common.errors import ConfigurationError
 from backend.core.heads import build_head
 from backend.core.retention import Retention
 from backend.core.store import ModelStore
@@ -69,3 +72,8 @@ def test_versions_written_before_retention_are_found_once(redis):
     left = {m["version"]: m for m in keep_all.versions(P, C)}
     assert [n for n in numbers if n not in left] == [2, 4, 6]  # rejected, older than the newest one
     assert [n for n, m in left.items() if "trained_on" in m] == [7, 8]
+
+
+def test_keeping_no_rejected_version_is_refused(settings):
+    with pytest.raises(ConfigurationError, match="REJECTED_VERSIONS_KEEP"):
+        settings.replace(rejected_versions_keep=0).check()

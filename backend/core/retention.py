@@ -47,8 +47,8 @@ class Retention:
     rejected_keep: int = 20
 
     def __post_init__(self):
-        if self.detail_keep < 0 or self.rejected_keep < 0:
-            raise ValueError("VERSION_DETAIL_KEEP and REJECTED_VERSIONS_KEEP must be 0 or more")
+        if self.detail_keep < 0 or self.rejected_keep < 1:  # the training reads back the version it just saved
+            raise ValueError("VERSION_DETAIL_KEEP must be 0 or more, REJECTED_VERSIONS_KEEP 1 or more")
 
 
 def has_detail(meta: dict) -> bool:
@@ -90,7 +90,7 @@ def retain(redis: Redis, project: str, control: str, retention: Retention) -> di
         target = previous_promoted(metas, current)
         trimmed = [number for number in leaving if number != target and _trim(redis, project, control, number)]
     rejected = sorted(int(member) for member in redis.smembers(redis_keys.head_rejected(project, control)))
-    old = rejected[:len(rejected) - retention.rejected_keep] if retention.rejected_keep else rejected
+    old = rejected[:len(rejected) - retention.rejected_keep]
     deleted = [number for number in old if number != current and _delete_unserved(redis, project, control, number)]
     return {"trimmed": trimmed, "deleted": deleted}
 

@@ -118,7 +118,7 @@ class LabelingSession:
             if not self.training_idle():
                 return None
             finished = [meta for meta in self.versions() if meta.get("status") in ("promoted", "rejected")]
-            if not finished or finished[-1]["trained_on"] != trained_on:
+            if not finished or finished[-1].get("trained_on") != trained_on:
                 return None
             return self.store.meta(str(self.project), self.control,
                                    self.store.current_number(str(self.project), self.control))
