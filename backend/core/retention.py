@@ -36,7 +36,7 @@ from backend.common import redis_keys
 
 DETAIL_FIELDS = ("trained_on", "out_of_fold_correct", "media_errors")
 PRUNABLE_STATUSES = ("rejected", "superseded")
-SWEEP_BATCH = 500
+SWEEP_BATCH = 50  # versions read at once by the one-time sweep (each may carry large per-label lists)
 
 
 @dataclass(frozen=True)
