@@ -217,3 +217,26 @@ def test_a_stale_rerun_never_promotes_a_head_of_older_labels_over_a_newer_one(cl
     assert served["job_id"] == "newer" and len(served["trained_on"]) == 10
     assert stale["controls"]["label"]["status"] == "superseded" and stale["promoted"] == []
     assert "newer labels" in stale["controls"]["label"]["reason"]
+
+
+def test_with_no_old_detail_kept_every_training_is_still_judged_on_the_served_versions_labels(
+        loop_settings, redis, encoders, images):
+    """VERSION_DETAIL_KEEP=0, the strictest: older versions lose their per-label lists at once, yet the served one
+    keeps what the guard reads (its `trained_on`, `out_of_fold_correct`), so each new version is compared on them."""
+    from backend.loop.retrain import retrain_project
+
+    services = build_services(loop_settings.replace(version_detail_keep=0), redis, encoders=encoders)
+    client = create_app(loop_settings, services=services).test_client()
+    set_up(redis, PROJECT)
+    train, _, ids = images
+    store, items = services.store, first_per_class(train, 6)
+    for count in range(3, 7):
+        annotate(client, [item for item in items if item in first_per_class(train, count)], ids)
+        retrain_project(services, str(PROJECT), job_id=f"labels-{count}")
+        current = store.current_number(str(PROJECT), "label")
+        served = store.meta(str(PROJECT), "label", current)
+        assert len(served["trained_on"]) == 2 * count and served["out_of_fold_correct"] is not None
+        detailed = [meta["version"] for meta in store.versions(str(PROJECT), "label") if "trained_on" in meta]
+        assert set(detailed) <= {current, store.rollback_target(str(PROJECT), "label")[1] if current > 1 else 0}
+    reasons = [meta["promotion"]["reason"] for meta in store.versions(str(PROJECT), "label")[1:]]
+    assert all("on the same" in reason for reason in reasons), reasons  # judged on the served version's labels
