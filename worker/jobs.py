@@ -131,7 +131,7 @@ def forget_deleted_tasks(services: Services, project: str, task_ids: list[int]) 
     present = {task["id"] for task in read_tasks(services.label_studio(), project, ids=indexed)} if indexed else set()
     gone = [task for task in indexed if task not in present]
     services.tasks.remove(project, gone)
-    if len(present):
+    if present:
         log.warning("project %s: TASKS_DELETED named %d task(s) Label Studio still has: kept", project, len(present))
     return {"project": project, "named": len(task_ids), "removed": len(gone), "kept": len(present)}
 

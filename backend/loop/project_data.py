@@ -33,6 +33,14 @@ def record_hint(redis: Redis, project: str, *, state: str, message: str) -> None
     redis.set(redis_keys.project_deleted(project), json.dumps({"at": time.time(), "state": state, "message": message}))
 
 
+def check_pending(redis: Redis, project: str, *, within_s: float) -> bool:
+    """Whether a check of a PROJECT_DELETED hint was queued less than `within_s` ago (repeated deliveries share it;
+    one older than that, e.g. a job that failed for good, is queued again)."""
+    raw = redis.get(redis_keys.project_deleted(project))
+    hint = json.loads(raw) if raw is not None else {}
+    return hint.get("state") == "queued" and time.time() - float(hint.get("at", 0)) < within_s
+
+
 def hint_state(redis: Redis, project: str) -> str | None:
     raw = redis.get(redis_keys.project_deleted(project))
     return json.loads(raw).get("state") if raw is not None else None

@@ -143,8 +143,8 @@ def _record_project_deleted(hub, project: str) -> str:
     """A hint: with the API, a background job drops the project's data once Label Studio answers 404 for it;
     without, nothing is dropped on a webhook's word (`headstart forget PROJECT` does it by hand)."""
     if hub.can_reach_label_studio:
-        if project_data.hint_state(hub.redis, project) == "queued":  # repeated deliveries share one check
-            return "coalesced"
+        if project_data.check_pending(hub.redis, project, within_s=hub.settings.job_timeout_s):
+            return "coalesced"  # repeated deliveries share one check
         project_data.record_hint(hub.redis, project, state="queued", message="confirming with Label Studio")
         enqueue_forget_project(hub.redis, hub.settings, project)
         return "queued"
