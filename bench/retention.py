@@ -72,6 +72,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
         "labels": params.labels,
         "versions_before_mb": round(versions["before_bytes"] / 2**20, 1),
         "versions_after_mb": round(versions["after_bytes"] / 2**20, 2),
+        "after_to_before": round(versions["after_bytes"] / versions["before_bytes"], 3),
         "project_after_labels_mb": {
             "before": round((versions["before_bytes"] + per_image * params.labels) / 2**20, 1),
             "after": round((versions["after_bytes"] + per_image * params.labels) / 2**20, 1)},
@@ -82,11 +83,13 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
                 + [["per 1,000 images, in all", results["per_1000_images_mb"]],
                    [f"{params.labels} versions, one per submit, before retention", results["versions_before_mb"]],
                    [f"{params.labels} versions, after retention", results["versions_after_mb"]]])
-    return bench.finish(results, goals={
-        "versions_after_mb": goal(results["versions_after_mb"], 50.0, at_least=False)}, notes=[
+    goals = {"after_to_before": goal(results["after_to_before"], 0.25, at_least=False)}
+    return bench.finish(results, goals=goals, notes=[
         "MEMORY USAGE of every key written, summed; features are synthetic vectors of the real dimension (1280, "
         "float32); version metadata is shaped by a real fitted candidate, with k-entry per-label lists for "
         "version k. 'before': every version keeps its per-label detail (measured per version as written).",
+        "Kept by retention for every version: its tensors and summary (it can still be listed, promoted, rolled "
+        "back to), so 'after' still grows by a few KB per version; the quadratic part is gone.",
     ])
 
 
