@@ -12,7 +12,8 @@ PREFIX = "headstart"
 
 
 def head_version(project: str, control: str, number: int) -> str:
-    """hash {tensors: safetensors bytes, meta: JSON}: version N of P/C, written once, complete."""
+    """hash {tensors: safetensors bytes, meta: JSON, status, promoted_at, label_snapshot: repeated from meta}: version
+    N of P/C, written once, complete."""
     return f"{PREFIX}:head:{project}:{control}:{number}"
 
 

@@ -51,6 +51,15 @@ class Retention:
             raise ValueError("VERSION_DETAIL_KEEP must be 0 or more, REJECTED_VERSIONS_KEEP 1 or more")
 
 
+def stored_meta(meta: dict) -> dict:
+    """The hash fields a version's metadata is written as: the JSON, and its status, promotion time and label
+    snapshot again, so `retain` (and the stale-run check) read them without the (large) metadata."""
+    snapshot = meta.get("label_snapshot")
+    return {"meta": json.dumps(meta), "status": str(meta.get("status") or ""),
+            "promoted_at": repr(float(meta["promoted_at"])) if meta.get("promoted_at") is not None else "",
+            "label_snapshot": str(snapshot) if isinstance(snapshot, int) else ""}
+
+
 def has_detail(meta: dict) -> bool:
     return any(field in meta for field in DETAIL_FIELDS)
 
@@ -85,9 +94,9 @@ def retain(redis: Redis, project: str, control: str, retention: Retention) -> di
     newest = set(range(last - retention.detail_keep + 1, last + 1))
     leaving = [number for number in detailed if number not in newest and number != current]
     trimmed = []
-    if leaving:  # only then are metadata read: a write costs nothing more while every version keeps its detail
-        metas = _metas(redis, project, control, sorted(set(detailed) | ({current} if current else set())))
-        target = previous_promoted(metas, current)
+    if leaving:  # only then is anything read: a write costs nothing more while every version keeps its detail
+        facts = _facts(redis, project, control, sorted(set(detailed) | ({current} if current else set())))
+        target = previous_promoted(facts, current)
         trimmed = [number for number in leaving if number != target and _trim(redis, project, control, number)]
     rejected = sorted(int(member) for member in redis.smembers(redis_keys.head_rejected(project, control)))
     old = rejected[:len(rejected) - retention.rejected_keep]
@@ -111,6 +120,23 @@ def sweep(redis: Redis, project: str, control: str) -> None:
     redis.set(marker, 1)
 
 
+def _facts(redis: Redis, project: str, control: str, numbers: list[int]) -> dict[int, dict]:
+    """{version, status, promoted_at} of these versions, from their small hash fields (or, for a version written
+    before those existed, its metadata)."""
+    pipe = redis.pipeline(transaction=False)
+    for number in numbers:
+        pipe.hmget(redis_keys.head_version(project, control, number), ["status", "promoted_at"])
+    facts, unknown = {}, []
+    for number, (status, promoted_at) in zip(numbers, pipe.execute()):
+        if status is None:
+            unknown.append(number)
+            continue
+        facts[number] = {"version": number, "status": status.decode()}
+        if promoted_at:
+            facts[number]["promoted_at"] = float(promoted_at)
+    return {**facts, **_metas(redis, project, control, unknown)}
+
+
 def _metas(redis: Redis, project: str, control: str, numbers: list[int]) -> dict[int, dict]:
     pipe = redis.pipeline(transaction=False)
     for number in numbers:
@@ -128,7 +154,7 @@ def _trim(redis: Redis, project: str, control: str, number: int) -> bool:
             meta = json.loads(raw) if raw is not None else None
             pipe.multi()
             if meta is not None and has_detail(meta):
-                pipe.hset(key, "meta", json.dumps(summary_of(meta)))
+                pipe.hset(key, mapping=stored_meta(summary_of(meta)))
             pipe.srem(detailed, number)
             pipe.execute()
         return meta is not None and has_detail(meta)

@@ -7,7 +7,8 @@ promotion or rollback) and a version promoted before its validation gets that va
 (`amend`, `withdraw`); its tensors never change, so no reader ever sees a half-written version.
 
 Keys, for project P and control C:
-  headstart:head:P:C:N        hash {tensors, meta}   version N (immutable once written)
+  headstart:head:P:C:N        hash {tensors, meta, status, promoted_at, label_snapshot}   version N (tensors
+                              immutable once written; the last three repeat the metadata's, read cheaply)
   headstart:head:P:C:next     counter                the last version number handed out
   headstart:head:P:C:current  string N               the version being served
   headstart:heads:P           set of C               the controls that have versions
@@ -29,7 +30,7 @@ from torch import nn
 
 from backend.common import redis_keys
 from backend.core.heads import rebuild_head
-from backend.core.retention import PRUNABLE_STATUSES, Retention, previous_promoted, retain
+from backend.core.retention import PRUNABLE_STATUSES, Retention, previous_promoted, retain, stored_meta
 
 
 
@@ -113,7 +114,7 @@ class ModelStore:
                 if reason:
                     record["status_reason"] = reason
             pipe.multi()
-            pipe.hset(self._key(project, control, number), mapping={"tensors": tensors, "meta": json.dumps(record)})
+            pipe.hset(self._key(project, control, number), mapping={"tensors": tensors, **stored_meta(record)})
             pipe.sadd(redis_keys.head_controls(project), control)
             pipe.sadd(redis_keys.head_detailed(project, control), number)
             if record["status"] in PRUNABLE_STATUSES:
@@ -126,7 +127,13 @@ class ModelStore:
 
     def _snapshot(self, pipe, project: str, control: str, number: int | None) -> int | None:
         """The label snapshot version `number` was trained on (None: unknown, or no such version)."""
-        raw = pipe.hget(self._key(project, control, number), "meta") if number is not None else None
+        if number is None:
+            return None
+        key = self._key(project, control, number)
+        field = pipe.hget(key, "label_snapshot")
+        if field is not None:
+            return int(field) if field else None
+        raw = pipe.hget(key, "meta")  # written before the field existed
         snapshot = json.loads(raw).get("label_snapshot") if raw is not None else None
         return int(snapshot) if isinstance(snapshot, int) else None
 
@@ -158,7 +165,7 @@ class ModelStore:
             raise KeyError(f"No version {number} of {project}/{control}")
         meta = {**json.loads(raw), "status": "promoted", "status_reason": reason, "promoted_at": time.time()}
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, "meta", json.dumps(meta))
+        pipe.hset(key, mapping=stored_meta(meta))
         pipe.set(self._key(project, control, "current"), number)
         pipe.srem(redis_keys.head_rejected(project, control), number)  # served again: never pruned
         pipe.execute()
@@ -173,7 +180,7 @@ class ModelStore:
                 raise KeyError(f"No version {number} of {project}/{control}")
             meta = {**json.loads(raw), **updates}
             pipe.multi()
-            pipe.hset(key, "meta", json.dumps(meta))
+            pipe.hset(key, mapping=stored_meta(meta))
             pipe.execute()
         return meta
 
@@ -192,7 +199,7 @@ class ModelStore:
             meta = {**json.loads(raw), **updates, "status": "rejected", "status_reason": reason,
                     "rolled_back_at": time.time()}
             pipe.multi()
-            pipe.hset(key, "meta", json.dumps(meta))
+            pipe.hset(key, mapping=stored_meta(meta))
             pipe.sadd(redis_keys.head_rejected(project, control), number)
             if moved and back_to is not None:
                 pipe.set(current_key, back_to)
@@ -234,7 +241,7 @@ class ModelStore:
             left = {**self.meta(project, control, current), "status": "rolled_back", "status_reason": reason,
                     "rolled_back_at": time.time()}
             pipe.multi()
-            pipe.hset(self._key(project, control, current), "meta", json.dumps(left))
+            pipe.hset(self._key(project, control, current), mapping=stored_meta(left))
             pipe.set(current_key, target)
             pipe.execute()
         return current, target
