@@ -4,7 +4,8 @@ Every gunicorn worker and RQ worker on any host reads the same keys, so they agr
 current version without a shared disk. A version is written once, complete (tensors, metadata and,
 when it is promoted, the pointer, in one transaction); later only its status changes (an admin's
 promotion or rollback) and a version promoted before its validation gets that validation added
-(`amend`, `withdraw`); its tensors never change, so no reader ever sees a half-written version.
+(`amend`, `withdraw`), and retention may drop an old version's per-label lists or delete an old rejected
+one; its tensors never change, so no reader ever sees a half-written version.
 
 Keys, for project P and control C:
   headstart:head:P:C:N        hash {tensors, meta, status, promoted_at, label_snapshot}   version N (tensors
@@ -14,7 +15,8 @@ Keys, for project P and control C:
   headstart:heads:P           set of C               the controls that have versions
 
 After each write the store applies its `Retention` (`backend.core.retention`): per-label detail only on
-the served, rollback-target and newest versions; old rejected versions deleted.
+the served, rollback-target and newest versions; old rejected versions deleted. Listings read a page of
+versions at a time (`versions_page`) and count them without their metadata (`count`).
 """
 
 from __future__ import annotations
