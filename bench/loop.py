@@ -145,10 +145,11 @@ class Project:
         return LabelStudioApi(self.server.url, self.server.credentials.legacy_token)
 
     def headstart_env(self, label_studio_url: str) -> dict[str, str]:
-        """`headstart up`'s defaults, pointed at this Label Studio (through `label_studio_url`)."""
+        """`headstart up`'s defaults, pointed at this Label Studio (through `label_studio_url`). Every version keeps
+        its per-label detail: the measurement reads each served version's `trained_on` after the run."""
         return {"LABEL_STUDIO_URL": label_studio_url, "LABEL_STUDIO_API_KEY": self.server.credentials.legacy_token,
                 "LOCAL_FILES_DOCUMENT_ROOT": str(self.documents), "REPREDICT_UNLABELED": "true",
-                "LOG_LEVEL": "INFO"}
+                "LOG_LEVEL": "INFO", "VERSION_DETAIL_KEEP": "1000000", "REJECTED_VERSIONS_KEEP": "1000000"}
 
 
 def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, tasks: int | None = None) -> dict:

@@ -54,6 +54,7 @@ class FakeLabelStudio:
     stored_predictions: list[dict] = field(default_factory=list)  # predictions Label Studio held before (Redis loss)
     webhooks: list[dict] = field(default_factory=list)  # webhooks/models.py Webhook, as its serializer lists it
     webhook_changes_refused: bool = False  # PATCH /api/webhooks/{id}/ answers 403 (a user without the permission)
+    deleted_projects: set[int] = field(default_factory=set)  # GET /api/projects/{id}/ answers 404
 
     def add_ml_webhook(self, project: int, backend_url: str) -> dict:
         """The webhook Label Studio creates when an ML backend is connected (ml/models.py create_ml_webhook)."""
@@ -140,6 +141,8 @@ class FakeLabelStudio:
 
         @app.get("/api/projects/<int:project>/")
         def project(project):
+            if project in self.deleted_projects:
+                abort(404)  # projects/api.py ProjectAPI: get_object_or_404
             return jsonify(id=project, title="fake", label_config=self.label_config)
 
         @app.get("/api/tasks/")

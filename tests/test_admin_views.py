@@ -72,3 +72,30 @@ def test_workers_show_host_device_backbone_and_counts(admin_settings, redis, ser
         worker.register_death()
     assert views.workers(redis) == []
 
+
+
+def test_models_and_the_cli_page_through_versions_without_reading_every_one(services, monkeypatch, capsys, redis_url):
+    from backend.cli import main
+    from backend.core.heads import build_head
+    from backend.core.store import ModelStore
+
+    from tests.helpers import CONFIG_2
+
+    services.projects.remember(str(PROJECT), CONFIG_2)
+    meta = {"classes": ["ants", "bees"], "feature_dim": 8, "multi_label": False, "label_count": 2}
+    for _ in range(7):
+        services.store.save(str(PROJECT), "label", build_head(8, 2), meta, promote=True)
+    monkeypatch.setattr(ModelStore, "versions", lambda *args: pytest.fail("every version was read"))
+    seen, before = [], None
+    while True:
+        (control,) = views.models(services, PROJECT, limit=3, before=before)["controls"]
+        seen.append([version["version"] for version in control["versions"]])
+        before = control["older"]
+        if before is None:
+            break
+    assert seen == [[5, 6, 7], [2, 3, 4], [1]] and control["version_count"] == 7
+    assert views.projects(services)[0]["controls"][0]["versions"] == 7
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    assert main(["models", str(PROJECT), "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "label-v7" in out and "label-v5" not in out and f"models {PROJECT} --before 6" in out

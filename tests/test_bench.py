@@ -123,3 +123,13 @@ def test_trust_runs_in_quick_mode(results_dir, tmp_path, monkeypatch):
                     "autoaccept_precision_gap"):
             assert key in record[name]
         assert 0 <= record[name]["topn_precision"] <= 1 and 0 <= record[name]["baseline_topn_precision"] <= 1
+
+
+def test_retention_runs_in_quick_mode(results_dir, monkeypatch, redis_url, redis):
+    monkeypatch.setenv("HEADSTART_BENCH_REDIS_URL", redis_url)  # the test database (flushed around each test)
+    record = importlib.import_module("bench.retention").run(quick=True, results_dir=results_dir)
+    assert json.loads((results_dir / "retention.json").read_text()) == record
+    versions = record["versions"]
+    assert 0 < versions["after_bytes"] < versions["before_bytes"]  # version k holds k labels: retention pays
+    assert versions["versions_with_detail_after"] <= 4 and versions["versions_kept"] == record["labels"]
+    assert all(_positive_number(value) for value in record["per_1000_images"].values())

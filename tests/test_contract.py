@@ -8,6 +8,8 @@ import shutil
 import pytest
 import torch
 
+from backend.core.heads import build_head
+from backend.core.store import ModelStore
 from backend.server.app import create_app
 from backend.loop.retrain import train_version
 from backend.loop.services import build_services
@@ -137,7 +139,28 @@ def test_a_head_for_other_classes_is_not_used(local_client, services):
 def test_versions_lists_promoted_versions(client, services):
     client.post("/setup", json=recorded("setup")["body"])
     number = train_ab_head(services, "1")
-    assert client.get("/versions").json == {"versions": [f"label-v{number}"]}
+    assert client.get("/versions").json == {"versions": [f"label-v{number}"], "next": None}
+
+
+def test_versions_are_paged_newest_first_without_reading_every_version(client, services, monkeypatch):
+    client.post("/setup", json=recorded("setup")["body"])
+    meta = {"classes": ["A", "B"], "feature_dim": 8, "multi_label": False}
+    for number in range(1, 8):  # two controls; the even versions of "label" were rejected
+        promote = number % 2 == 1 or number > 5
+        services.store.save("1", "label", build_head(8, 2), {**meta, "status": "promoted" if promote else "rejected"},
+                            promote=promote)
+        services.store.save("1", "other", build_head(8, 2), meta, promote=True)
+    monkeypatch.setattr(ModelStore, "versions", lambda *args: pytest.fail("/versions read every version"))
+    pages, before = [], ""
+    while before is not None:
+        answer = client.get(f"/versions?project=1&limit=3&before={before}").json
+        pages.append(answer["versions"])
+        before = answer["next"]
+    assert pages[0] == ["label-v7", "other-v7", "label-v6", "other-v6"]  # never splits one number's versions
+    names = [name for page in pages for name in page]
+    assert names == [f"{c}-v{n}" for n in range(7, 0, -1) for c in ("label", "other")
+                     if c == "other" or n % 2 == 1 or n > 5]
+    assert client.get("/versions?limit=0").status_code == 400
 
 
 def test_metrics_are_prometheus_text(local_client):

@@ -190,7 +190,7 @@ def wait_until_trained_on(redis, store: ModelStore, project: int, task_ids: set[
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         meta = newest_outcome(store, project)
-        if meta and task_ids <= set(map(int, meta["trained_on"])) and project_idle(redis, project):
+        if meta and task_ids <= set(map(int, meta.get("trained_on") or {})) and project_idle(redis, project):
             return meta
         time.sleep(0.05)
     raise AssertionError(f"no training included all {len(task_ids)} labels within {deadline_s}s")

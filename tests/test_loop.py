@@ -210,3 +210,55 @@ def test_a_training_with_no_changed_label_keeps_the_served_version(client, loop_
                                                   url=local_url(path), choice="bees", action="ANNOTATION_UPDATED"))
     run_burst_worker(loop_settings, redis, services)
     assert current_meta(redis)["version"] == 2 and current_meta(redis)["trained_on"][str(ids[path])] == ["bees"]
+
+
+def test_a_stale_rerun_never_promotes_a_head_of_older_labels_over_a_newer_one(client, services, images, monkeypatch):
+    """A training re-run after lost heartbeats while the first run still embeds: the newer run reads more labels and
+    promotes; the older one, finishing last and judged against that newer head, must not replace it."""
+    from backend.loop.retrain import retrain_project
+
+    train, _, ids = images
+    annotate(client, first_per_class(train, 3), ids)
+    later = [item for item in first_per_class(train, 5) if item not in first_per_class(train, 3)]
+    embed = services.features.features
+    raced = []
+
+    def embed_while_a_newer_training_promotes(project, items, encoder):
+        vectors = embed(project, items, encoder)
+        if not raced:  # the stale run has read its labels; meanwhile more arrive and a newer run promotes
+            raced.append(True)
+            annotate(client, later, ids, start_annotation=2000)
+            assert retrain_project(services, str(PROJECT), job_id="newer")["promoted"] == ["label"]
+        return vectors
+
+    monkeypatch.setattr(services.features, "features", embed_while_a_newer_training_promotes)
+    stale = retrain_project(services, str(PROJECT), job_id="stale")
+
+    store = services.store
+    served = store.meta(str(PROJECT), "label", store.current_number(str(PROJECT), "label"))
+    assert served["job_id"] == "newer" and len(served["trained_on"]) == 10
+    assert stale["controls"]["label"]["status"] == "superseded" and stale["promoted"] == []
+    assert "newer labels" in stale["controls"]["label"]["reason"]
+
+
+def test_with_no_old_detail_kept_every_training_is_still_judged_on_the_served_versions_labels(
+        loop_settings, redis, encoders, images):
+    """VERSION_DETAIL_KEEP=0, the strictest: older versions lose their per-label lists at once, yet the served one
+    keeps what the guard reads (its `trained_on`, `out_of_fold_correct`), so each new version is compared on them."""
+    from backend.loop.retrain import retrain_project
+
+    services = build_services(loop_settings.replace(version_detail_keep=0), redis, encoders=encoders)
+    client = create_app(loop_settings, services=services).test_client()
+    set_up(redis, PROJECT)
+    train, _, ids = images
+    store, items = services.store, first_per_class(train, 6)
+    for count in range(3, 7):
+        annotate(client, [item for item in items if item in first_per_class(train, count)], ids)
+        retrain_project(services, str(PROJECT), job_id=f"labels-{count}")
+        current = store.current_number(str(PROJECT), "label")
+        served = store.meta(str(PROJECT), "label", current)
+        assert len(served["trained_on"]) == 2 * count and served["out_of_fold_correct"] is not None
+        detailed = [meta["version"] for meta in store.versions(str(PROJECT), "label") if "trained_on" in meta]
+        assert set(detailed) <= {current, store.rollback_target(str(PROJECT), "label")[1] if current > 1 else 0}
+    reasons = [meta["promotion"]["reason"] for meta in store.versions(str(PROJECT), "label")[1:]]
+    assert all("on the same" in reason for reason in reasons), reasons  # judged on the served version's labels

@@ -74,3 +74,15 @@ def test_a_promotion_judged_against_an_older_head_does_not_replace_a_newer_one(r
     assert store.current_number("4", "label") == newer
     assert store.meta("4", "label", stale)["status"] == "superseded"
     assert store.meta("4", "label", newer)["status"] == "promoted"
+
+
+def test_a_head_trained_on_an_older_label_snapshot_never_replaces_a_newer_one(redis):
+    """Even judged against the served head itself (a retry that starts after the newer training promoted)."""
+    store = ModelStore(redis)
+    meta = {"classes": ["a", "b"], "feature_dim": 8, "multi_label": False}
+    newer = store.save("4", "label", build_head(8, 2), {**meta, "label_snapshot": 8}, promote=True, replaces=None)
+    stale = store.save("4", "label", build_head(8, 2), {**meta, "label_snapshot": 7}, promote=True, replaces=newer)
+    assert store.current_number("4", "label") == newer
+    assert store.meta("4", "label", stale)["status"] == "superseded"
+    later = store.save("4", "label", build_head(8, 2), {**meta, "label_snapshot": 9}, promote=True, replaces=newer)
+    assert store.current_number("4", "label") == later

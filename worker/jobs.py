@@ -14,13 +14,15 @@ import uuid
 from rq import get_current_job
 
 from backend.common import redis_keys
-from backend.common.errors import HeadstartError, NotEnoughLabels
+from backend.common.errors import HeadstartError, NotEnoughLabels, TrainingRunning
 from backend.common.queues import (enqueue_audit, enqueue_embed_chunk, enqueue_index, enqueue_queue_refresh,
                                     enqueue_repredict, training_waiting)
 from backend.core.encoders import Encoder
 from backend.labelstudio import webhooks
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
 from backend.labelstudio.task_index import read_tasks
+from backend.labelstudio.projects import project_exists
+from backend.loop import project_data
 from backend.loop.active_queue import ensure_sampling, refresh_queue
 from backend.loop.audit import audit_project
 from backend.loop.features import MediaItem
@@ -129,6 +131,34 @@ def index_tasks(services: Services, project: str, task_ids: list[int] | None = N
     return {"project": project, "tasks": len(tasks), "media": total, "to_embed": len(pending),
             "chunks": -(-len(pending) // EMBED_CHUNK), "predictions": predicted.get("predictions", 0),
             "backbone": "+".join(dict.fromkeys(encoder.key for encoder, _ in items_by_input))}
+
+
+def forget_deleted_tasks(services: Services, project: str, task_ids: list[int]) -> dict:
+    """TASKS_DELETED is a hint: of the indexed tasks it named, drop only those Label Studio no longer lists (a forged
+    or stale webhook removes nothing that still exists)."""
+    indexed = sorted(services.tasks.data(project, task_ids))
+    present = {task["id"] for task in read_tasks(services.label_studio(), project, ids=indexed)} if indexed else set()
+    gone = [task for task in indexed if task not in present]
+    services.tasks.remove(project, gone)
+    if present:
+        log.warning("project %s: TASKS_DELETED named %d task(s) Label Studio still has: kept", project, len(present))
+    return {"project": project, "named": len(task_ids), "removed": len(gone), "kept": len(present)}
+
+
+def forget_deleted_project(services: Services, project: str) -> dict:
+    """PROJECT_DELETED is a hint: drop the project's data from Redis only when Label Studio answers 404 for it. A
+    project Label Studio still has keeps everything (the hint is recorded as wrong); a running training of it
+    makes this job fail and retry later."""
+    if project_exists(services.label_studio(), project):
+        project_data.record_hint(services.redis, project, state="refuted",
+                                 message="Label Studio still has this project: nothing was dropped")
+        log.warning("project %s: PROJECT_DELETED, but Label Studio still has the project: nothing dropped", project)
+        return {"project": project, "status": "kept: Label Studio still has the project"}
+    job = get_current_job()
+    job_id = job.id if job is not None else f"direct-{uuid.uuid4().hex}"
+    if not services.scheduler.begin(project, job_id):  # its lock keeps trainings from writing while keys go
+        raise TrainingRunning(f"A training of project {project} is running; its data is dropped after it (retried).")
+    return {**project_data.forget_project(services.redis, project), "status": "dropped"}
 
 
 def embed_chunk(services: Services, project: str, task_ids: list[int]) -> dict:

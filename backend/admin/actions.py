@@ -103,8 +103,10 @@ def promote(services: Services, project: object, version: int, *, control: str |
     control = _control(services, project, control)
     meta = services.store.meta(project, control, int(version))
     if meta is None:
-        numbers = [str(m["version"]) for m in services.store.versions(project, control)]
-        raise NotFound(f"Project {project} has no version {version} of {control!r} (it has {', '.join(numbers)}).")
+        newest, _ = services.store.versions_page(project, control, limit=10)
+        numbers = ", ".join(str(m["version"]) for m in newest) or "none"
+        raise NotFound(f"Project {project} has no version {version} of {control!r} (its newest: {numbers}; "
+                       "`headstart models PROJECT` lists them).")
     before = served_version(services, project)
     if services.store.current_number(project, control) != int(version):
         _check_servable(services, project, control, int(version))

@@ -19,7 +19,7 @@ from rq.serializers import JSONSerializer
 from backend.admin.errors import NotFound
 from backend.loop.active_queue import queue_status
 from backend.labelstudio.webhooks import WebhookAuth
-from backend.loop import audit_report
+from backend.loop import audit_report, project_data
 from backend.loop.predictor import model_version_of, project_id
 from backend.common.redis_conn import LOCAL_REDIS_URL
 from backend.loop.services import Services
@@ -28,6 +28,8 @@ from backend.common.queues import QUEUE_NAMES, queue
 
 RECENT_JOBS_PER_STATE = 50
 
+
+VERSIONS_SHOWN = 50  # versions per control /admin, `headstart models` and the learning curve show by default
 
 def iso(moment: datetime | float | None) -> str | None:
     """UTC ISO 8601 text for a datetime or an epoch time; None stays None."""
@@ -204,15 +206,18 @@ def served_version(services: Services, project: str) -> str:
     return "+".join(parts) if parts else model_version_of([], {})
 
 
-def models(services: Services, project: object) -> dict:
-    """Every version of every control of a project: labels, metrics, parameters, promotion, current."""
+def models(services: Services, project: object, *, limit: int = VERSIONS_SHOWN, before: int | None = None) -> dict:
+    """The newest `limit` versions (numbered below `before`, when given) of every control of a project, oldest
+    first: labels, metrics, parameters, promotion, current; `version_count` and `older` (the `before` of the
+    next page, None when there is none) per control. Never reads every version."""
     identifier = known_project(services, project)
     store = services.store
     controls = []
     for control in store.controls(identifier):
         current = store.current_number(identifier, control)
-        controls.append({"control": control, "current": current,
-                         "versions": [version_view(meta, current) for meta in store.versions(identifier, control)]})
+        page, older = store.versions_page(identifier, control, limit=limit, before=before)
+        controls.append({"control": control, "current": current, "version_count": store.count(identifier, control),
+                         "older": older, "versions": [version_view(meta, current) for meta in reversed(page)]})
     return {"project": identifier, "model_version": served_version(services, identifier),
             "label_config_known": services.projects.label_config(identifier) is not None,
             "queue": queue_status(services, identifier), "controls": controls,
@@ -258,7 +263,7 @@ def projects(services: Services) -> list[dict]:
         views.append({"project": project, "model_version": served_version(services, project),
                       "queue": queue_status(services, project),
                       "controls": [{"control": control, "current": current[control],
-                                    "versions": len(services.store.versions(project, control))}
+                                    "versions": services.store.count(project, control)}
                                    for control in controls],
                       "coverage": audit_report.coverage(services, project)})
     return views
@@ -270,7 +275,7 @@ def status(services: Services) -> dict:
     brief = [{key: view[key] for key in ("name", "state", "host", "current_job")} for view in workers(redis)]
     return {"redis": redis_info(redis, services.settings.redis_url), "suspended": suspended(redis),
             "queues": queues(redis), "workers": brief, "projects": projects(services),
-            "killer_inputs": killer_inputs(services)}
+            "killer_inputs": killer_inputs(services), "deleted_project_hints": project_data.hints(redis)}
 
 
 def killer_inputs(services: Services) -> list[dict]:

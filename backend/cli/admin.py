@@ -43,9 +43,14 @@ def add_admin_commands(commands) -> dict[str, Callable[[Settings, argparse.Names
     models = command("models", "`models PROJECT`, `models promote PROJECT VERSION`, `models rollback PROJECT`")
     models.add_argument("words", nargs="+", metavar="PROJECT | promote PROJECT VERSION | rollback PROJECT")
     models.add_argument("--control", help="the Choices control, when the project has several")
+    models.add_argument("--limit", type=int, default=None, help="versions per control to list (default 50, newest)")
+    models.add_argument("--before", type=int, default=None, help="list versions numbered below this one (older pages)")
     train = command("train", "queue a training of PROJECT now (coalesced like webhook requests)")
     train.add_argument("project")
     train.add_argument("--wait", action="store_true", help="wait for the training job and print its outcome")
+    forget = command("forget", "drop every piece of PROJECT's data from Redis (a project deleted in Label Studio)")
+    forget.add_argument("project")
+    forget.add_argument("--yes", action="store_true", help="really drop it (without: say what would happen)")
     embed = command("embed", "pre-compute embeddings of every task of PROJECT on the workers")
     embed.add_argument("project")
     embed.add_argument("--no-wait", action="store_true", help="queue the job and return")
@@ -150,6 +155,8 @@ def _status(services, args, out: Output) -> int:
         out.table("Inputs a worker died on (skipped once poison)", ["project", "task", "kills", "poison", "url"],
                   [[k["project"], k["task_id"], k["kills"], "yes" if k["poison"] else "no", k["url"][:80]]
                    for k in data["killer_inputs"]])
+    for hint in data["deleted_project_hints"]:
+        out.line(f"project {hint['project']}: PROJECT_DELETED received ({hint['state']}): {hint['message']}")
     for p in data["projects"]:
         for coverage in p.get("coverage") or []:
             out.line(f"project {p['project']}, control {coverage['control']}: {coverage['line']}")
@@ -282,7 +289,7 @@ def _models(services, args, out: Output) -> int:
         return EXIT_OK
     if len(words) != 1:
         raise UsageError("usage: headstart models PROJECT | models promote PROJECT VERSION | models rollback PROJECT")
-    data = views.models(services, words[0])
+    data = views.models(services, words[0], limit=max(args.limit or views.VERSIONS_SHOWN, 1), before=args.before)
     if out.as_json:
         out.json(data)
         return EXIT_OK
@@ -294,6 +301,9 @@ def _models(services, args, out: Output) -> int:
                   [[v["name"], "current" if v["current"] else "", v["status"], v["reason"], v["labels"],
                     _fraction(v["cv_accuracy"]), _fraction(v["train_accuracy"]), v["trainable_parameters"],
                     v["non_trainable_parameters"], v["backbone"], v["created_at"]] for v in control["versions"]])
+        if control["older"]:
+            out.line(f"the newest {len(control['versions'])} of {control['version_count']} versions; older ones: "
+                     f"headstart models {data['project']} --before {control['older']}")
     return EXIT_OK
 
 
@@ -311,6 +321,20 @@ def _train(services, args, out: Output) -> int:
     with out.console.status(f"training project {result['project']} (job {result['job']})"):
         job = _wait_for_job(services.redis, result["job"], on_progress=None)
     return _finished(out, job)
+
+
+def _forget(services, args, out: Output) -> int:
+    from backend.loop import project_data
+    from backend.loop.predictor import project_id
+
+    project = project_id(args.project)
+    if not args.yes:
+        raise UsageError(f"`headstart forget {project} --yes` drops project {project}'s versions, labels, task "
+                         "index, queued jobs and the embeddings only it uses, for good (Label Studio keeps its data).")
+    result = project_data.forget_project(services.redis, project)
+    _print_result(out, result, f"project {project}: {result['keys']} keys and {result['embeddings']} embeddings "
+                               f"dropped, {result['jobs_cancelled']} queued jobs cancelled")
+    return EXIT_OK
 
 
 def _embed(services, args, out: Output) -> int:
@@ -373,4 +397,4 @@ def _print_result(out: Output, result: dict, text: str) -> None:
 
 
 HANDLERS = {"status": _status, "workers": _workers, "queues": _queues, "jobs": _jobs, "models": _models,
-            "train": _train, "embed": _embed}
+            "train": _train, "embed": _embed, "forget": _forget}

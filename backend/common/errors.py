@@ -50,6 +50,12 @@ class NotEnoughLabels(HeadstartError):
     http_status = 409
 
 
+class TrainingRunning(HeadstartError):
+    """A project's training holds its run lock, so what needs the project to itself waits (its job retries)."""
+
+    http_status = 409
+
+
 class LabelStudioUnavailable(HeadstartError):
     """Label Studio's API could not be reached or refused the credentials."""
 

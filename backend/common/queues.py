@@ -35,6 +35,8 @@ EMBED_CHUNK_JOB = "worker.jobs.embed_chunk"
 WEBHOOK_AUTH_JOB = "worker.jobs.secure_webhook"
 AUDIT_JOB = "worker.jobs.audit_labels"
 QUEUE_REFRESH_JOB = "worker.jobs.refresh_labeling_queue"
+FORGET_TASKS_JOB = "worker.jobs.forget_deleted_tasks"
+FORGET_PROJECT_JOB = "worker.jobs.forget_deleted_project"
 
 
 def queue(name: str, redis: Redis) -> Queue:
@@ -170,6 +172,19 @@ def _fetch(job_id: str, redis: Redis) -> Job | None:
         return None
 
 
+def cancel_project_jobs(redis: Redis, project: str) -> int:
+    """Cancel the project's jobs still waiting in headstart's queues (a deleted project's: they would write its keys
+    again); returns how many."""
+    cancelled = 0
+    for name in QUEUE_NAMES:
+        waiting = queue(name, redis)
+        for job in Job.fetch_many(waiting.get_job_ids(), connection=redis, serializer=waiting.serializer):
+            if job is not None and (job.meta or {}).get("project") == project:
+                job.cancel()
+                cancelled += 1
+    return cancelled
+
+
 def training_waiting(redis: Redis) -> bool:
     """True while a training job waits in the queue: background work yields to it between chunks."""
     return queue(TRAIN_QUEUE, redis).count > 0
@@ -198,6 +213,18 @@ def enqueue_index(redis: Redis, settings: Settings, project: str, task_ids: list
     what = "every task" if task_ids is None else f"{len(task_ids)} new task(s)"
     return _enqueue_background(redis, settings, INDEX_JOB, (project, task_ids),
                                f"index and embed {what} of project {project}", project)
+
+
+def enqueue_forget_tasks(redis: Redis, settings: Settings, project: str, task_ids: list[int]) -> Job:
+    """TASKS_DELETED named these tasks: drop from the task index those Label Studio no longer has."""
+    return _enqueue_background(redis, settings, FORGET_TASKS_JOB, (project, task_ids),
+                               f"confirm {len(task_ids)} deleted task(s) of project {project}", project)
+
+
+def enqueue_forget_project(redis: Redis, settings: Settings, project: str) -> Job:
+    """PROJECT_DELETED named the project: drop its data once Label Studio confirms it is gone (404)."""
+    return _enqueue_background(redis, settings, FORGET_PROJECT_JOB, (project,),
+                               f"confirm project {project} was deleted, then drop its data", project)
 
 
 def enqueue_embed_chunk(redis: Redis, settings: Settings, project: str, task_ids: list[int]) -> Job:

@@ -12,7 +12,8 @@ PREFIX = "headstart"
 
 
 def head_version(project: str, control: str, number: int) -> str:
-    """hash {tensors: safetensors bytes, meta: JSON}: version N of P/C, written once, complete."""
+    """hash {tensors: safetensors bytes, meta: JSON, status, promoted_at, label_snapshot: repeated from meta}: version
+    N of P/C, written once, complete."""
     return f"{PREFIX}:head:{project}:{control}:{number}"
 
 
@@ -24,6 +25,21 @@ def head_counter(project: str, control: str) -> str:
 def head_current(project: str, control: str) -> str:
     """integer: the version of P/C being served."""
     return f"{PREFIX}:head:{project}:{control}:current"
+
+
+def head_detailed(project: str, control: str) -> str:
+    """set of N: versions of P/C that may still carry per-label detail (backend.core.retention)."""
+    return f"{PREFIX}:head:{project}:{control}:detailed"
+
+
+def head_rejected(project: str, control: str) -> str:
+    """set of N: rejected or superseded versions of P/C not deleted yet (backend.core.retention)."""
+    return f"{PREFIX}:head:{project}:{control}:rejected"
+
+
+def head_swept(project: str, control: str) -> str:
+    """string: present once the two sets above cover every version of P/C (backend.core.retention)."""
+    return f"{PREFIX}:head:{project}:{control}:swept"
 
 
 def head_controls(project: str) -> str:
@@ -55,7 +71,9 @@ def labels(project: str) -> str:
 def labels_meta(project: str, what: str) -> str:
     """Mirror bookkeeping: `stale` (a counter, bumped whenever the mirror must be fully re-read before training),
     `synced` (fully read from Label Studio once),
-    `changes` (counter of webhook writes), `staging` (a resync's copy before it is swapped in)."""
+    `changes` (counter of webhook writes), `staging` (a resync's copy before it is swapped in), `snapshot` (counter,
+    bumped as each training starts reading labels: a version records it, and one read earlier is never promoted
+    over it)."""
     return f"{PREFIX}:labels:{project}:{what}"
 
 
@@ -94,6 +112,24 @@ def project(project_id: str) -> str:
 
 
 PROJECTS = f"{PREFIX}:projects"  # set of every project id seen
+
+
+def project_deleted(project_id: str) -> str:
+    """string, JSON {at, state, message}: a PROJECT_DELETED webhook named P; kept until Label Studio confirms it
+    (then P's data is dropped, this too) or it is found to be wrong."""
+    return f"{PREFIX}:project-deleted:{project_id}"
+
+
+def project_data(project_id: str) -> tuple[list[str], list[str]]:
+    """(keys, SCAN patterns): everything headstart keeps for project P, except the embeddings (content-addressed,
+    shared by projects with the same inputs: `backend.loop.project_data` works out which are P's alone) and the
+    shared metrics hash. Used to drop a deleted project's data."""
+    keys = [head_controls(project_id), media_digests(project_id), labels(project_id), project(project_id),
+            task_index(project_id), embedding_progress(project_id), webhook_auth(project_id), active(project_id),
+            input_kills(project_id), project_deleted(project_id)]
+    patterns = [f"{PREFIX}:{family}:{project_id}:*" for family in (
+        "head", "labels", "train", "tasks", "predicting", "predicted", "webhook-auth", "audit", "project")]
+    return keys, patterns
 
 
 # --- training coalescing (backend.common.queues) ------------------------------------------------

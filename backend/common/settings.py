@@ -133,6 +133,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SUSPECT_MARKERS", "suspect_markers", "true", _bool,
             "After each training, mark the tasks whose label is probably wrong in Label Studio with a prediction "
             "of model version `headstart-suspect` (its suggested label), filterable in the Data Manager."),
+    Setting("VERSION_DETAIL_KEEP", "version_detail_keep", "3", int,
+            "Newest head versions per control that keep their per-label detail (labels trained on, out-of-fold "
+            "results, media errors) besides the served one and its rollback target; older ones keep their summary."),
+    Setting("REJECTED_VERSIONS_KEEP", "rejected_versions_keep", "20", int,
+            "Newest rejected (or superseded) versions kept per control; older ones are deleted, tensors and "
+            "metadata (at least 1). The served version and its rollback target are never deleted."),
     Setting("JOB_TIMEOUT_S", "job_timeout_s", "1800", int, "RQ timeout for one job, in seconds."),
     Setting("JOB_RETRIES", "job_retries", "3", int, "RQ retries for a failing job (with backoff)."),
     Setting("WORKER_HEARTBEAT_S", "worker_heartbeat_s", "10", int,
@@ -186,6 +192,8 @@ class Settings:
     active_front: int = 8
     auto_accept_precision: float = 0.98
     suspect_markers: bool = True
+    version_detail_keep: int = 3
+    rejected_versions_keep: int = 20
     job_timeout_s: int = 1800
     job_retries: int = 3
     worker_heartbeat_s: int = 10
@@ -217,6 +225,9 @@ class Settings:
             missing = "BASIC_AUTH_PASS" if self.basic_auth_user else "BASIC_AUTH_USER"
             raise ConfigurationError(f"{missing} is empty while the other half of basic auth is set: set both "
                                      "BASIC_AUTH_USER and BASIC_AUTH_PASS (or neither, for no basic auth).")
+        if self.version_detail_keep < 0 or self.rejected_versions_keep < 1:
+            raise ConfigurationError("VERSION_DETAIL_KEEP counts versions (0 or more) and REJECTED_VERSIONS_KEEP too "
+                                     "(1 or more: a training reads back the version it just saved).")
         if self.admin_token and len(self.admin_token) < MIN_ADMIN_TOKEN_LENGTH:
             raise ConfigurationError(
                 f"ADMIN_TOKEN is {len(self.admin_token)} characters; use at least {MIN_ADMIN_TOKEN_LENGTH}, e.g. "

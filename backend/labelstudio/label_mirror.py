@@ -18,6 +18,7 @@ Keys, for project P (all named in `backend.common.redis_keys`):
   headstart:labels:P:watermark        the newest task updated_at a full or incremental read has seen
   headstart:labels:P:checked          present (with a TTL) while the last look for unannounced changes is recent
   headstart:labels:P:config           the labeling config of the last full read
+  headstart:labels:P:snapshot         counter, bumped as each training starts reading the labels
 """
 
 from __future__ import annotations
@@ -187,6 +188,11 @@ class LabelStore:
         hints = self.take_hints(project)
         changes, stale = self.redis.mget(self._key(project, "changes"), self._key(project, "stale"))
         return FullRead(changes=int(changes or 0), stale=stale, hints=hints)
+
+    def begin_snapshot(self, project: str) -> int:
+        """A new label snapshot number for a training about to read the labels: higher than every earlier one, so a
+        version trained on it can tell whether it saw newer labels than another (`ModelStore.save`)."""
+        return int(self.redis.incr(self._key(project, "snapshot")))
 
     def mark_stale(self, project: str) -> None:
         self.redis.incr(self._key(project, "stale"))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 
+from label_studio_sdk.client import LabelStudio
 from redis import Redis
 
 from backend.common import redis_keys
+from backend.common.errors import LabelStudioUnavailable
 
 
 class ProjectRegistry:
@@ -30,3 +32,17 @@ class ProjectRegistry:
 
     def all(self) -> list[str]:
         return sorted((member.decode() for member in self.redis.smembers(redis_keys.PROJECTS)), key=int)
+
+
+def project_exists(client: LabelStudio, project: str) -> bool:
+    """Whether Label Studio still has the project: False only on its 404; any other failure raises
+    LabelStudioUnavailable (a job retries), so a Label Studio that is down never counts as a deletion."""
+    try:
+        client.projects.get(id=int(project))
+        return True
+    except Exception as exc:
+        if getattr(exc, "status_code", None) == 404:
+            return False
+        raise LabelStudioUnavailable(
+            f"Could not ask Label Studio whether project {project} still exists ({type(exc).__name__}: {exc}). "
+            "Check LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY and that the user can see the project.") from None

@@ -2,7 +2,7 @@
 
 Re-prediction and embedding read the index instead of paging through every task in Label Studio
 after each promotion. It is filled once when a project is first seen (or its labeling config
-changes), kept current by TASKS_CREATED / TASKS_DELETED webhooks (read back from Label Studio by
+changes), kept current by TASKS_CREATED / TASKS_DELETED webhooks (both confirmed against Label Studio by
 id, never taken from the webhook body), and can be rebuilt at any time (`headstart embed PROJECT`).
 """
 

@@ -38,7 +38,12 @@ log = logging.getLogger(__name__)
 
 
 def retrain_project(services: Services, project: str, *, job_id: str) -> dict:
-    """Train every control of the project once; returns a summary (with `promoted`: the controls promoted)."""
+    """Train every control of the project once; returns a summary (with `promoted`: the controls promoted).
+
+    Its versions record the label snapshot it read (`label_snapshot`): a run that read the labels before the
+    served version's training did (a job re-run after lost heartbeats while the first run still goes on, or a
+    retry that starts late) is saved as superseded, never promoted over it (`ModelStore.save`)."""
+    snapshot = services.labels.begin_snapshot(project)
     labels_read = refresh_labels(services, project)
     if labels_read.get("recheck"):  # an announced label was not visible yet: read it again right after this one
         services.scheduler.request(project, reason="announced labels not visible yet")
@@ -48,7 +53,8 @@ def retrain_project(services: Services, project: str, *, job_id: str) -> dict:
                               "in Label Studio (Settings → Model) so /setup records it.")
     specs = parse_label_config(config)
     numbering_requests = continue_numbering(services, project, [spec.control for spec in specs])
-    outcomes = {spec.control: retrain_control(services, project, spec, job_id=job_id) for spec in specs}
+    outcomes = {spec.control: retrain_control(services, project, spec, job_id=job_id, snapshot=snapshot)
+                for spec in specs}
     promoted = [control for control, outcome in outcomes.items() if outcome["status"] == "promoted"]
     model_version = services.predictor.served(project, config).model_version
     return {"project": project, "model_version": model_version, "controls": outcomes, "promoted": promoted,
@@ -85,7 +91,8 @@ def continue_numbering(services: Services, project: str, controls: list[str]) ->
     return 1
 
 
-def retrain_control(services: Services, project: str, spec: HeadSpec, *, job_id: str) -> dict:
+def retrain_control(services: Services, project: str, spec: HeadSpec, *, job_id: str,
+                    snapshot: int | None = None) -> dict:
     """Fit a candidate for one control, judge it against the served head, and save it once."""
     examples, unknown = services.labels.examples(project, spec)
     minimum = services.settings.min_labels_per_class
@@ -109,7 +116,7 @@ def retrain_control(services: Services, project: str, spec: HeadSpec, *, job_id:
         # would cost a re-prediction of every unlabeled task
         return {"status": "unchanged", "version": served_number, "labels": len(examples),
                 "reason": "the served version was trained on exactly these labels"}
-    extra = {"job_id": job_id, "unknown_labels": unknown, "media_errors": media_errors}
+    extra = {"job_id": job_id, "unknown_labels": unknown, "media_errors": media_errors, "label_snapshot": snapshot}
     if can_promote_first(current, encoder, len(labels)):
         return promote_then_validate(services, project, spec, current, features=features, labels=labels,
                                      task_ids=task_ids, encoder=encoder, extra_meta=extra)
@@ -155,9 +162,11 @@ def promote_then_validate(services: Services, project: str, spec: HeadSpec, curr
     number = services.store.save(project, spec.control, provisional.head,
                                  {**provisional.meta, "promotion": pending, "status": "promoted"},
                                  promote=True, reason=pending["reason"], replaces=current.number)
-    if services.store.meta(project, spec.control, number)["status"] != "promoted":  # a newer head won meanwhile
+    saved = services.store.meta(project, spec.control, number)
+    if saved["status"] != "promoted":  # a newer head won meanwhile
         services.metrics.add("headstart_trainings_total", outcome="superseded")
-        return {"status": "superseded", "version": number, "labels": len(labels)}
+        log.info("project %s %s-v%d: %s", project, spec.control, number, saved.get("status_reason"))
+        return {"status": "superseded", "version": number, "reason": saved.get("status_reason"), "labels": len(labels)}
     log.info("project %s %s-v%d: promoted before validation", project, spec.control, number)
     return settle_provisional(services, project, spec, current, provisional, number, features=features,
                               labels=labels, task_ids=task_ids)

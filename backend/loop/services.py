@@ -17,6 +17,7 @@ from backend.common.queues import TrainingScheduler
 from backend.common.settings import Settings
 from backend.core.encoders import EncoderPool, InputLimits
 from backend.core.memory_budget import MemoryBudget
+from backend.core.retention import Retention
 from backend.core.store import ModelStore
 from backend.core.zero_shot import ZeroShotClassifiers
 from backend.labelstudio.client import MediaToken, make_client
@@ -55,7 +56,8 @@ class Services:
 def build_services(settings: Settings, redis: Redis, *, device: str = "cpu",
                    encoders: EncoderPool | None = None) -> Services:
     """Everything a backend or worker process needs. Loads no model yet (encoders load on first use)."""
-    store = ModelStore(redis)
+    store = ModelStore(redis, Retention(detail_keep=settings.version_detail_keep,
+                                        rejected_keep=settings.rejected_versions_keep))
     metrics = Metrics(redis)
     encoders = encoders or EncoderPool(default_name=settings.backbone,
                                        weights_file=settings.backbone_weights_file, device=device,

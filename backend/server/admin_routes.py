@@ -190,7 +190,18 @@ def api_projects():
 
 @admin.get("/api/projects/<project>/models")
 def api_models(project: str):
-    return jsonify(views.models(services(), project))
+    """`?limit=` versions per control (default views.VERSIONS_SHOWN) numbered below `?before=` (a control's `older`)."""
+    return jsonify(views.models(services(), project, limit=_count_arg("limit", views.VERSIONS_SHOWN),
+                                before=_count_arg("before", None)))
+
+
+def _count_arg(name: str, default: int | None) -> int | None:
+    raw = request.args.get(name) or ""
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit() and 0 < int(raw) and len(raw) <= 12):
+        raise BadRequest(f"'{name}' must be a positive integer, got {raw[:20]!r}.")
+    return int(raw)
 
 
 def _body() -> dict:

@@ -21,6 +21,8 @@ contract = Blueprint("contract", __name__)
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "headstart"
+VERSIONS_PAGE = 100  # /versions names per page by default
+VERSIONS_MAX_PAGE = 1000
 
 
 def json_body() -> dict:
@@ -138,15 +140,36 @@ def _first_project(tasks: list[dict]):
 
 @contract.get("/versions")
 def versions():
+    """Promoted versions' names, newest first, a page at a time: `?limit=` (default `VERSIONS_PAGE`, at most
+    `VERSIONS_MAX_PAGE`) and `?before=N` (the `next` of the previous page; None on the last). Label Studio reads
+    only `versions`. A page never splits the versions of one number across controls, so it can hold a few more."""
     hub = services()
     requested = request.args.get("project")
+    limit = _count_arg("limit", VERSIONS_PAGE, maximum=VERSIONS_MAX_PAGE)
+    before = _count_arg("before", None)
     projects = [project_id(requested)] if requested else hub.projects.all()
-    names = []
+    entries, more = [], False
     for project in projects:
         for control in hub.store.controls(project):
-            names += [f"{control}-v{meta['version']}" for meta in hub.store.versions(project, control)
-                      if meta.get("status") == "promoted"]
-    return jsonify(versions=names)
+            page, cursor = hub.store.versions_page(project, control, limit=limit, before=before, statuses=("promoted",))
+            entries += [(meta["version"], f"{control}-v{meta['version']}") for meta in page]
+            more = more or cursor is not None
+    entries.sort(key=lambda entry: -entry[0])
+    if len(entries) > limit:
+        boundary = entries[limit - 1][0]
+        more = more or any(number < boundary for number, _ in entries)
+        entries = [entry for entry in entries if entry[0] >= boundary]
+    cursor = entries[-1][0] if more and entries else None
+    return jsonify(versions=[name for _, name in entries], next=cursor)
+
+
+def _count_arg(name: str, default: int | None, *, maximum: int | None = None) -> int | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1 or len(raw) > 12:
+        raise BadRequest(f"'{name}' must be a positive integer, got {raw[:20]!r}.")
+    return min(int(raw), maximum) if maximum is not None else int(raw)
 
 
 @contract.get("/metrics")

@@ -7,6 +7,9 @@ which tasks and annotations to confirm, and the training confirms them against L
 itself written as the label. Whenever the mirror may have missed something it is marked stale, and
 the next training reads every annotated task again.
 
+`TASKS_DELETED` and `PROJECT_DELETED` are hints too: a background job asks Label Studio before anything is dropped
+(`worker.jobs.forget_deleted_tasks`, `forget_deleted_project`); without the API nothing is dropped.
+
 What a forged webhook can cost, at most: for a project never set up (no /setup from Label Studio), nothing
 (it is refused, counted, and no job is queued); for a known one, hints under `MAX_HINTS` and a training
 that confirms them. A labeling config in the body is never stored: a different one is a hint, and the
@@ -22,8 +25,9 @@ from flask import Blueprint, Flask, current_app, jsonify
 from redis.exceptions import RedisError
 
 from backend.common.errors import BadRequest
-from backend.common.queues import enqueue_index
+from backend.common.queues import enqueue_forget_project, enqueue_forget_tasks, enqueue_index
 from backend.labelstudio.label_mirror import Expected, LabelStore, annotation_record
+from backend.loop import project_data
 from backend.loop.predictor import project_id
 from backend.server.contract import json_body
 from backend.server.current import services
@@ -49,7 +53,7 @@ def receive():
     # only known names become metric labels: arbitrary ones would grow the metrics hash without bound
     hub.metrics.add("headstart_webhook_events_total",
                     action=action if action in TRAINING_EVENTS + OTHER_EVENTS else "other")
-    if action not in TRAINING_EVENTS + TASK_EVENTS:
+    if action not in TRAINING_EVENTS + TASK_EVENTS + ("PROJECT_DELETED",):
         return jsonify(status="ignored", action=action)
     project = _project_of(body)
     try:
@@ -59,8 +63,12 @@ def receive():
             return jsonify(status="ignored: unknown project", action=action, project=project, message=(
                 f"Project {project} was never set up: connect the backend in Label Studio (Settings → Model), "
                 "which calls /setup, before its webhooks count."))
-        outcome = _record_tasks(hub, body, action, project) if action in TASK_EVENTS else \
-            _record(hub, body, action, project)
+        if action == "PROJECT_DELETED":
+            outcome = _record_project_deleted(hub, project)
+        elif action in TASK_EVENTS:
+            outcome = _record_tasks(hub, body, action, project)
+        else:
+            outcome = _record(hub, body, action, project)
     except RedisError as exc:
         missed_events(current_app).note(project)
         log.error("project %s: %s not recorded, Redis is unreachable: %s", project, action, exc)
@@ -115,16 +123,36 @@ def _record(hub, body: dict, action: str, project: str) -> str:
 
 def _record_tasks(hub, body: dict, action: str, project: str) -> str:
     """Tasks created: read back by id from Label Studio, indexed and embedded in the background (never taken
-    from the body). Tasks deleted: dropped from the task index, and their labels confirmed at the next training."""
+    from the body). Tasks deleted: their labels confirmed at the next training, and a background job drops from the
+    task index those Label Studio no longer lists (never on the body's word: without the API, the index stays)."""
     ids = _task_ids(body)
     if action == "TASKS_DELETED":
-        hub.tasks.remove(project, ids)
         hub.labels.add_hints(project, tasks=ids)
+        indexed = sorted(hub.tasks.data(project, ids)) if hub.can_reach_label_studio else []
+        if indexed:  # ids the index does not hold cost nothing more
+            enqueue_forget_tasks(hub.redis, hub.settings, project, indexed)
+            return "queued"
         return "recorded"
     if not hub.can_reach_label_studio or not ids:
         return "ignored: needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
     enqueue_index(hub.redis, hub.settings, project, ids)
     return "queued"
+
+
+def _record_project_deleted(hub, project: str) -> str:
+    """A hint: with the API, a background job drops the project's data once Label Studio answers 404 for it;
+    without, nothing is dropped on a webhook's word (`headstart forget PROJECT` does it by hand)."""
+    if hub.can_reach_label_studio:
+        if project_data.check_pending(hub.redis, project, within_s=hub.settings.job_timeout_s):
+            return "coalesced"  # repeated deliveries share one check
+        project_data.record_hint(hub.redis, project, state="queued", message="confirming with Label Studio")
+        enqueue_forget_project(hub.redis, hub.settings, project)
+        return "queued"
+    message = (f"nothing dropped: without LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY headstart cannot confirm it; "
+               f"if project {project} is really gone, `headstart forget {project}` drops its data")
+    project_data.record_hint(hub.redis, project, state="unconfirmed", message=message)
+    log.warning("project %s: PROJECT_DELETED received; %s", project, message)
+    return "recorded: " + message
 
 
 def _expected(records: list[tuple[dict, dict]]) -> list[Expected]:

@@ -94,10 +94,10 @@ class LabelingSession:
                          timeout_s: float = TRAINING_TIMEOUT_S) -> dict:
         """The first version numbered above `after` whose training finished (promoted or rejected)
         and, when given, was trained on exactly `trained_on`."""
-        def finished():
+        def finished():  # a version older than the newest few may have lost its trained_on (VERSION_DETAIL_KEEP)
             for meta in self.versions():
                 if meta["version"] > after and meta.get("status") in ("promoted", "rejected") and (
-                        trained_on is None or meta["trained_on"] == trained_on):
+                        trained_on is None or meta.get("trained_on") == trained_on):
                     return meta
             return None
         return wait_until(finished, timeout_s=timeout_s, interval_s=0.5, processes=self.pair.processes,
@@ -118,7 +118,7 @@ class LabelingSession:
             if not self.training_idle():
                 return None
             finished = [meta for meta in self.versions() if meta.get("status") in ("promoted", "rejected")]
-            if not finished or finished[-1]["trained_on"] != trained_on:
+            if not finished or finished[-1].get("trained_on") != trained_on:
                 return None
             return self.store.meta(str(self.project), self.control,
                                    self.store.current_number(str(self.project), self.control))
