@@ -267,9 +267,10 @@ def _threshold(label: str, confidence: torch.Tensor, right: torch.Tensor, target
     low, high = wilson_interval(correct, support)
     correct_for = dict(flipped_out=flipped_out, flipped_in=flipped_in)
     lowest = math.floor(float(confidence[last]) * 1e6) / 1e6  # rounded down: the last accepted row stays above
-    return Threshold(label, lowest, round(float(precision[last]), 4),
-                     round(corrected_precision(low, **correct_for), 4),
-                     round(corrected_precision(high, **correct_for), 4), support,
+    estimate = float(precision[last])  # the isotonic fit's mean, at or above the raw agreement's correction
+    return Threshold(label, lowest, round(estimate, 4),
+                     round(min(corrected_precision(low, **correct_for), estimate), 4),
+                     round(max(corrected_precision(high, **correct_for), estimate), 4), support,
                      observed=round(correct / support, 4), label_noise=round(flipped_out, 4))
 
 
