@@ -1,7 +1,7 @@
 """`trust`: does the label audit find flipped labels, and does auto-accept reach its target precision?
 
-For each shared set, at k = 10, 20 and all labels per class drawn from `train`, a fraction (5, 10, 20 %) of the
-drawn labels is flipped to another class at random (3 seeds; 0 % too: clean labels). Then, with the product's own functions on the
+For each shared set, at k = 10, 20 and all labels per class drawn from `train`, a fraction (0, 5, 10, 20 %) of
+the drawn labels is flipped to another class at random (3 seeds). Then, with the product's own functions on the
 product's features (MobileNetV2, as `accuracy` embeds them):
 - the audit: `backend.core.audit.out_of_fold_probabilities` + `judge_labels`, what the audit job
   (`backend.loop.audit`) runs after each training. Reported: precision of its ranking at N = the number of
