@@ -145,8 +145,39 @@ def _loop_rows(r: dict) -> list[str]:
     return rows or ["| loop | not measured yet | | | | | |"]
 
 
+def _accepted(h: dict) -> str:
+    """"126 of 153 val tasks": how many tasks one seed's realized precision rests on."""
+    accepted, coverage = h.get("autoaccept_accepted"), h.get("autoaccept_coverage")
+    if not accepted or not coverage:
+        return "val tasks accepted: n/a"
+    return f"{accepted:.0f} of {accepted / coverage:.0f} val tasks"
+
+
+def _trust_rows(r: dict) -> list[str]:
+    """The headline cell of each set (all labels, 10 % of them flipped)."""
+    rows = []
+    for name in ("hymenoptera", "flowers12"):
+        h = r.get(name) or {}
+        if h.get("topn_precision") is None:
+            rows.append(f"| trust | {name}: not measured yet | | | | | |")
+            continue
+        rows += [
+            f"| trust | {name}, all labels, 10 % flipped: flipped labels in the top N (N = flipped) "
+            f"| precision {h['topn_precision']:g} | logistic baseline: {h['baseline_topn_precision']:g} | "
+            f"| ≥ baseline | {_status(r, f'{name}_topn_vs_baseline')} |",
+            f"| trust | {name}: the suspect cut against the flipped set | precision {h['cut_precision']:g}, "
+            f"recall {h['cut_recall']:g} | | | precision ≥ 0.9, recall ≥ 0.8 "
+            f"| {_status(r, f'{name}_cut_precision')}, {_status(r, f'{name}_cut_recall')} |",
+            f"| trust | {name}: auto-accept at {r['target']:.0%}, precision realized on val (coverage) "
+            f"| {h['autoaccept_precision']:.3f} ({h['autoaccept_coverage']:.0%}, {_accepted(h)}) "
+            f"| | gap {h['autoaccept_precision_gap']:g} points per seed; {h.get('autoaccept_pooled_gap', 'n/a')} "
+            f"pooled over seeds | ≤ 1 point | {_status(r, f'{name}_autoaccept_precision_gap')} |",
+        ]
+    return rows
+
+
 ROWS = {"retrain": _retrain_rows, "predict": _predict_rows, "accuracy": _accuracy_rows,
-        "webhook": _webhook_rows, "loop": _loop_rows, "gpu": _gpu_rows, "text": _text_rows}
+        "webhook": _webhook_rows, "loop": _loop_rows, "gpu": _gpu_rows, "text": _text_rows, "trust": _trust_rows}
 
 
 def _runs(record: dict) -> list[dict]:

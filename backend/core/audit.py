@@ -2,16 +2,18 @@
 
 Everything here works on out-of-fold, temperature-calibrated probabilities of the labeled examples
 (each example scored by a head that never saw it), computed with the same head fitting as training:
-- **suspects**, confident-learning style: per class, the threshold t_j is the mean probability of
-  class j over the examples labeled j; an example labeled i whose probability of another class j
-  reaches `CONFIDENT_SLACK` · t_j (and beats its own class) lands off the diagonal of the confident
-  joint and is flagged (the cut). Every example is ranked by the probability of its given label
-  (lowest first).
+- **suspects**, confident learning (Northcutt et al., JAIR 2021): per class, the threshold t_j is the mean
+  probability of class j over the examples labeled j. An example labeled i is flagged (the cut) when its given
+  label is not confident (p_i < t_i) and another class j beats it and reaches t_j (the example lands off the
+  diagonal of the confident joint) or t_i (it is as surely j as a typical label i is i). Every example is
+  ranked by the probability of its given label (lowest first).
 - **conflicts**: near-duplicate inputs (cosine of the features at least `duplicate_cosine`) whose
   labels differ.
-- **auto-accept**: per class, the lowest confidence at which the predictions of that class reach
-  a target precision out of fold, with a Wilson interval; and how many unlabeled rows a head
-  would label above it.
+- **auto-accept**: per class, the lowest confidence at which the predictions of that class reach a target
+  precision out of fold. Precision against the given labels understates it when labels are noisy (a wrong
+  label on an easy example counts as a model error), so it is corrected with the flip rates the calibrated
+  confident joint estimates (`label_noise.py`), on an isotonic (non-increasing) fit of agreement against
+  confidence; a Wilson interval comes with it. And how many unlabeled rows a head would label above it.
 
 Torch only: no Redis, RQ, Flask or Label Studio here. Nothing is relabeled: this only reports.
 """
@@ -26,14 +28,15 @@ from typing import Sequence
 import torch
 
 from backend.core.head_fitting import HeadRecipe, cross_validate, encode_targets, fit_temperature
+from backend.core.label_noise import estimate_noise, self_confidence_thresholds
 
 MIN_LABELS_TO_JUDGE = 5  # per class (and per class absent, for multiple choice): one per fold of a 5-fold split
 OOF_REPEATS = 1  # fold shuffles averaged (2 did not rank flipped labels better on hymenoptera / flowers12)
-# t_j loosened by 10 %: on hymenoptera and flowers12 with 10 % flipped labels the plain confident joint (1.0) flagged
-# at precision 0.98-1.0 but recall 0.71-0.78; 0.9 at precision 0.91-1.0, recall 0.76-0.88 (bench/README.md)
-CONFIDENT_SLACK = 0.9
 DUPLICATE_COSINE = 0.97  # re-encoded / resized copies of one image score above this with ImageNet backbones
 WILSON_Z = 1.96  # 95 % interval
+# below this P(given j | true j) - P(given j | true not j), the labels are too noisy for the correction to be trusted:
+# precision is then taken against the given labels as they are (which understates it)
+MIN_LABEL_AGREEMENT = 0.5
 ALL_CLASSES = "*"  # the auto-accept key of a multiple-choice control: every class decision right
 
 
@@ -65,10 +68,12 @@ class Threshold:
 
     label: str
     threshold: float | None  # None: never reached
-    precision: float | None  # out-of-fold precision above the threshold, against the given labels
-    low: float | None  # its 95 % Wilson interval
+    precision: float | None  # estimated precision above the threshold against the true labels (see `_threshold`)
+    low: float | None  # its 95 % Wilson interval (of the observed agreement, corrected the same way)
     high: float | None
     support: int  # out-of-fold predictions above the threshold
+    observed: float | None = None  # their precision against the given labels, uncorrected
+    label_noise: float = 0.0  # estimated P(given label ≠ class | class): what `precision` is corrected for
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -130,14 +135,13 @@ def judge_labels(
 
 def _judge_single(probabilities, targets, classes, judged: list[int]) -> list[Suspect]:
     n, k = probabilities.shape
-    thresholds = torch.full((k,), float("inf"))
-    for j in judged:
-        thresholds[j] = probabilities[targets == j, j].mean()
+    thresholds = self_confidence_thresholds(probabilities, targets, judged)
     given = probabilities[torch.arange(n), targets]
     others = probabilities.clone()
     others[torch.arange(n), targets] = -1.0
-    # off the diagonal of the confident joint
-    confident = (others >= CONFIDENT_SLACK * thresholds) & (others > given[:, None])
+    # another class reaches its own threshold (off the diagonal of the confident joint) or the given class's
+    reach = torch.minimum(thresholds[None, :], thresholds[targets][:, None])
+    confident = (others >= reach) & (others > given[:, None]) & (given < thresholds[targets])[:, None]
     confident_other = torch.where(confident, others, torch.full_like(others, -1.0))
     best_other = others.argmax(dim=1)
     rows = [i for i in range(n) if int(targets[i]) in judged]
@@ -160,9 +164,11 @@ def _judge_multiple(probabilities, targets, classes, judged: list[int]) -> list[
     decision = torch.where(given_mask, present, 1 - present)  # probability of each given decision
     t_present = torch.stack([present[given_mask[:, c], c].mean() for c in range(len(judged))])
     t_absent = torch.stack([(1 - present[~given_mask[:, c], c]).mean() for c in range(len(judged))])
-    # a decision is off the confident joint when the other decision reaches its class threshold
-    off = torch.where(given_mask, (1 - present) >= CONFIDENT_SLACK * t_absent,
-                      present >= CONFIDENT_SLACK * t_present) & (decision < 0.5)
+    # as for single choice, per class decision: the other decision reaches its own threshold or the given one's,
+    # and beats the given decision, which is below its own threshold
+    t_given = torch.where(given_mask, t_present, t_absent)
+    t_other = torch.where(given_mask, t_absent, t_present)
+    off = ((1 - decision) >= torch.minimum(t_given, t_other)) & (decision < 0.5) & (decision < t_given)
     weakest = decision.min(dim=1)
     flagged = set(off.any(dim=1).nonzero().flatten().tolist())
     ranking = []
@@ -210,7 +216,8 @@ def auto_accept_thresholds(
     multi_label: bool, target: float, multi_label_threshold: float = 0.5,
 ) -> dict[str, Threshold]:
     """Per class (multiple choice: one entry, `ALL_CLASSES`), the lowest confidence at which the
-    out-of-fold predictions reach `target` precision against the given labels."""
+    out-of-fold predictions reach `target` precision against the true labels, estimated from the given
+    ones corrected for the label noise the confident joint finds in them (single choice)."""
     classes = list(classes)
     targets = encode_targets(labels, classes, multi_label=multi_label)
     if multi_label:
@@ -218,16 +225,36 @@ def auto_accept_thresholds(
         right = (decisions == targets.bool()).all(dim=1)
         certainty = torch.maximum(probabilities, 1 - probabilities).min(dim=1).values
         return {ALL_CLASSES: _threshold(ALL_CLASSES, certainty, right, target)}
+    counts = torch.bincount(targets, minlength=len(classes))
+    noise = estimate_noise(probabilities, targets, [j for j in range(len(classes)) if counts[j] >= MIN_LABELS_TO_JUDGE])
     confidence, predicted = probabilities.max(dim=1)
-    return {name: _threshold(name, confidence[predicted == j], (targets == j)[predicted == j], target)
+    return {name: _threshold(name, confidence[predicted == j], (targets == j)[predicted == j], target,
+                             flipped_out=float(noise.flipped_out[j]), flipped_in=float(noise.flipped_in[j]))
             for j, name in enumerate(classes)}
 
 
-def _threshold(label: str, confidence: torch.Tensor, right: torch.Tensor, target: float) -> Threshold:
+def corrected_precision(observed: float, *, flipped_out: float, flipped_in: float) -> float:
+    """The precision against the true labels of predictions whose agreement with the given labels is `observed`,
+    when a label of the predicted class is wrong with probability `flipped_out` on its own examples and given
+    with probability `flipped_in` to examples of other classes (label noise independent of the input within a
+    class, confident learning's assumption): observed = p (1 - out) + (1 - p) in, solved for p. No correction
+    (observed) when the estimate leaves the labels less than `MIN_LABEL_AGREEMENT` informative."""
+    agreement = 1.0 - flipped_out - flipped_in
+    if agreement < MIN_LABEL_AGREEMENT:
+        return observed
+    return min(1.0, max(0.0, (observed - flipped_in) / agreement))
+
+
+def _threshold(label: str, confidence: torch.Tensor, right: torch.Tensor, target: float, *,
+               flipped_out: float = 0.0, flipped_in: float = 0.0) -> Threshold:
+    """The lowest confidence whose accepted rows reach `target`: agreement with the given labels as a monotone
+    (isotonic) function of confidence, corrected for label noise, averaged over the rows above each cut."""
     order = confidence.argsort(descending=True)
-    confidence, right = confidence[order], right[order]
-    cumulative = right.float().cumsum(0)
-    precision = cumulative / torch.arange(1, len(right) + 1)
+    confidence, right = confidence[order], right[order].float()
+    rows = torch.arange(1, len(right) + 1)
+    local = torch.tensor([corrected_precision(a, flipped_out=flipped_out, flipped_in=flipped_in)
+                          for a in decreasing_fit(right).tolist()])
+    precision = local.cumsum(0) / rows  # non-increasing: one crossing of the target
     reaching = (precision >= target).nonzero().flatten()
     if len(reaching) == 0:
         return Threshold(label, None, None, None, None, 0)
@@ -236,11 +263,27 @@ def _threshold(label: str, confidence: torch.Tensor, right: torch.Tensor, target
         last -= 1  # a tie below the cut would be accepted too: stop above it
         if last < 0:
             return Threshold(label, None, None, None, None, 0)
-    support, correct = last + 1, int(cumulative[last])
+    support, correct = last + 1, int(right[:last + 1].sum())
     low, high = wilson_interval(correct, support)
+    correct_for = dict(flipped_out=flipped_out, flipped_in=flipped_in)
     lowest = math.floor(float(confidence[last]) * 1e6) / 1e6  # rounded down: the last accepted row stays above
-    return Threshold(label, lowest, round(correct / support, 4),
-                     round(low, 4), round(high, 4), support)
+    estimate = float(precision[last])  # the isotonic fit's mean, at or above the raw agreement's correction
+    return Threshold(label, lowest, round(estimate, 4),
+                     round(min(corrected_precision(low, **correct_for), estimate), 4),
+                     round(max(corrected_precision(high, **correct_for), estimate), 4), support,
+                     observed=round(correct / support, 4), label_noise=round(flipped_out, 4))
+
+
+def decreasing_fit(values: torch.Tensor) -> torch.Tensor:
+    """The non-increasing sequence closest to `values` in squared error (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for value in values.tolist():
+        blocks.append([value, 1])
+        while len(blocks) > 1 and blocks[-2][0] * blocks[-1][1] < blocks[-1][0] * blocks[-2][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return torch.tensor([total / count for total, count in blocks for _ in range(count)])
 
 
 def accepted(probabilities: torch.Tensor, classes: Sequence[str], thresholds: dict[str, Threshold], *,
