@@ -12,14 +12,15 @@ from urllib.parse import parse_qs, urlparse
 
 from redis import Redis
 from rq import Queue
-from rq.registry import ScheduledJobRegistry, StartedJobRegistry
+from rq.registry import FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
 
 from backend.core.store import ModelStore
 from tests.e2e.backend_pair import HeadstartPair
 from tests.e2e.dataset import Image
 from tests.e2e.ls_api import LabelStudioApi
 from tests.e2e.processes import wait_until
-from backend.common.queues import TRAIN_QUEUE
+from backend.common.queues import TRAIN_JOB, TRAIN_QUEUE
 
 CONTROL = "label"
 OBJECT = "image"
@@ -103,6 +104,21 @@ class LabelingSession:
         return wait_until(finished, timeout_s=timeout_s, interval_s=0.5, processes=self.pair.processes,
                           what=f"a finished training of project {self.project} after version {after}"
                                + (f" on {len(trained_on)} labels" if trained_on is not None else ""))
+
+    def trainings_since(self, moment: float) -> list[dict]:
+        """The summaries of this project's trainings that started after `moment` (epoch seconds) and ran (not
+        deferred behind another), oldest first, each with its `started_at`."""
+        train = Queue(TRAIN_QUEUE, connection=self.store.redis, serializer=JSONSerializer)
+        jobs = [train.fetch_job(job_id) for job_id in FinishedJobRegistry(queue=train).get_job_ids()]
+        ran = [job for job in jobs if job is not None and job.func_name == TRAIN_JOB and job.args == [str(self.project)]
+               and job.started_at and job.started_at.timestamp() > moment and (job.return_value() or {}).get("controls")]
+        return [{**job.return_value(), "started_at": job.started_at.timestamp()}
+                for job in sorted(ran, key=lambda job: job.started_at)]
+
+    def wait_for_training(self, *, since: float, timeout_s: float = TRAINING_TIMEOUT_S) -> dict:
+        """The first training of this project that started after `since` and ran, once it finished."""
+        return wait_until(lambda: (self.trainings_since(since) or [None])[0], timeout_s=timeout_s, interval_s=0.5,
+                          processes=self.pair.processes, what=f"a training of project {self.project}")
 
     def training_idle(self) -> bool:
         """No training queued, running or waiting for a retry (read from RQ's own registries)."""

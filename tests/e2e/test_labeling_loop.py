@@ -105,6 +105,10 @@ def test_more_labels_change_the_version_and_accuracy_does_not_drop(session, hist
 
 
 def test_start_training_returns_at_once_and_a_training_runs(session):
+    """Start Training with nothing new: a training runs (after Label Studio has answered) and, its labels being
+    exactly the served version's, saves no version."""
+    wait_until(session.training_idle, timeout_s=120, interval_s=0.5, processes=session.pair.processes,
+               what="idle training before Start Training")
     last = session.last_version_number()
     requested_at = time.time()
     started = time.perf_counter()
@@ -112,12 +116,17 @@ def test_start_training_returns_at_once_and_a_training_runs(session):
     elapsed = time.perf_counter() - started
     returned_at = time.time()
 
-    version = session.wait_for_version(after=last, trained_on=session.expected_training_set())
-    print(f"\nflow 3: POST /api/ml/{{id}}/train answered in {elapsed:.3f} s; version {version['version']} "
-          f"({version['status']}) created {version['created_at'] - requested_at:.2f} s after the request")
+    training = session.wait_for_training(since=requested_at)
+    print(f"\nflow 3: POST /api/ml/{{id}}/train answered in {elapsed:.3f} s; a training started "
+          f"{training['started_at'] - requested_at:.2f} s after the request: {training['controls']}")
     assert elapsed < FAST_REQUEST_S
-    # Had Label Studio waited for the training, the version would predate its answer.
-    assert version["created_at"] > returned_at
+    # Had Label Studio waited for the training, the training would have started before its answer.
+    assert training["started_at"] > returned_at - 0.5  # (RQ's timestamps and this clock agree to well under that)
+    assert training["controls"][session.control]["status"] == "unchanged"
+    assert session.last_version_number() == last
+    served = session.store.meta(str(session.project), session.control,
+                                session.store.current_number(str(session.project), session.control))
+    assert served["trained_on"] == session.expected_training_set()
 
 
 def test_changed_and_deleted_annotations_reach_the_next_version(session):
