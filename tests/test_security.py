@@ -322,7 +322,9 @@ def test_heads_are_safetensors_and_json_and_jobs_are_json(settings, redis, encod
              for path, _ in dataset_images(HYMENOPTERA, "val")[:2]]
     assert all(isinstance(v, torch.Tensor) for v in services.features.features("4", items, encoders.get()))
     blob = redis.hgetall(redis_keys.head_version("4", "label", number))
-    assert set(blob) == {b"tensors", b"meta"}
+    # tensors as safetensors; the metadata as JSON, and a few of its fields repeated as plain text for cheap reads
+    assert set(blob) == {b"tensors", b"meta", b"status", b"promoted_at", b"label_snapshot"}
+    assert all(blob[field].decode("ascii").isprintable() for field in set(blob) - {b"tensors", b"meta"})
     meta = json.loads(blob[b"meta"])
     tensors = load_tensors(blob[b"tensors"])
     assert set(tensors) == {"weight", "bias"} and tensors["weight"].shape == (2, meta["feature_dim"])
