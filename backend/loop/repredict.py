@@ -2,8 +2,8 @@
 
 After a promotion, the unlabeled tasks of the task index get the new version's prediction in one
 vectorized pass over their cached features (a matrix product per control) and bulk writes to Label
-Studio. Tasks whose inputs were never embedded are left to the embedding chunks, which predict
-their own tasks as they finish. A task gets at most one prediction per version: the ledger remembers
+Studio. Tasks whose inputs were never embedded are left to the embedding chunks, which write the
+predictions of what they embedded every few seconds and when the project's pass ends. A task gets at most one prediction per version: the ledger remembers
 what was written (by this pass, by a chunk, or by Label Studio saving a `/predict` answer). The
 pass yields to a waiting training between write batches, and a newer promotion supersedes it.
 """
