@@ -23,7 +23,7 @@ from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
 from backend.labelstudio.task_index import read_tasks
 from backend.labelstudio.projects import project_exists
 from backend.loop import project_data
-from backend.loop.active_queue import ensure_sampling, refresh_queue
+from backend.loop.active_queue import ensure_sampling, ranking_enabled, refresh_queue
 from backend.loop.audit import audit_project
 from backend.loop.features import MediaItem
 from backend.loop.repredict import repredict, served_version
@@ -63,7 +63,7 @@ def train_project(services: Services, project: str) -> dict:
         enqueue_repredict(services.redis, services.settings, project, summary["model_version"])
     if any(outcome["status"] not in ("skipped", "unchanged") for outcome in summary["controls"].values()):
         enqueue_audit(services.redis, services.settings, project)  # suspects and coverage of the labels just read
-    if services.settings.active_learning and services.can_reach_label_studio:
+    if ranking_enabled(services):
         enqueue_queue_refresh(services.redis, services.settings, project)  # with the head just served
     return summary
 

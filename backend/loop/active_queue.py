@@ -71,9 +71,14 @@ def ensure_sampling(services: Services, project: str) -> str:
     return current
 
 
+def ranking_enabled(services: Services) -> bool:
+    """Whether headstart orders Label Studio's labeling queue: ACTIVE_LEARNING on and Label Studio's API configured."""
+    return services.settings.active_learning and services.can_reach_label_studio
+
+
 def refresh_queue(services: Services, project: str) -> dict:
     """Rank the unlabeled tasks and make the first `ACTIVE_FRONT` of them the current ones in Label Studio."""
-    if not services.settings.active_learning or not services.can_reach_label_studio:
+    if not ranking_enabled(services):
         return {"project": project, "status": "skipped: ACTIVE_LEARNING is off or Label Studio is not configured"}
     config = services.projects.label_config(project)
     if config is None:

@@ -136,7 +136,7 @@ def repredict(services: Services, project: str, model_version: str, task_ids: li
 def _write(services: Services, project: str, model_version: str, payload: list[dict], not_embedded: int,
            ledger: PredictionLedger, unwritten: set[int], should_yield: Callable[[], bool]) -> dict:
     """Import the claimed tasks' predictions in batches; what is written leaves `unwritten`."""
-    written, client = 0, None
+    written, client, project_tasks = 0, None, services.tasks.count(project)
     for start in range(0, len(payload), WRITE_BATCH):
         if start and (should_yield() or served_version(services, project) != model_version):
             remaining = [item["task"] for item in payload[start:]]
@@ -144,7 +144,7 @@ def _write(services: Services, project: str, model_version: str, payload: list[d
                     "not_embedded": not_embedded, "remaining": remaining}
         batch = payload[start:start + WRITE_BATCH]
         client = client or services.label_studio()
-        write_predictions(client, int(project), batch, project_tasks=services.tasks.count(project))
+        write_predictions(client, int(project), batch, project_tasks=project_tasks)
         unwritten.difference_update(item["task"] for item in batch)
         ledger.written(project, model_version, [item["task"] for item in batch])
         written += len(batch)
