@@ -138,33 +138,45 @@ def running_training(redis, project: int, *, deadline_s: float = 120) -> Job:
     raise AssertionError("the training never started")
 
 
-def training_requested(redis, project: int, *, deadline_s: float = 120) -> Job:
-    """The training that reads the labels just submitted, once a worker has taken it: the job the request
-    queued, or (when the request was coalesced into a running training) that running one.
+def training_requested(redis, project: int, *, since: float, deadline_s: float = 120) -> Job:
+    """The training that reads the labels submitted at `since` (time.time()), once a worker has taken it: the
+    job the request queued, or (when the request was coalesced into a running training) that running one.
 
-    It may have finished by the time this looks: an incremental training takes a fraction of a second,
-    and on a loaded machine this process can be off the CPU for longer, so waiting for the lock to be held
-    (as `running_training` does) could miss the whole job and wait forever.
+    It may be over by the time this looks: an incremental training takes a fraction of a second, and on a
+    loaded machine this process can be off the CPU for longer, so the project's markers may already be gone
+    (then the newest training of the project queued since the submit is the one) or may briefly say
+    "pending" while a finishing training queues the next one.
     """
-    def requested() -> bytes | None:
+    def marked() -> bytes | None:
         return redis.get(f"headstart:train:{project}:queued") or redis.get(f"headstart:train:{project}:running")
 
-    marker = requested()
-    assert marker is not None and marker != b"pending", f"no training was requested or running: {marker!r}"
-    job = Job.fetch(marker.decode(), connection=redis, serializer=JSONSerializer)
     deadline = time.monotonic() + deadline_s
+    job = None
     while time.monotonic() < deadline:
-        if job.get_status() in (JobStatus.STARTED, JobStatus.FINISHED, JobStatus.FAILED) and job.worker_name:
-            return job
+        marker = marked()
+        if marker not in (None, b"pending") and (job is None or marker.decode() != job.id):
+            job = Job.fetch(marker.decode(), connection=redis, serializer=JSONSerializer)  # or queued again
+        elif job is None and marker is None:
+            job = newest_training_since(redis, project, since)
+        if job is not None:
+            job.refresh()
+            if job.get_status() in (JobStatus.STARTED, JobStatus.FINISHED, JobStatus.FAILED) and job.worker_name:
+                return job
         time.sleep(0.002)
-        marker = requested()
-        if marker not in (None, b"pending") and marker.decode() != job.id:  # lost by a dying worker, queued again
-            job = Job.fetch(marker.decode(), connection=redis, serializer=JSONSerializer)
-        job.refresh()
     workers = {w.name: (w.get_state(), w.get_current_job_id()) for w in Worker.all(connection=redis)}
-    raise AssertionError(f"training {job.id} ({job.description}, {job.get_status()}, enqueued {job.enqueued_at}) was "
-                         f"not taken by a worker within {deadline_s}s; train queue {queue(TRAIN_QUEUE, redis).job_ids}, "
-                         f"workers {workers}")
+    raise AssertionError(f"training {job and job.id} ({job and job.get_status()}) was not taken by a worker within "
+                         f"{deadline_s}s; train queue {queue(TRAIN_QUEUE, redis).job_ids}, workers {workers}")
+
+
+def newest_training_since(redis, project: int, since: float) -> Job | None:
+    """The newest training of `project` queued at or after `since` that a worker has started or finished."""
+    train = queue(TRAIN_QUEUE, redis)
+    ids = {job_id for registry in (StartedJobRegistry, FinishedJobRegistry, FailedJobRegistry)
+           for job_id in registry(queue=train).get_job_ids(cleanup=False)}
+    jobs = [job for job in Job.fetch_many(sorted(ids), connection=redis, serializer=JSONSerializer)
+            if job is not None and job.meta.get("project") == str(project)
+            and job.enqueued_at is not None and job.enqueued_at.timestamp() >= since]
+    return max(jobs, key=lambda job: job.enqueued_at) if jobs else None
 
 
 def training_seconds(redis) -> list[float]:
@@ -243,9 +255,10 @@ def test_workers_killed_mid_training_lose_no_label_and_no_version(own_redis, enc
             before = assert_serving(client, store, project, val[:3], ids, at_least=0)
             window = statistics.median(training_seconds(redis)[1:])  # how long an incremental training takes
             batch, extra = extra[:2], extra[2:]
+            submitted_at = time.time()
             labeled(batch, ids, project=project, client=client)
             submitted |= {ids[path] for path, _ in batch}
-            job = training_requested(redis, project)
+            job = training_requested(redis, project, since=submitted_at)
             time.sleep(rng.uniform(0, window))
             fleet.kill(job.worker_name)
             killed_at = time.monotonic()
