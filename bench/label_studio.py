@@ -19,7 +19,7 @@ from bench.processes import ManagedProcess, http_ok, wait_until
 from bench.resources import free_port
 
 LABEL_STUDIO_VERSION = "1.23.2"
-DEFAULT_VENV = Path(os.environ.get("HEADSTART_LS_VENV", Path.home() / ".cache" / "headstart" / "ls-venv"))
+DEFAULT_VENV = Path(os.environ.get("HEADSTART_LS_VENV") or Path.home() / ".cache" / "headstart" / "ls-venv")
 INSTALL_TIMEOUT_S = 1200
 # a fresh database takes 45-60 s on two shared cores; leave room (more on a crowded host: HEADSTART_LS_START_TIMEOUT_S)
 FRESH_START_TIMEOUT_S = float(os.environ.get("HEADSTART_LS_START_TIMEOUT_S", "240"))

@@ -187,3 +187,30 @@ def test_a_worker_requeues_a_training_lost_by_a_worker_killed_as_it_took_it(redi
     assert requeued != lost and redis.get("headstart:train:3:queued").decode() == requeued
     worker._requeue_lost_trainings()  # once
     assert queue(TRAIN_QUEUE, redis).count == 1
+
+
+def test_listing_every_task_of_a_project_is_queued_once_however_often_it_is_asked(redis, loop_settings):
+    """Each re-prediction that finds the task index unbuilt asks for the whole-project pass; a 5,000-task project
+    was embedded three times over (bench loop) before these requests joined the one already queued or running."""
+    from backend.common.queues import EMBED_QUEUE, INDEX_JOB, enqueue_index
+
+    def index_jobs() -> list[str]:
+        return [job.id for job in queue(EMBED_QUEUE, redis).jobs if job.func_name == INDEX_JOB]
+
+    first = enqueue_index(redis, loop_settings, "3")
+    assert first is not None
+    assert [enqueue_index(redis, loop_settings, "3", join_running=join) for join in (False, True, False)] == [None] * 3
+    assert index_jobs() == [first.id]
+    assert enqueue_index(redis, loop_settings, "4") is not None  # another project's pass is its own
+    assert enqueue_index(redis, loop_settings, "3", [7, 8]) is not None  # tasks just created: always listed
+
+    queue(EMBED_QUEUE, redis).remove(first.id)
+    first.set_status("started")  # a worker took it
+    assert enqueue_index(redis, loop_settings, "3", join_running=True) is None  # a re-prediction waits for it
+    after_config_change = enqueue_index(redis, loop_settings, "3")  # the running pass read the old config
+    assert after_config_change is not None and after_config_change.id != first.id
+
+    queue(EMBED_QUEUE, redis).remove(after_config_change.id)
+    after_config_change.set_status("finished")
+    again = enqueue_index(redis, loop_settings, "3", join_running=True)  # a finished pass is joined by nobody
+    assert again is not None and index_jobs()[-1] == again.id

@@ -87,7 +87,7 @@ def predict_unlabeled(services: Services, project: str, model_version: str, task
     """Write `model_version`'s pre-labels (with scores) for the unlabeled tasks into Label Studio, from cached
     features; yields to a waiting training between write batches by queueing the rest as a new job."""
     if not services.tasks.is_built(project):
-        enqueue_index(services.redis, services.settings, project)  # it predicts what it embeds
+        enqueue_index(services.redis, services.settings, project, join_running=True)  # it predicts what it embeds
         return {"project": project, "status": "queued: the task index is built first"}
     summary = repredict(services, project, model_version, task_ids,
                         should_yield=lambda: training_waiting(services.redis))

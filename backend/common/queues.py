@@ -208,11 +208,38 @@ def enqueue_repredict(redis: Redis, settings: Settings, project: str, model_vers
                                f"pre-label {what} of project {project} with {model_version}", project)
 
 
-def enqueue_index(redis: Redis, settings: Settings, project: str, task_ids: list[int] | None = None) -> Job:
-    """List the project's tasks (all, or those created: `task_ids`) into the task index, then embed them in chunks."""
-    what = "every task" if task_ids is None else f"{len(task_ids)} new task(s)"
-    return _enqueue_background(redis, settings, INDEX_JOB, (project, task_ids),
-                               f"index and embed {what} of project {project}", project)
+def enqueue_index(redis: Redis, settings: Settings, project: str, task_ids: list[int] | None = None, *,
+                  join_running: bool = False) -> Job | None:
+    """List the project's tasks (all, or those created: `task_ids`) into the task index, then embed them in chunks.
+
+    Listing every task is single-flight: None when such a job is already queued (or, with `join_running`, running),
+    since it reads the project as it is when it runs. Without this, each re-prediction that found the index unbuilt
+    queued another whole pass, and a 5,000-task project was embedded three times over while annotators labeled.
+    A request after a labeling config change does not join a running pass, which read the old config.
+    """
+    if task_ids is not None:
+        return _enqueue_background(redis, settings, INDEX_JOB, (project, task_ids),
+                                   f"index and embed {len(task_ids)} new task(s) of project {project}", project)
+    marker = redis_keys.task_index_job(project)
+    if not redis.set(marker, "pending", nx=True, ex=PENDING_MARKER_TTL_S):
+        holder = redis.get(marker)
+        if holder == b"pending" or (holder is not None and _unfinished(holder.decode(), redis, join_running)):
+            return None
+        redis.set(marker, "pending", ex=PENDING_MARKER_TTL_S)
+    job = _enqueue_background(redis, settings, INDEX_JOB, (project, None),
+                              f"index and embed every task of project {project}", project)
+    redis.set(marker, job.id, ex=settings.job_timeout_s * 2)
+    return job
+
+
+def _unfinished(job_id: str, redis: Redis, include_running: bool) -> bool:
+    """Whether job `job_id` is still to run (queued, scheduled for a retry, deferred) or, if asked, running."""
+    job = _fetch(job_id, redis)
+    if job is None:
+        return False
+    waiting = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
+    return job.get_status(refresh=False) in (*waiting, JobStatus.STARTED) if include_running else \
+        job.get_status(refresh=False) in waiting
 
 
 def enqueue_forget_tasks(redis: Redis, settings: Settings, project: str, task_ids: list[int]) -> Job:

@@ -159,6 +159,12 @@ def task_index_built(project_id: str) -> str:
     return f"{PREFIX}:tasks:{project_id}:built"
 
 
+def task_index_job(project_id: str) -> str:
+    """string, with a TTL: the id of the last job queued to list (and embed) every task of P, or "pending" while
+    one is being queued; later requests join it while it is unfinished (backend.common.queues.enqueue_index)."""
+    return f"{PREFIX}:tasks:{project_id}:index-job"
+
+
 # --- predictions written (backend.loop.repredict, backend.server.contract) ----------------------
 
 
