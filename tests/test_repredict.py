@@ -236,3 +236,32 @@ def test_embedding_chunks_write_their_predictions_together_not_one_request_each(
     assert sorted(written) == new_ids and all(
         p["model_version"] == version for p in label_studio.imported_predictions[before:])
     assert len(imports) == 2  # the first chunk (nothing written lately) and the last (the pass is done)
+
+
+def test_an_embedding_chunk_leaves_the_rest_of_its_tasks_to_a_new_chunk_when_a_training_waits(
+        ls_services, redis, label_studio, monkeypatch):
+    """A training never waits behind a whole chunk: between every EMBED_YIELD_TASKS tasks the chunk looks at the
+    training queue, and when a training waits it queues the rest as a new chunk and ends."""
+    _connected(ls_services, redis, label_studio)
+    new_ids = list(range(201, 213))
+    unseen = dataset_images(HYMENOPTERA, "train")[:len(new_ids)]  # never embedded: the fixture's are from val
+    for task_id, (path, cls) in zip(new_ids, unseen):
+        label_studio.files[f"upload/{PROJECT}/{task_id}-{path.name}"] = path.read_bytes()
+        label_studio.tasks.append({**_task(task_id, f"{task_id}-{path.name}"), "class": cls})
+    ls_services.tasks.put_many(str(PROJECT), [task for task in label_studio.tasks if task["id"] in new_ids])
+    monkeypatch.setattr(jobs, "EMBED_YIELD_TASKS", 4)
+    encoder = ls_services.encoders.get()
+    items = [jobs.MediaItem(task["id"], task["data"]["image"]) for task in label_studio.tasks if task["id"] in new_ids]
+
+    ls_services.scheduler.request(str(PROJECT), reason="a submit")  # a training waits in the queue
+    outcome = jobs.embed_chunk(ls_services, str(PROJECT), new_ids)
+    assert (outcome["tasks"], outcome["deferred"]) == (4, 8)
+    cached = ls_services.features.cached(str(PROJECT), items, encoder)
+    assert [vector is not None for vector in cached] == [True] * 4 + [False] * 8
+    (rest,) = queue(EMBED_QUEUE, redis).jobs
+    assert rest.func_name == "worker.jobs.embed_chunk" and list(rest.args) == [str(PROJECT), new_ids[4:]]
+    queue(TRAIN_QUEUE, redis).empty()  # the training has run: the rest of the chunk goes on
+    redis.delete(f"headstart:train:{PROJECT}:queued")
+    run_burst_worker(ls_services.settings, redis, ls_services)
+    assert all(vector is not None for vector in ls_services.features.cached(str(PROJECT), items, encoder))
+    assert queue(EMBED_QUEUE, redis).count == 0

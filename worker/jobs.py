@@ -32,7 +32,8 @@ from backend.loop.services import Services
 
 log = logging.getLogger(__name__)
 
-EMBED_CHUNK = 32  # tasks per embedding job: about a second of CPU, the longest a training waits
+EMBED_CHUNK = 32  # tasks per embedding job: about a second of CPU
+EMBED_YIELD_TASKS = 8  # a chunk looks for a waiting training this often and leaves it the rest: a training waits ~0.2 s
 # while a project is embedded, its new pre-labels go to Label Studio at most this often (and when the pass ends),
 # in one request each time: Label Studio's import costs the same for 32 predictions as for thousands
 PREDICTION_CATCH_UP_S = 10
@@ -163,14 +164,19 @@ def forget_deleted_project(services: Services, project: str) -> dict:
 
 def embed_chunk(services: Services, project: str, task_ids: list[int]) -> dict:
     """Embed the inputs of a few tasks (a unit of bounded duration); at most every PREDICTION_CATCH_UP_S, and when
-    the project's pass ends, write the served version's predictions of every task embedded since the last write."""
+    the project's pass ends, write the served version's predictions of every task embedded since the last write.
+
+    Every EMBED_YIELD_TASKS tasks it looks for a training waiting in the queue; if one waits, the rest of the chunk
+    is queued as a new chunk and this one ends, so no training waits behind embedding for more than a few images."""
     config = _config(services, project)
-    data = services.tasks.data(project, task_ids)
-    vectors = []
-    for spec, encoder in _inputs(services, parse_label_config(config)):
-        items = [item for task in task_ids if task in data
-                 if (item := _item({"id": task, "data": data[task]}, spec)).url]
-        vectors += services.features.features(project, list(dict.fromkeys(items)), encoder)
+    inputs = _inputs(services, parse_label_config(config))
+    vectors, deferred = [], []
+    for start in range(0, len(task_ids), EMBED_YIELD_TASKS):
+        if start and training_waiting(services.redis):  # the rest waits its turn behind the training
+            deferred = task_ids[start:]
+            enqueue_embed_chunk(services.redis, services.settings, project, deferred)
+            break
+        vectors += _embed(services, project, inputs, task_ids[start:start + EMBED_YIELD_TASKS])
     failed = sum(isinstance(vector, HeadstartError) for vector in vectors)
     pipe = services.redis.pipeline(transaction=False)
     pipe.hincrby(redis_keys.embedding_progress(project), "done", len(vectors) - failed)
@@ -179,13 +185,25 @@ def embed_chunk(services: Services, project: str, task_ids: list[int]) -> dict:
     version = served_version(services, project)
     done = _embedding_done(services, project)
     predicted = {}
-    if version and (done or services.redis.set(redis_keys.prediction_catch_up(project), 1, nx=True,
+    if version and not deferred and (done or services.redis.set(redis_keys.prediction_catch_up(project), 1, nx=True,
                                                ex=PREDICTION_CATCH_UP_S)):
         predicted = repredict(services, project, version)  # what this and the chunks since the last one embedded
     if done:
         _refresh_queue(services, project)
-    return {"project": project, "tasks": len(data), "media": len(vectors), "failed": failed,
-            "predictions": predicted.get("predictions", 0)}
+    return {"project": project, "tasks": len(task_ids) - len(deferred), "media": len(vectors), "failed": failed,
+            "deferred": len(deferred), "predictions": predicted.get("predictions", 0)}
+
+
+def _embed(services: Services, project: str, inputs: list[tuple[HeadSpec, Encoder]],
+           task_ids: list[int]) -> list:
+    """The feature vectors (or errors) of the inputs of `task_ids` the task index holds, cached on the way."""
+    data = services.tasks.data(project, task_ids)
+    vectors = []
+    for spec, encoder in inputs:
+        items = [item for task in task_ids if task in data
+                 if (item := _item({"id": task, "data": data[task]}, spec)).url]
+        vectors += services.features.features(project, list(dict.fromkeys(items)), encoder)
+    return vectors
 
 
 def embed_tasks(services: Services, project: str) -> dict:
