@@ -6,6 +6,7 @@ Label Studio's API is the local stand-in (tests/fake_label_studio.py); tests/e2e
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -216,12 +217,15 @@ def test_tasks_created_and_deleted_webhooks_keep_the_index_current_without_trust
 def test_embedding_chunks_write_their_predictions_together_not_one_request_each(
         ls_services, redis, label_studio, monkeypatch):
     """Label Studio's import recounts every task of the project per request, so chunks do not each send theirs:
-    the first chunk after PREDICTION_CATCH_UP_S writes what the chunks since embedded, and the last one the rest."""
-    client = _connected(ls_services, redis, label_studio)
+    a chunk writes what the chunks since the last pass embedded only once REPREDICT_MIN_INTERVAL_S has passed since
+    that pass started (here it has not: the promotion's pass just ran), and the last chunk writes the rest."""
+    services = build_services(ls_services.settings.replace(repredict_min_interval_s=60), redis,
+                              encoders=ls_services.encoders)
+    client = _connected(services, redis, label_studio)
     _label(client, label_studio, [1, 2, 9, 10])
-    run_burst_worker(ls_services.settings, redis, ls_services)  # trains, and pre-labels the 12 unlabeled tasks
-    version = ls_services.predictor.served(str(PROJECT), CONFIG_2).model_version
-    before = len(label_studio.imported_predictions)
+    run_burst_worker(services.settings, redis, services)  # trains, and pre-labels the 12 unlabeled tasks at once
+    version = services.predictor.served(str(PROJECT), CONFIG_2).model_version
+    assert len(label_studio.imported_predictions) == 12
     new_ids = list(range(101, 113))
     unseen = dataset_images(HYMENOPTERA, "train")[:len(new_ids)]  # never embedded: the fixture's are from val
     for task_id, (path, cls) in zip(new_ids, unseen):
@@ -229,13 +233,46 @@ def test_embedding_chunks_write_their_predictions_together_not_one_request_each(
         label_studio.tasks.append({**_task(task_id, f"{task_id}-{path.name}"), "class": cls})
     monkeypatch.setattr(jobs, "EMBED_CHUNK", 2)  # 6 chunks
     label_studio.api_requests.clear()
-    enqueue_index(redis, ls_services.settings, str(PROJECT), new_ids)
-    run_burst_worker(ls_services.settings, redis, ls_services)
+    enqueue_index(redis, services.settings, str(PROJECT), new_ids)
+    run_burst_worker(services.settings, redis, services)
     imports = [call for call in label_studio.api_requests if call.endswith("/import/predictions")]
-    written = [p["task"] for p in label_studio.imported_predictions[before:]]
+    written = [p["task"] for p in label_studio.imported_predictions[12:]]
     assert sorted(written) == new_ids and all(
-        p["model_version"] == version for p in label_studio.imported_predictions[before:])
-    assert len(imports) == 2  # the first chunk (nothing written lately) and the last (the pass is done)
+        p["model_version"] == version for p in label_studio.imported_predictions[12:])
+    assert len(imports) == 1  # the last chunk's: the project's embedding is done
+
+
+def test_promotions_in_quick_succession_share_one_prediction_pass_with_the_newest_version(
+        ls_services, redis, label_studio):
+    """While annotators label, versions come every few seconds; each pass imports every unlabeled task's prediction.
+    A pass runs at most every REPREDICT_MIN_INTERVAL_S; promotions in between wait for one scheduled pass, which
+    writes the version served when it starts."""
+    from rq.registry import ScheduledJobRegistry
+
+    from worker.process import build_worker
+
+    services = build_services(ls_services.settings.replace(repredict_min_interval_s=2), redis,
+                              encoders=ls_services.encoders)
+    client = _connected(services, redis, label_studio)
+    _label(client, label_studio, [1, 2, 9, 10])
+    run_burst_worker(services.settings, redis, services)  # the first promotion: its pass runs at once
+    first = services.predictor.served(str(PROJECT), CONFIG_2).model_version
+    assert {p["model_version"] for p in label_studio.imported_predictions} == {first}
+    scheduled = ScheduledJobRegistry(queue=queue(EMBED_QUEUE, redis))
+    versions = []
+    for task in (3, 11):  # two more promotions within the interval
+        _label(client, label_studio, [task])
+        jobs.train_project(services, str(PROJECT))
+        versions.append(services.predictor.served(str(PROJECT), CONFIG_2).model_version)
+    assert len(set(versions)) == 2 and first not in versions
+    waiting = [job.func_name for job in queue(EMBED_QUEUE, redis).jobs]  # the audit of the labels, say
+    assert scheduled.count == 1 and "worker.jobs.predict_unlabeled" not in waiting  # one pass, waiting its turn
+    before = len(label_studio.imported_predictions)
+    time.sleep(2.2)
+    build_worker(services.settings, redis, services=services).work(burst=True, with_scheduler=True)
+    newest = label_studio.imported_predictions[before:]
+    assert {p["model_version"] for p in newest} == {versions[-1]}  # the newest version, not the one in between
+    assert sorted(p["task"] for p in newest) == unlabeled_task_ids(services, str(PROJECT))
 
 
 def test_an_embedding_chunk_leaves_the_rest_of_its_tasks_to_a_new_chunk_when_a_training_waits(

@@ -15,8 +15,9 @@ from rq import get_current_job
 
 from backend.common import redis_keys
 from backend.common.errors import HeadstartError, NotEnoughLabels, TrainingRunning
-from backend.common.queues import (enqueue_audit, enqueue_embed_chunk, enqueue_index, enqueue_queue_refresh,
-                                    enqueue_repredict, training_waiting)
+from backend.common.queues import (claim_prediction_pass, enqueue_audit, enqueue_embed_chunk, enqueue_index,
+                                    enqueue_queue_refresh, enqueue_repredict, schedule_prediction_pass,
+                                    training_waiting)
 from backend.core.encoders import Encoder
 from backend.labelstudio import webhooks
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
@@ -34,9 +35,6 @@ log = logging.getLogger(__name__)
 
 EMBED_CHUNK = 32  # tasks per embedding job: about a second of CPU
 EMBED_YIELD_TASKS = 8  # a chunk looks for a waiting training this often and leaves it the rest: a training waits ~0.2 s
-# while a project is embedded, its new pre-labels go to Label Studio at most this often (and when the pass ends),
-# in one request each time: Label Studio's import costs the same for 32 predictions as for thousands
-PREDICTION_CATCH_UP_S = 10
 WEBHOOK_LOOKS = 3  # times the webhook is looked for: Label Studio calls /setup once before it creates it
 WEBHOOK_LOOK_INTERVAL_S = 2.0
 
@@ -61,7 +59,7 @@ def train_project(services: Services, project: str) -> dict:
         scheduler.finish(project, job_id)
     services.metrics.observe("headstart_training_seconds", time.perf_counter() - started)
     if summary["promoted"] and services.settings.repredict_unlabeled and services.can_reach_label_studio:
-        enqueue_repredict(services.redis, services.settings, project, summary["model_version"])
+        schedule_prediction_pass(services.redis, services.settings, project)  # at most one per interval
     if any(outcome["status"] not in ("skipped", "unchanged") for outcome in summary["controls"].values()):
         enqueue_audit(services.redis, services.settings, project)  # suspects and coverage of the labels just read
     if ranking_enabled(services):
@@ -84,9 +82,21 @@ def _refresh_queue(services: Services, project: str) -> dict:
         return {"status": f"failed: {exc}"}
 
 
-def predict_unlabeled(services: Services, project: str, model_version: str, task_ids: list[int] | None = None) -> dict:
+def predict_unlabeled(services: Services, project: str, model_version: str | None = None,
+                      task_ids: list[int] | None = None) -> dict:
     """Write `model_version`'s pre-labels (with scores) for the unlabeled tasks into Label Studio, from cached
-    features; yields to a waiting training between write batches by queueing the rest as a new job."""
+    features; yields to a waiting training between write batches by queueing the rest as a new job.
+
+    A scheduled pass (`model_version` None, `backend.common.queues.schedule_prediction_pass`) writes the version
+    served when it starts; if another pass started less than REPREDICT_MIN_INTERVAL_S ago, it is scheduled again."""
+    if model_version is None:
+        services.redis.delete(redis_keys.prediction_pass_pending(project))  # promotions from now on schedule another
+        if not claim_prediction_pass(services.redis, services.settings, project):
+            schedule_prediction_pass(services.redis, services.settings, project)
+            return {"project": project, "status": "rescheduled: a pass started less than REPREDICT_MIN_INTERVAL_S ago"}
+        model_version = served_version(services, project)
+        if model_version is None:
+            return {"project": project, "status": "skipped: nothing is served"}
     if not services.tasks.is_built(project):
         enqueue_index(services.redis, services.settings, project, join_running=True)  # it predicts what it embeds
         return {"project": project, "status": "queued: the task index is built first"}
@@ -163,8 +173,9 @@ def forget_deleted_project(services: Services, project: str) -> dict:
 
 
 def embed_chunk(services: Services, project: str, task_ids: list[int]) -> dict:
-    """Embed the inputs of a few tasks (a unit of bounded duration); at most every PREDICTION_CATCH_UP_S, and when
-    the project's pass ends, write the served version's predictions of every task embedded since the last write.
+    """Embed the inputs of a few tasks (a unit of bounded duration); at most every REPREDICT_MIN_INTERVAL_S (the
+    spacing of all passes writing the project's predictions), and when the project's embedding ends, write the served
+    version's predictions of every task embedded since the last write.
 
     Every EMBED_YIELD_TASKS tasks it looks for a training waiting in the queue; if one waits, the rest of the chunk
     is queued as a new chunk and this one ends, so no training waits behind embedding for more than a few images."""
@@ -185,9 +196,8 @@ def embed_chunk(services: Services, project: str, task_ids: list[int]) -> dict:
     version = served_version(services, project)
     done = _embedding_done(services, project)
     predicted = {}
-    if version and not deferred and (done or services.redis.set(redis_keys.prediction_catch_up(project), 1, nx=True,
-                                               ex=PREDICTION_CATCH_UP_S)):
-        predicted = repredict(services, project, version)  # what this and the chunks since the last one embedded
+    if version and not deferred and (claim_prediction_pass(services.redis, services.settings, project) or done):
+        predicted = repredict(services, project, version)  # what this and the chunks since the last pass embedded
     if done:
         _refresh_queue(services, project)
     return {"project": project, "tasks": len(task_ids) - len(deferred), "media": len(vectors), "failed": failed,

@@ -9,6 +9,7 @@ handful of trainings, and the last submit is always read by a training that star
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 from redis import Redis
 from rq import Queue, Retry
@@ -22,6 +23,7 @@ TRAIN_QUEUE = "headstart-train"
 EMBED_QUEUE = "headstart-embed"
 QUEUE_NAMES = (TRAIN_QUEUE, EMBED_QUEUE)
 RETRY_INTERVALS_S = [5, 30, 120]
+PASS_PENDING_GRACE_S = 300  # a prediction pass queued this long past its start time and not started: lost
 PENDING_MARKER_TTL_S = 30  # how long a request's "enqueueing now" marker may stand before the job id replaces it
 LOST_JOB_GRACE_S = 5.0  # a live worker marks a job it popped as started within milliseconds; after this, it is lost
 FAILED_JOB_TTL_S = 7 * 24 * 3600
@@ -206,6 +208,38 @@ def enqueue_repredict(redis: Redis, settings: Settings, project: str, model_vers
     what = "unlabeled tasks" if task_ids is None else f"{len(task_ids)} more unlabeled tasks"
     return _enqueue_background(redis, settings, REPREDICT_JOB, (project, model_version, task_ids),
                                f"pre-label {what} of project {project} with {model_version}", project)
+
+
+def schedule_prediction_pass(redis: Redis, settings: Settings, project: str) -> Job | None:
+    """Pre-label the project's unlabeled tasks with the version served when the pass starts, at most one pass per
+    REPREDICT_MIN_INTERVAL_S: queued now, or scheduled for when the interval since the last pass started is over.
+    None when a pass is already waiting (it will write the newest version).
+
+    While annotators label, a version is promoted every few seconds, and each pass is one Label Studio import of
+    every unlabeled task (at 5,000 tasks, seconds during which Label Studio's database is locked and submits wait):
+    a pass per promotion kept Label Studio busy writing predictions that the next promotion replaced at once.
+    """
+    delay = max(0.0, redis.pttl(redis_keys.prediction_pass_started(project)) / 1000)
+    # if the job is lost, the flag lapses soon after the pass should have started (a second pass is harmless:
+    # the ledger gives each task's prediction to one pass)
+    if not redis.set(redis_keys.prediction_pass_pending(project), "1", nx=True,
+                     ex=int(delay) + PASS_PENDING_GRACE_S):
+        return None
+    description = f"pre-label the unlabeled tasks of project {project} with the version then served"
+    if delay <= 0:
+        return _enqueue_background(redis, settings, REPREDICT_JOB, (project, None, None), description, project)
+    return queue(EMBED_QUEUE, redis).enqueue_in(
+        timedelta(seconds=delay), REPREDICT_JOB, args=(project, None, None), job_timeout=settings.job_timeout_s,
+        retry=Retry(max=2, interval=[10, 60]), failure_ttl=FAILED_JOB_TTL_S, result_ttl=RESULT_TTL_S,
+        description=description, meta={"project": project})
+
+
+def claim_prediction_pass(redis: Redis, settings: Settings, project: str) -> bool:
+    """True if no pass writing the project's predictions started within REPREDICT_MIN_INTERVAL_S: the caller's pass
+    starts now (and counts as the last one)."""
+    interval_ms = int(settings.repredict_min_interval_s * 1000)
+    return interval_ms <= 0 or bool(
+        redis.set(redis_keys.prediction_pass_started(project), time.time(), nx=True, px=interval_ms))
 
 
 def enqueue_index(redis: Redis, settings: Settings, project: str, task_ids: list[int] | None = None, *,

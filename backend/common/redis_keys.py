@@ -128,7 +128,8 @@ def project_data(project_id: str) -> tuple[list[str], list[str]]:
             task_index(project_id), embedding_progress(project_id), webhook_auth(project_id), active(project_id),
             input_kills(project_id), project_deleted(project_id)]
     patterns = [f"{PREFIX}:{family}:{project_id}:*" for family in (
-        "head", "labels", "train", "tasks", "predicting", "predicted", "webhook-auth", "audit", "project")]
+        "head", "labels", "train", "tasks", "predicting", "predicted", "prediction-pass", "webhook-auth", "audit",
+        "project")]
     return keys, patterns
 
 
@@ -179,10 +180,15 @@ def predicted(project_id: str, model_version: str) -> str:
     return f"{PREFIX}:predicted:{project_id}:{model_version}"
 
 
-def prediction_catch_up(project_id: str) -> str:
-    """flag (expires): P's embedding chunks wrote their new predictions lately; the next chunk after it expires
-    writes every one made meanwhile, in one request."""
-    return f"{PREFIX}:prediction-catch-up:{project_id}"
+def prediction_pass_pending(project_id: str) -> str:
+    """flag (expires): a pass writing P's served predictions is queued or scheduled and has not started; later
+    requests join it (it writes the version served when it starts)."""
+    return f"{PREFIX}:prediction-pass:{project_id}:pending"
+
+
+def prediction_pass_started(project_id: str) -> str:
+    """string, a Unix time (expires): when P's last pass writing every unlabeled task's prediction started."""
+    return f"{PREFIX}:prediction-pass:{project_id}:started"
 
 
 def embedding_progress(project_id: str) -> str:

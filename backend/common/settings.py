@@ -117,6 +117,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REPREDICT_UNLABELED", "repredict_unlabeled", "true", _bool,
             "After a promotion, predict every unlabeled task and write the predictions into "
             "Label Studio."),
+    Setting("REPREDICT_MIN_INTERVAL_S", "repredict_min_interval_s", "10", float,
+            "Least seconds between the starts of two passes that write the served version's predictions of every "
+            "unlabeled task into Label Studio (each is an import of thousands of predictions that holds its "
+            "database for seconds). Promotions in between are written by the next pass, with the version served "
+            "then. 0: a pass after every promotion."),
     Setting("ZERO_SHOT", "zero_shot", "true", _bool,
             "Before a control's first head, pre-label with the image backbone's own ImageNet classifier when every "
             "choice names an ImageNet class (or lists them in predicted_values), as model version <control>-v0."),
@@ -187,6 +192,7 @@ class Settings:
     train_min_interval_s: float = 1.0
     label_check_s: float = 30.0
     repredict_unlabeled: bool = True
+    repredict_min_interval_s: float = 10.0
     zero_shot: bool = True
     active_learning: bool = True
     active_front: int = 8
