@@ -157,7 +157,7 @@ def _trial(x_train, y_train, x_val, y_val, classes, *, k, noise: float, seed: in
                       cut_recall=len(flagged & wrong) / len(wrong))
     candidate = fit_candidate(control="label", classes=classes, multi_label=False, features=x, labels=labels,
                               task_ids=list(range(len(labels))), encoder=_EncoderRecord())
-    served_oof = served_recipe_probabilities(x, given, candidate.meta["selection"], num_classes=len(classes),
+    served_oof, _ = served_recipe_probabilities(x, given, candidate.meta["selection"], num_classes=len(classes),
                                              multi_label=False)
     if served_oof is None:
         return result

@@ -9,8 +9,8 @@ import statistics
 import pytest
 import torch
 
-from backend.core.audit import (ALL_CLASSES, accepted, auto_accept_thresholds, corrected_precision, decreasing_fit,
-                                judge_labels, near_duplicate_conflicts, out_of_fold_probabilities,
+from backend.core.audit import (ALL_CLASSES, DEFAULT_RECIPE, accepted, auto_accept_thresholds, corrected_precision,
+                                decreasing_fit, judge_labels, near_duplicate_conflicts, out_of_fold_probabilities,
                                 served_recipe_probabilities, wilson_interval)
 from backend.core.candidates import fit_candidate
 from backend.core.head_fitting import encode_targets
@@ -209,8 +209,9 @@ def test_auto_accept_probabilities_are_the_served_recipes_own_out_of_fold(hymeno
     candidate = fit_candidate(control="label", classes=CLASSES, multi_label=False, features=features, labels=labels,
                               task_ids=list(range(len(labels))), encoder=encoders.get(), family=(BY_NAME[recipe],))
     assert candidate.meta["recipe"] == recipe
-    served = served_recipe_probabilities(features, given, candidate.meta["selection"], num_classes=2,
-                                         multi_label=False)
+    served, name = served_recipe_probabilities(features, given, candidate.meta["selection"], num_classes=2,
+                                               multi_label=False)
+    assert name == recipe
     chosen_on = torch.softmax(candidate.validation.logits, dim=1)  # what the choice scored the recipe on
     assert torch.allclose(served, chosen_on, atol=1e-3)
     default = out_of_fold_probabilities(features, given, num_classes=2, multi_label=False)
@@ -218,8 +219,10 @@ def test_auto_accept_probabilities_are_the_served_recipes_own_out_of_fold(hymeno
     thresholds = auto_accept_thresholds(served, labels, CLASSES, multi_label=False, target=0.95)
     machine = accepted(chosen_on, CLASSES, thresholds, multi_label=False)
     assert sum(label is not None for label in machine) == sum(t.support for t in thresholds.values()) > 0
-    without_choice = served_recipe_probabilities(features, given, None, num_classes=2, multi_label=False)
-    assert torch.allclose(without_choice, default)  # a version saved before recipe choice: the default recipe
+    # a version saved before recipe choice, or with a recipe this code no longer has: the default recipe's
+    for selection in (None, {**candidate.meta["selection"], "recipe": "gone", "components": ["gone"]}):
+        fallback, name = served_recipe_probabilities(features, given, selection, num_classes=2, multi_label=False)
+        assert name == DEFAULT_RECIPE and torch.allclose(fallback, default)
 
 
 def test_decreasing_fit_pools_adjacent_violators():

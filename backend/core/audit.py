@@ -32,6 +32,7 @@ import torch
 
 from backend.core.head_fitting import HeadRecipe, cross_validate, encode_targets, fit_temperature
 from backend.core.recipe_choice import Choice, validate_choice
+from backend.core.recipes import BY_NAME
 from backend.core.label_noise import estimate_noise, self_confidence_thresholds
 
 MIN_LABELS_TO_JUDGE = 5  # per class (and per class absent, for multiple choice): one per fold of a 5-fold split
@@ -42,6 +43,7 @@ WILSON_Z = 1.96  # 95 % interval
 # precision is then taken against the given labels as they are (which understates it)
 MIN_LABEL_AGREEMENT = 0.5
 ALL_CLASSES = "*"  # the auto-accept key of a multiple-choice control: every class decision right
+DEFAULT_RECIPE = "default"  # the audit's own recipe (`HeadRecipe()`: logistic regression at C=1), by name
 
 
 @dataclass(frozen=True)
@@ -115,20 +117,22 @@ def out_of_fold_probabilities(
 
 def served_recipe_probabilities(
     features: torch.Tensor, targets: torch.Tensor, selection: dict | None, *, num_classes: int, multi_label: bool,
-) -> torch.Tensor | None:
+) -> tuple[torch.Tensor | None, str]:
     """Calibrated out-of-fold probabilities of the recipe a served head was fitted with (`selection`, the
-    version's recipe choice as `Choice.as_dict()` saved it), on the same folds the choice was made on: what the
-    auto-accept thresholds must come from, since they are applied to that head. Without a saved choice (a
-    version older than recipe choice), the default recipe's (`out_of_fold_probabilities`). None when a class
-    has too few examples for folds."""
-    if not selection:
-        return out_of_fold_probabilities(features, targets, num_classes=num_classes, multi_label=multi_label)
+    version's recipe choice as `Choice.as_dict()` saved it), on the same folds the choice was made on, and that
+    recipe's name: what the auto-accept thresholds must come from, since they are applied to that head. Without a
+    usable choice (a version saved before recipe choice, or whose recipe this code no longer has), the default
+    recipe's (`out_of_fold_probabilities`, named `DEFAULT_RECIPE`). None when a class has too few examples for
+    folds."""
+    if not selection or not all(name in BY_NAME for name in selection.get("components") or ()):
+        return out_of_fold_probabilities(features, targets, num_classes=num_classes,
+                                         multi_label=multi_label), DEFAULT_RECIPE
     choice = validate_choice(Choice.from_dict(selection), features, targets, num_classes=num_classes,
                              multi_label=multi_label)
     logits = choice.validation.logits
     if logits is None:
-        return None
-    return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
+        return None, choice.name
+    return (torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)), choice.name
 
 
 def judge_labels(

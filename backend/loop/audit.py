@@ -93,11 +93,10 @@ def audit_control(services: Services, project: str, spec: HeadSpec) -> dict:
     if probabilities is not None:
         # auto-accept: the served head's own recipe out of fold, since its thresholds are applied to that head
         targets = encode_targets(labels, spec.classes, multi_label=spec.multi_label)
-        served = served_recipe_probabilities(features, targets, head.meta.get("selection"),
-                                             num_classes=len(spec.classes), multi_label=spec.multi_label)
+        served, recipe = served_recipe_probabilities(features, targets, head.meta.get("selection"),
+                                                     num_classes=len(spec.classes), multi_label=spec.multi_label)
         if served is not None:
-            record["out_of_fold"] = {"tasks": task_ids, "classes": list(spec.classes),
-                                     "recipe": head.meta.get("recipe"),
+            record["out_of_fold"] = {"tasks": task_ids, "classes": list(spec.classes), "recipe": recipe,
                                      "probabilities": [[round(p, 5) for p in row] for row in served.tolist()],
                                      "labels": labels}
             record["auto_accept"] = coverage(services, project, spec, head, served, labels,
