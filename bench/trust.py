@@ -100,9 +100,8 @@ def _finish(bench_run: Run, params: Params, cells: dict, *, complete: bool) -> d
         goals[f"{name}_autoaccept_precision_gap"] = goal(figures["autoaccept_precision_gap"], 1.0, at_least=False)
     notes = [f"{params.seeds} seeds per cell; flipped labels go to another class drawn at random",
              "auto-accept thresholds come from the served recipe's out-of-fold probabilities on the noisy labels; "
-             "precision is "
-             "realized on all of val against its true labels. autoaccept_precision_gap is the mean over seeds of "
-             "|realized - target|; autoaccept_pooled_gap pools the seeds' accepted val tasks first; "
+             "precision is realized on all of val against its true labels. autoaccept_precision_gap is the mean "
+             "over seeds of |realized - target|; autoaccept_pooled_gap pools the seeds' accepted val tasks first; "
              "autoaccept_accepted is the mean number of val tasks accepted per seed (one task is 100/accepted points)",
              "noise 0: clean labels (no flips), for auto-accept and the number of suspects on clean labels",
              "the cut and the auto-accept correction have no tuned constant (backend/core/audit.py); the one guard, "
@@ -158,7 +157,7 @@ def _trial(x_train, y_train, x_val, y_val, classes, *, k, noise: float, seed: in
     candidate = fit_candidate(control="label", classes=classes, multi_label=False, features=x, labels=labels,
                               task_ids=list(range(len(labels))), encoder=_EncoderRecord())
     served_oof, _ = served_recipe_probabilities(x, given, candidate.meta["selection"], num_classes=len(classes),
-                                             multi_label=False)
+                                                multi_label=False)
     if served_oof is None:
         return result
     thresholds = auto_accept_thresholds(served_oof, labels, classes, multi_label=False, target=TARGET)

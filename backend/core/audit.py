@@ -31,9 +31,9 @@ from typing import Sequence
 import torch
 
 from backend.core.head_fitting import HeadRecipe, cross_validate, encode_targets, fit_temperature
+from backend.core.label_noise import estimate_noise, self_confidence_thresholds
 from backend.core.recipe_choice import Choice, validate_choice
 from backend.core.recipes import BY_NAME
-from backend.core.label_noise import estimate_noise, self_confidence_thresholds
 
 MIN_LABELS_TO_JUDGE = 5  # per class (and per class absent, for multiple choice): one per fold of a 5-fold split
 OOF_REPEATS = 1  # fold shuffles averaged (2 did not rank flipped labels better on hymenoptera / flowers12)
