@@ -9,9 +9,10 @@ product's features (MobileNetV2, as `accuracy` embeds them):
   flipped set;
 - the baseline, in the same run: scikit-learn LogisticRegression(C=1, class_weight="balanced"), 5-fold
   out-of-fold probabilities, ranked by the probability of the given label (`baseline_topn_precision`);
-- auto-accept: per class thresholds at AUTO_ACCEPT_PRECISION's default (0.98) from the audit's out-of-fold
-  probabilities (on the noisy labels), applied to the served head (`fit_candidate`, calibrated) on all of `val`:
-  the precision realized there against the true labels, its gap to the target in points, and the coverage.
+- auto-accept: the served head (`fit_candidate`, calibrated); per class thresholds at AUTO_ACCEPT_PRECISION's
+  default (0.98) from the out-of-fold probabilities of that head's recipe (`served_recipe_probabilities`, on the
+  noisy labels), as the audit job computes them, applied to the served head on all of `val`: the precision
+  realized there against the true labels, its gap to the target in points, and the coverage.
 Not through Redis, RQ and Label Studio: tests/test_audit_loop.py and tests/e2e/test_label_audit.py check that
 path; this measures the numbers. Features are cached in HEADSTART_BENCH_FEATURES
 (default ~/.cache/headstart/bench-features.pt) after the first embedding.
@@ -27,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from backend.core.audit import auto_accept_thresholds, judge_labels, out_of_fold_probabilities
+from backend.core.audit import (auto_accept_thresholds, judge_labels, out_of_fold_probabilities,
+                                served_recipe_probabilities)
 from backend.core.candidates import fit_candidate
 from backend.core.head_fitting import encode_targets
 from backend.core.heads import head_probabilities
@@ -97,9 +99,9 @@ def _finish(bench_run: Run, params: Params, cells: dict, *, complete: bool) -> d
         goals[f"{name}_cut_recall"] = goal(figures["cut_recall"], 0.8, at_least=True)
         goals[f"{name}_autoaccept_precision_gap"] = goal(figures["autoaccept_precision_gap"], 1.0, at_least=False)
     notes = [f"{params.seeds} seeds per cell; flipped labels go to another class drawn at random",
-             "auto-accept thresholds come from out-of-fold probabilities on the noisy labels; precision is "
-             "realized on all of val against its true labels. autoaccept_precision_gap is the mean over seeds of "
-             "|realized - target|; autoaccept_pooled_gap pools the seeds' accepted val tasks first; "
+             "auto-accept thresholds come from the served recipe's out-of-fold probabilities on the noisy labels; "
+             "precision is realized on all of val against its true labels. autoaccept_precision_gap is the mean "
+             "over seeds of |realized - target|; autoaccept_pooled_gap pools the seeds' accepted val tasks first; "
              "autoaccept_accepted is the mean number of val tasks accepted per seed (one task is 100/accepted points)",
              "noise 0: clean labels (no flips), for auto-accept and the number of suspects on clean labels",
              "the cut and the auto-accept correction have no tuned constant (backend/core/audit.py); the one guard, "
@@ -152,9 +154,13 @@ def _trial(x_train, y_train, x_val, y_val, classes, *, k, noise: float, seed: in
                       baseline_topn_precision=len(set(baseline) & wrong) / len(wrong),
                       cut_precision=len(flagged & wrong) / len(flagged) if flagged else None,
                       cut_recall=len(flagged & wrong) / len(wrong))
-    thresholds = auto_accept_thresholds(probabilities, labels, classes, multi_label=False, target=TARGET)
     candidate = fit_candidate(control="label", classes=classes, multi_label=False, features=x, labels=labels,
                               task_ids=list(range(len(labels))), encoder=_EncoderRecord())
+    served_oof, _ = served_recipe_probabilities(x, given, candidate.meta["selection"], num_classes=len(classes),
+                                                multi_label=False)
+    if served_oof is None:
+        return result
+    thresholds = auto_accept_thresholds(served_oof, labels, classes, multi_label=False, target=TARGET)
     served = head_probabilities(candidate.head, x_val, multi_label=False)
     confidence, predicted = served.max(dim=1)
     cuts = torch.tensor([thresholds[name].threshold if thresholds[name].threshold is not None else 2.0

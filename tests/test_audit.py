@@ -9,10 +9,13 @@ import statistics
 import pytest
 import torch
 
-from backend.core.audit import (ALL_CLASSES, accepted, auto_accept_thresholds, corrected_precision, decreasing_fit,
-                                judge_labels, near_duplicate_conflicts, out_of_fold_probabilities, wilson_interval)
+from backend.core.audit import (ALL_CLASSES, DEFAULT_RECIPE, accepted, auto_accept_thresholds, corrected_precision,
+                                decreasing_fit, judge_labels, near_duplicate_conflicts, out_of_fold_probabilities,
+                                served_recipe_probabilities, wilson_interval)
+from backend.core.candidates import fit_candidate
 from backend.core.head_fitting import encode_targets
 from backend.core.label_noise import estimate_noise
+from backend.core.recipes import BY_NAME
 
 CLASSES = ["ants", "bees"]
 FLIPPED = [3, 11, 24, 37]  # two ants labeled bees, two bees labeled ants
@@ -192,6 +195,34 @@ def test_auto_accept_on_noisy_labels_is_not_needlessly_cautious(hymenoptera_trai
     draws = [judged(_flip(truth, 0.1, seed)[0]) for seed in range(3)]
     assert all(precision >= target - 0.015 for precision, _ in draws), draws
     assert statistics.mean(coverage for _, coverage in draws) >= 0.75 * clean_coverage, (draws, clean_coverage)
+
+
+@pytest.mark.parametrize("recipe", ["prototype", "logreg_c100"])
+def test_auto_accept_probabilities_are_the_served_recipes_own_out_of_fold(hymenoptera_train, encoders, recipe):
+    """The thresholds are applied to the served head, so they come from its recipe's folds (the folds and
+    temperatures its choice was scored on), not from the default recipe's: a head fitted another way maps
+    confidence to accuracy differently (on flowers12 a C=10 head served under the default recipe's thresholds
+    realized 0.959 against a 0.98 target)."""
+    features, truth = hymenoptera_train
+    given, _ = _flip(truth, 0.1, seed=0)
+    labels = [[CLASSES[int(c)]] for c in given]
+    candidate = fit_candidate(control="label", classes=CLASSES, multi_label=False, features=features, labels=labels,
+                              task_ids=list(range(len(labels))), encoder=encoders.get(), family=(BY_NAME[recipe],))
+    assert candidate.meta["recipe"] == recipe
+    served, name = served_recipe_probabilities(features, given, candidate.meta["selection"], num_classes=2,
+                                               multi_label=False)
+    assert name == recipe
+    chosen_on = torch.softmax(candidate.validation.logits, dim=1)  # what the choice scored the recipe on
+    assert torch.allclose(served, chosen_on, atol=1e-3)
+    default = out_of_fold_probabilities(features, given, num_classes=2, multi_label=False)
+    assert not torch.allclose(served, default, atol=0.05)
+    thresholds = auto_accept_thresholds(served, labels, CLASSES, multi_label=False, target=0.95)
+    machine = accepted(chosen_on, CLASSES, thresholds, multi_label=False)
+    assert sum(label is not None for label in machine) == sum(t.support for t in thresholds.values()) > 0
+    # a version saved before recipe choice, or with a recipe this code no longer has: the default recipe's
+    for selection in (None, {**candidate.meta["selection"], "recipe": "gone", "components": ["gone"]}):
+        fallback, name = served_recipe_probabilities(features, given, selection, num_classes=2, multi_label=False)
+        assert name == DEFAULT_RECIPE and torch.allclose(fallback, default)
 
 
 def test_decreasing_fit_pools_adjacent_violators():

@@ -97,6 +97,10 @@ def test_a_wrong_label_is_flagged_marked_listed_exported_and_cleared_once_fixed(
     assert markers[wrong["id"]]["result"][0]["value"]["choices"] == ["ants"]
     coverage = record["auto_accept"]
     assert coverage["remaining"] == 2 * UNLABELED and coverage["embedded"] == 2 * UNLABELED
+    served = ls_services.store.load(str(PROJECT), "label", 1)
+    # the thresholds (and the export's) come from the served head's own recipe out of fold
+    assert record["out_of_fold"]["recipe"] == served.meta["recipe"]
+    assert len(record["out_of_fold"]["probabilities"]) == 2 * PER_CLASS
     assert 0 <= coverage["would_label"] <= coverage["remaining"]
 
     code, out, _ = _cli(monkeypatch, ls_services.settings, capsys, "suspects", str(PROJECT))

@@ -27,7 +27,8 @@ def add_audit_commands(commands) -> dict[str, Callable[[Settings, argparse.Names
     export = commands.add_parser("export", help="human labels plus machine labels above a precision (JSON lines)")
     export.add_argument("project")
     export.add_argument("--min-precision", type=_precision, required=True, metavar="P",
-                        help="precision the machine labels must reach out of fold, e.g. 0.98")
+                        help="precision the machine labels must reach out of fold (on folds of the served head's "
+                             "recipe), e.g. 0.98")
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
     export.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     return dict(zip(AUDIT_COMMANDS, (_run(_suspects), _run(_export))))

@@ -10,7 +10,10 @@ Everything here works on out-of-fold, temperature-calibrated probabilities of th
 - **conflicts**: near-duplicate inputs (cosine of the features at least `duplicate_cosine`) whose
   labels differ.
 - **auto-accept**: per class, the lowest confidence at which the predictions of that class reach a target
-  precision out of fold. Precision against the given labels understates it when labels are noisy (a wrong
+  precision out of fold, from the out-of-fold probabilities of the *served* head's recipe
+  (`served_recipe_probabilities`): the thresholds are applied to that head, and recipes differ in how their
+  confidence maps to accuracy (thresholds from another recipe's folds realized 0.959 instead of 0.98 on flowers12
+  when a C=10 head was served). Precision against the given labels understates it when labels are noisy (a wrong
   label on an easy example counts as a model error), so it is corrected with the flip rates the calibrated
   confident joint estimates (`label_noise.py`), on an isotonic (non-increasing) fit of agreement against
   confidence; a Wilson interval comes with it. And how many unlabeled rows a head would label above it.
@@ -29,6 +32,8 @@ import torch
 
 from backend.core.head_fitting import HeadRecipe, cross_validate, encode_targets, fit_temperature
 from backend.core.label_noise import estimate_noise, self_confidence_thresholds
+from backend.core.recipe_choice import Choice, validate_choice
+from backend.core.recipes import BY_NAME
 
 MIN_LABELS_TO_JUDGE = 5  # per class (and per class absent, for multiple choice): one per fold of a 5-fold split
 OOF_REPEATS = 1  # fold shuffles averaged (2 did not rank flipped labels better on hymenoptera / flowers12)
@@ -38,6 +43,7 @@ WILSON_Z = 1.96  # 95 % interval
 # precision is then taken against the given labels as they are (which understates it)
 MIN_LABEL_AGREEMENT = 0.5
 ALL_CLASSES = "*"  # the auto-accept key of a multiple-choice control: every class decision right
+DEFAULT_RECIPE = "default"  # the audit's own recipe (`HeadRecipe()`: logistic regression at C=1), by name
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,26 @@ def out_of_fold_probabilities(
         scaled = validation.logits / temperature
         runs.append(torch.sigmoid(scaled) if multi_label else torch.softmax(scaled, dim=1))
     return torch.stack(runs).mean(dim=0)
+
+
+def served_recipe_probabilities(
+    features: torch.Tensor, targets: torch.Tensor, selection: dict | None, *, num_classes: int, multi_label: bool,
+) -> tuple[torch.Tensor | None, str]:
+    """Calibrated out-of-fold probabilities of the recipe a served head was fitted with (`selection`, the
+    version's recipe choice as `Choice.as_dict()` saved it), on the same folds the choice was made on, and that
+    recipe's name: what the auto-accept thresholds must come from, since they are applied to that head. Without a
+    usable choice (a version saved before recipe choice, or whose recipe this code no longer has), the default
+    recipe's (`out_of_fold_probabilities`, named `DEFAULT_RECIPE`). None when a class has too few examples for
+    folds."""
+    if not selection or not all(name in BY_NAME for name in selection.get("components") or ()):
+        return out_of_fold_probabilities(features, targets, num_classes=num_classes,
+                                         multi_label=multi_label), DEFAULT_RECIPE
+    choice = validate_choice(Choice.from_dict(selection), features, targets, num_classes=num_classes,
+                             multi_label=multi_label)
+    logits = choice.validation.logits
+    if logits is None:
+        return None, choice.name
+    return (torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)), choice.name
 
 
 def judge_labels(

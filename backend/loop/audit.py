@@ -4,7 +4,8 @@ per control, kept in Redis next to the served version, and suspect markers in La
 It runs as its own background job (`worker.jobs.audit_labels`), queued after each training that fitted
 a head, so a training never waits for it. It reads the label mirror the training just confirmed and
 the cached features (it embeds nothing), computes its own out-of-fold probabilities with the head
-fitting functions (`backend.core.audit`), and changes no label: a suspect stays a suspect until a
+fitting functions (`backend.core.audit`: the default recipe's for the suspects, the served head's recipe's for
+auto-accept, whose thresholds are applied to that head), and changes no label: a suspect stays a suspect until a
 person corrects it, and the next training's audit then drops it, marker included.
 
 In Label Studio each suspect is a prediction of model version `headstart-suspect` on its task, whose
@@ -24,7 +25,7 @@ import torch
 
 from backend.common import redis_keys
 from backend.core.audit import (Audit, accepted, auto_accept_thresholds, judge_labels, near_duplicate_conflicts,
-                                out_of_fold_probabilities)
+                                out_of_fold_probabilities, served_recipe_probabilities)
 from backend.core.head_fitting import encode_targets
 from backend.core.heads import head_probabilities
 from backend.core.store import HeadVersion
@@ -90,11 +91,16 @@ def audit_control(services: Services, project: str, spec: HeadSpec) -> dict:
                            "suggested_probability": s.suggested_probability}
                           for rank, s in enumerate(audit.suspects, start=1)]
     if probabilities is not None:
-        record["out_of_fold"] = {"tasks": task_ids, "classes": list(spec.classes),
-                                 "probabilities": [[round(p, 5) for p in row] for row in probabilities.tolist()],
-                                 "labels": labels}
-        record["auto_accept"] = coverage(services, project, spec, head, probabilities, labels,
-                                         target=services.settings.auto_accept_precision)
+        # auto-accept: the served head's own recipe out of fold, since its thresholds are applied to that head
+        targets = encode_targets(labels, spec.classes, multi_label=spec.multi_label)
+        served, recipe = served_recipe_probabilities(features, targets, head.meta.get("selection"),
+                                                     num_classes=len(spec.classes), multi_label=spec.multi_label)
+        if served is not None:
+            record["out_of_fold"] = {"tasks": task_ids, "classes": list(spec.classes), "recipe": recipe,
+                                     "probabilities": [[round(p, 5) for p in row] for row in served.tolist()],
+                                     "labels": labels}
+            record["auto_accept"] = coverage(services, project, spec, head, served, labels,
+                                             target=services.settings.auto_accept_precision)
     return record
 
 
