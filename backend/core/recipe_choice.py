@@ -6,9 +6,11 @@ class prototypes) is fitted on the same stratified folds; its out-of-fold logits
 temperature; the blend of the best logistic and the best closed-form recipe is scored too; the
 lowest calibrated out-of-fold log-loss wins, unless a simpler recipe is within one standard error of
 it (then the simpler one does: fold noise alone never buys flexibility). A recipe that fails (no
-convergence, NaNs) is skipped with its reason, and never chosen. With too few labels to hold any out (a class with one label), no score exists and the
-logistic regression at C=1 is used (`NO_VALIDATION_RECIPE`; at one label per class it measured at
-least as well as the prototype head on both shared sets).
+convergence, NaNs) is skipped with its reason, and never chosen. With too few labels to hold any
+out (a class with one label), no score exists and the logistic regression at C=1 is used
+(`NO_VALIDATION_RECIPE`; at one label per class it measured at least as well as the prototype head
+on both shared sets; the standardized one, 0.6 points better on flowers12, is 7.2 worse on
+hymenoptera: 64.6 against 71.8 %).
 
 A choice is a plain record (`Choice.as_dict()`, saved in each version's `selection` metadata) so the
 next training can refit the same recipe with the same temperatures without choosing again.
