@@ -105,6 +105,26 @@ def hymenoptera_features(encoders):
     return encoder.embed(images), [cls for _, cls in picked]
 
 
+@pytest.fixture(scope="session")
+def flowers12_features(encoders):
+    """Real MobileNetV2 features of flowers12: the first 5 train photos of each of the 12 classes, and all of
+    val (20 a class), as ((train features, class indices), (val features, class indices), classes)."""
+    from backend.core.images import decode_image
+    from tests.helpers import FLOWERS, dataset_images
+
+    encoder = encoders.get()
+    train, val = dataset_images(FLOWERS, "train"), dataset_images(FLOWERS, "val")
+    classes = sorted({cls for _, cls in train})
+    picked = [item for cls in classes for item in [i for i in train if i[1] == cls][:5]]
+
+    def embedded(items):
+        images = [decode_image(path.read_bytes(), max_pixels=10**9, min_side=encoder.resize_size) for path, _ in items]
+        vectors = torch.cat([encoder.embed(images[start:start + 64]) for start in range(0, len(images), 64)])
+        return vectors, torch.tensor([classes.index(cls) for _, cls in items])
+
+    return embedded(picked), embedded(val), classes
+
+
 @pytest.fixture
 def loop_settings(settings):
     """Settings whose local-files root is the hymenoptera set: task URLs are /data/local-files/?d=train/..."""

@@ -1,13 +1,16 @@
 """Choose a control's head recipe by the cross-validation the guard runs anyway, and fit it calibrated.
 
-The same rule runs on every project: each recipe of the family (`backend.core.recipes`) is fitted
-on the same stratified folds; its out-of-fold logits get their own temperature; the blend of the
-best logistic and the best closed-form recipe is scored too; the lowest calibrated out-of-fold
-log-loss wins, unless a simpler recipe is within one standard error of it (then the simpler one
-does: fold noise alone never buys flexibility). A recipe that fails (no convergence, NaNs) is skipped with its reason, and never
-chosen. With too few labels to hold any out (a class with one label), no score exists and the
-logistic regression at C=1 is used (`NO_VALIDATION_RECIPE`; at one label per class it measured at
-least as well as the prototype head on both shared sets).
+The same rule runs on every project: each recipe of the control's family (`backend.core.recipes`:
+for single choice, logistic regression at C=1 on the raw and on the standardized features and the
+class prototypes) is fitted on the same stratified folds; its out-of-fold logits get their own
+temperature; the blend of the best logistic and the best closed-form recipe is scored too; the
+lowest calibrated out-of-fold log-loss wins, unless a simpler recipe is within one standard error of
+it (then the simpler one does: fold noise alone never buys flexibility). A recipe that fails (no
+convergence, NaNs) is skipped with its reason, and never chosen. With too few labels to hold any
+out (a class with one label), no score exists and the logistic regression at C=1 is used
+(`NO_VALIDATION_RECIPE`; at one label per class it measured at least as well as the prototype head
+on both shared sets; the standardized one, 0.6 points better on flowers12, is 7.2 worse on
+hymenoptera: 64.6 against 71.8 %).
 
 A choice is a plain record (`Choice.as_dict()`, saved in each version's `selection` metadata) so the
 next training can refit the same recipe with the same temperatures without choosing again.
@@ -24,7 +27,7 @@ from torch import nn
 
 from backend.common.errors import HeadstartError
 from backend.core.head_fitting import Validation, _stratified_folds, fit_temperature
-from backend.core.recipes import BY_NAME, LOGREG_PATH, Recipe, RecipeFailed, check_finite, family_for, fit_recipe, linear
+from backend.core.recipes import BY_NAME, Recipe, RecipeFailed, check_finite, family_for, fit_recipe, linear
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ NO_VALIDATION_RECIPE = "logreg_c1"
 NO_VALIDATION_MULTI_LABEL = "logreg_c1"
 BLEND = "blend"
 # simplest first: the order the one-standard-error rule prefers
-SIMPLICITY = ("logreg_c1", "prototype", "logreg_c10", BLEND, "logreg_c100")
+SIMPLICITY = ("logreg_c1", "prototype", "logreg_c10", BLEND, "logreg_c100", "logreg_std")
 
 
 class NoUsableRecipe(HeadstartError):
@@ -86,7 +89,8 @@ def choose_recipe(features: torch.Tensor, targets: torch.Tensor, *, num_classes:
                              + ". Check the features for NaNs (the encoder or its weights file).")
     temperatures = {name: fit_temperature(logits, targets, multi_label=multi_label) for name, logits in raw.items()}
     calibrated = {name: raw[name] / temperatures[name] for name in raw}
-    logistic = [name for name in calibrated if BY_NAME.get(name) in LOGREG_PATH]
+    by_name = {recipe.name: recipe for recipe in family}
+    logistic = [name for name in calibrated if by_name[name].is_logistic]
     closed = [name for name in calibrated if name not in logistic]
     evidence = {name: _scores(logits, targets, multi_label=multi_label) for name, logits in calibrated.items()}
     components = {name: (name,) for name in calibrated}

@@ -6,12 +6,21 @@ store, the guard and serving never need to know which recipe made a head:
 - `logreg_c1`, `logreg_c10`, `logreg_c100`: L2-regularized logistic regression (softmax, or
   one-vs-rest sigmoid for multiple choice) along a short C path, each fit warm-started from the
   previous one. Small C is safe with few labels; large C fits well-separated classes better.
+- `logreg_std`: the same logistic regression at C=1 on features standardized per coordinate (each
+  one's mean and standard deviation over the labels), folded back into one linear head on the raw
+  features. On L2-normalized backbone features a few high-variance coordinates dominate the
+  Euclidean penalty, so plain logistic regression leans on them whatever its C; standardizing lets
+  the many quiet coordinates count, which separates many similar classes (flowers12) better than
+  any C of the path. This is also why a linear head trained with Adam (per-coordinate step sizes,
+  so in effect standardized) beats the plain path there; unlike Adam it has one optimum, so a
+  retrain warm-starts from the served head and takes a few L-BFGS iterations.
 - `prototype`: nearest class centroid by cosine similarity around the centre of the classes (closed
   form; strong at 1-2 labels per class).
 - `blend`: the average of two recipes' calibrated logits (chosen by `backend.core.recipe_choice`).
 
-Single choice uses the whole family; multiple choice uses the logistic path (the closed-form
-recipes model one class per example).
+A new single-choice head is chosen among `SINGLE_CHOICE` (C=1, standardized, prototype, and the
+blend); multiple choice uses the logistic path (`logreg_std` and the closed-form recipe serve single
+choice only). Every recipe of `FAMILY` can still be refitted by name, for versions chosen before.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from torch import nn
 
 from backend.core.head_fitting import HeadRecipe, fit_head
 
+SCALE_FLOOR = 0.01  # `standardized`: variance floor, a share of the mean per-coordinate variance
 PROTOTYPE_SCALE = 20.0  # logits = 20 × cosine similarity before calibration (softmax over cosines is flat)
 
 
@@ -31,19 +41,30 @@ class Recipe:
     """One member of the family: `kind` says how it is fitted, `C` the logistic regularization."""
 
     name: str
-    kind: str  # "logreg" | "prototype"
+    kind: str  # "logreg" | "standardized" | "prototype"
     C: float | None = None
+
+    @property
+    def is_logistic(self) -> bool:
+        """A logistic regression (the blend pairs the best of these with the best closed-form recipe)."""
+        return self.kind in ("logreg", "standardized")
 
     def as_dict(self) -> dict:
         record = {"name": self.name, "kind": self.kind}
         if self.C is not None:
             record.update(C=self.C, optimizer="lbfgs", class_balanced=True)
+        if self.kind == "standardized":
+            record.update(standardized=True, variance_floor=SCALE_FLOOR)
         return record
 
 
 LOGREG_PATH = (Recipe("logreg_c1", "logreg", 1.0), Recipe("logreg_c10", "logreg", 10.0),
                Recipe("logreg_c100", "logreg", 100.0))
-FAMILY: tuple[Recipe, ...] = (*LOGREG_PATH, Recipe("prototype", "prototype"))
+STANDARDIZED = Recipe("logreg_std", "standardized", 1.0)
+PROTOTYPE = Recipe("prototype", "prototype")
+# single choice: logistic regression on the raw and on the standardized features, and the closed form
+SINGLE_CHOICE: tuple[Recipe, ...] = (LOGREG_PATH[0], STANDARDIZED, PROTOTYPE)
+FAMILY: tuple[Recipe, ...] = (*LOGREG_PATH, STANDARDIZED, PROTOTYPE)  # every recipe a saved choice may name
 BY_NAME = {recipe.name: recipe for recipe in FAMILY}
 
 
@@ -52,7 +73,8 @@ class RecipeFailed(ValueError):
 
 
 def family_for(*, multi_label: bool) -> tuple[Recipe, ...]:
-    return LOGREG_PATH if multi_label else FAMILY
+    """The recipes a new choice is made among (a saved choice may name any recipe of `FAMILY`)."""
+    return LOGREG_PATH if multi_label else SINGLE_CHOICE
 
 
 def fit_recipe(recipe: Recipe, features: torch.Tensor, targets: torch.Tensor, *, num_classes: int,
@@ -66,12 +88,38 @@ def fit_recipe(recipe: Recipe, features: torch.Tensor, targets: torch.Tensor, *,
             raise RecipeFailed(f"{recipe.name} did not converge (non-finite loss: {exc})") from None
     elif multi_label:
         raise RecipeFailed(f"{recipe.name} serves single-choice controls only")
+    elif recipe.kind == "standardized":
+        head = _standardized(recipe, features, targets, num_classes, warm)
     elif recipe.kind == "prototype":
         head = _prototype(features, targets, num_classes)
     else:
         raise RecipeFailed(f"unknown recipe kind {recipe.kind!r}")
     check_finite(head, recipe.name)
     return head
+
+
+def _standardized(recipe: Recipe, features, targets, num_classes, warm) -> nn.Linear:
+    """Logistic regression on features scaled to unit variance per coordinate, folded back into one
+    linear head on the raw features (w / scale, bias - w · mean / scale)."""
+    mean, scale = _coordinate_scale(features)
+    start = None
+    if warm is not None:  # the same head in the scaled coordinates
+        start = linear(warm.weight * scale, warm.bias + warm.weight @ mean)
+    try:
+        fitted = fit_head((features.float() - mean) / scale, targets, num_classes=num_classes, multi_label=False,
+                          recipe=HeadRecipe(inverse_regularization=recipe.C), warm=start)
+    except RuntimeError as exc:
+        raise RecipeFailed(f"{recipe.name} did not converge (non-finite loss: {exc})") from None
+    weight = fitted.weight / scale
+    return linear(weight, fitted.bias - weight @ mean)
+
+
+def _coordinate_scale(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-coordinate mean and standard deviation, the variance floored at 1 % of the average one so a
+    coordinate that barely varies among the labels is not blown up into a strong feature."""
+    features = features.float()
+    variance = features.var(0, unbiased=False)
+    return features.mean(0), (variance + SCALE_FLOOR * variance.mean()).sqrt()
 
 
 def check_finite(head: nn.Linear, name: str) -> None:
