@@ -75,14 +75,19 @@ def annotation_record(annotation: dict, task: dict) -> dict:
 class Expected:
     """An annotation a webhook announced as created or updated: Label Studio's API should show it (at least
     as new as `updated_at`). The webhook can arrive before Label Studio's task list shows it, so the
-    first read may not see it yet; `attempt` counts the reads that did not."""
+    first read may not see it yet; `attempt` counts the reads that did not, `announced_at` (Unix time) is when
+    the webhook arrived (0: unknown)."""
     annotation: int
     task: int
     attempt: int = 0
     updated_at: str = ""
+    announced_at: float = 0.0
 
     def member(self) -> str:
-        return EXPECT + json.dumps([self.annotation, self.task, self.attempt, self.updated_at])
+        return EXPECT + json.dumps([self.annotation, self.task, self.attempt, self.updated_at, self.announced_at])
+
+    def age_s(self, now: float) -> float:
+        return now - self.announced_at if self.announced_at else float("inf")
 
     def seen_in(self, records: dict[int, dict]) -> bool:
         """Whether Label Studio's answer holds this annotation, at least as new as announced."""
@@ -378,12 +383,13 @@ def _parse_hints(members: set[str]) -> Hints:
 
 def _expected(raw: str) -> Expected | None:
     try:
-        annotation, task, attempt, updated = json.loads(raw)
+        annotation, task, attempt, updated, *rest = json.loads(raw)  # hints written before announced_at have 4
     except (ValueError, TypeError):
         return None
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (annotation, task, attempt)):
         return None
-    return Expected(annotation, task, attempt, updated if isinstance(updated, str) else "")
+    announced = rest[0] if rest and isinstance(rest[0], (int, float)) and not isinstance(rest[0], bool) else 0.0
+    return Expected(annotation, task, attempt, updated if isinstance(updated, str) else "", float(announced))
 
 
 def _instant(value) -> datetime | None:

@@ -15,10 +15,11 @@ counted queries of `backend.labelstudio.label_reads`:
   compared with the mirror; a disagreement (a change no webhook announced and no `updated_at`
   shows, such as a missed deletion) costs one full read.
 An annotation a webhook announced as created or updated that Label Studio's answer does not show
-(yet) is looked for again by the next training (`recheck` in the result asks for one), up to
-`EXPECT_ATTEMPTS` reads: the webhook can arrive before Label Studio's task list shows the annotation
-(seen under load in `python -m bench loop`: labels that were never trained on). One still missing
-after that was deleted since, or the webhook was not Label Studio's.
+(yet) is looked for again by the next training (`recheck` in the result asks for one), for at least
+`EXPECT_ATTEMPTS` reads and `EXPECT_MIN_AGE_S` seconds since its webhook (at most `EXPECT_MAX_ATTEMPTS` reads):
+the webhook can arrive before Label Studio's task list shows the annotation (seen under load in
+`python -m bench loop`: first labels never trained on, then labels found only by the 30 s check). One still
+missing after that was deleted since, or the webhook was not Label Studio's.
 Nothing is written unless Label Studio answered: when it is slow or down the training raises
 `LabelStudioUnavailable` (RQ retries it with backoff) and the hints stay pending.
 """
@@ -26,6 +27,7 @@ Nothing is written unless Label Studio answered: when it is slow or down the tra
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta
 
 from label_studio_sdk.client import LabelStudio
@@ -40,8 +42,13 @@ log = logging.getLogger(__name__)
 # An incremental read goes this far behind the watermark: a change saved just before the last read
 # may have been committed just after it.
 WATERMARK_SLACK = timedelta(seconds=60)
-# reads that may miss an announced annotation before it counts as not in Label Studio
+# An announced annotation Label Studio's answers do not show counts as not in Label Studio after EXPECT_ATTEMPTS
+# reads *and* EXPECT_MIN_AGE_S since its webhook, and at the latest after EXPECT_MAX_ATTEMPTS reads. Reads come
+# once per training (TRAIN_MIN_INTERVAL_S apart): four of them took 3 s in `bench loop` at 5,000 tasks, less than
+# Label Studio, busy importing predictions, took to show a label it had announced.
 EXPECT_ATTEMPTS = 4
+EXPECT_MIN_AGE_S = 15.0
+EXPECT_MAX_ATTEMPTS = 20
 
 
 def refresh_mirror(client: LabelStudio, labels: LabelStore, projects: ProjectRegistry, project: str, *,
@@ -120,17 +127,18 @@ def _full_read(reader: LabelReader, labels: LabelStore, projects: ProjectRegistr
 def _expect_again(labels: LabelStore, project: str, expected: frozenset[Expected], records: dict[int, dict], *,
                   deleted: frozenset[int], done: dict) -> None:
     """Leave a hint for the next training for each announced annotation this read did not show (yet)."""
-    again = []
+    again, now = [], time.time()
     for expectation in expected:
         if expectation.annotation in deleted or expectation.seen_in(records):
             continue
-        if expectation.attempt + 1 < EXPECT_ATTEMPTS:
-            again.append(Expected(expectation.annotation, expectation.task, expectation.attempt + 1,
-                                  expectation.updated_at))
+        reads = expectation.attempt + 1
+        if reads < EXPECT_MAX_ATTEMPTS and (reads < EXPECT_ATTEMPTS or expectation.age_s(now) < EXPECT_MIN_AGE_S):
+            again.append(Expected(expectation.annotation, expectation.task, reads, expectation.updated_at,
+                                  expectation.announced_at))
         else:
             log.warning("project %s: annotation %d (task %d), announced by a webhook, is not in Label Studio after "
-                        "%d reads: ignored (deleted since, or the webhook was not Label Studio's)", project,
-                        expectation.annotation, expectation.task, EXPECT_ATTEMPTS)
+                        "%d reads in %.0f s: ignored (deleted since, or the webhook was not Label Studio's)", project,
+                        expectation.annotation, expectation.task, reads, min(expectation.age_s(now), 1e9))
     if again:
         labels.add_hints(project, expected=again)
         done["recheck"] = True

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from flask import Blueprint, Flask, current_app, jsonify
 from redis.exceptions import RedisError
@@ -157,7 +158,8 @@ def _record_project_deleted(hub, project: str) -> str:
 
 def _expected(records: list[tuple[dict, dict]]) -> list[Expected]:
     """The announced annotations the next training should find in Label Studio (cancelled ones never count)."""
-    return [Expected(annotation["id"], record["task"], 0, record["updated_at"]) for annotation, record in records
+    now = time.time()
+    return [Expected(annotation["id"], record["task"], 0, record["updated_at"], now) for annotation, record in records
             if isinstance(annotation.get("id"), int) and isinstance(record.get("task"), int) and not record["cancelled"]]
 
 
