@@ -271,9 +271,9 @@ def _unfinished(job_id: str, redis: Redis, include_running: bool) -> bool:
     job = _fetch(job_id, redis)
     if job is None:
         return False
-    waiting = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
-    return job.get_status(refresh=False) in (*waiting, JobStatus.STARTED) if include_running else \
-        job.get_status(refresh=False) in waiting
+    status = job.get_status(refresh=False)
+    return status in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED) or (
+        include_running and status == JobStatus.STARTED)
 
 
 def enqueue_forget_tasks(redis: Redis, settings: Settings, project: str, task_ids: list[int]) -> Job:
