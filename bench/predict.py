@@ -118,7 +118,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
     notes = ["hymenoptera val images (JPEG, median 500x375); server: `headstart serve` with default settings",
              "uncached: Redis embedding-cache and media-digest keys flushed before each request",
              "in_process_p50_ms: the product's Predictor.predict called in the bench process (no HTTP), same images"]
-    goals = {"uncached_ratio": goal(results["uncached_ratio"], 1.25, at_least=False),
+    goals = {"uncached_ratio": goal(results["uncached_ratio"], 1.2, at_least=False),
              "cached_p50_ms": goal(results["cached_p50_ms"], 10, at_least=False),
              "batch_ratio": goal(results["batch_ratio"], 0.9, at_least=True)}
     record = bench_run.finish(results, goals=goals, notes=notes)

@@ -11,9 +11,9 @@ from typing import Iterable
 
 import torch
 from redis import Redis
+from redis.client import Pipeline
 
 from backend.common import redis_keys
-
 
 
 def content_digest(data: bytes) -> str:
@@ -39,9 +39,10 @@ class EmbeddingCache:
             if blob is not None
         }
 
-    def put_many(self, features: dict[str, torch.Tensor]) -> None:
+    def put_many(self, features: dict[str, torch.Tensor], *, pipe: Pipeline | None = None) -> None:
+        """Store `features`; queued on `pipe` when given (the caller executes it), else at once."""
         if features:
-            self.redis.mset({
+            (pipe or self.redis).mset({
                 self._key(digest): vector.detach().to(torch.float32).contiguous().numpy().tobytes()
                 for digest, vector in features.items()
             })
@@ -61,6 +62,7 @@ class MediaDigests:
         digests = self.redis.hmget(self.key, urls)
         return {url: digest.decode() for url, digest in zip(urls, digests) if digest is not None}
 
-    def put_many(self, digests: dict[str, str]) -> None:
+    def put_many(self, digests: dict[str, str], *, pipe: Pipeline | None = None) -> None:
+        """Remember `digests` (URL → content digest); queued on `pipe` when given, else at once."""
         if digests:
-            self.redis.hset(self.key, mapping=digests)
+            (pipe or self.redis).hset(self.key, mapping=digests)

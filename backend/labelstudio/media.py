@@ -89,6 +89,11 @@ def _read_bounded(response: requests.Response, max_bytes: int) -> None:
     response._content_consumed = True
 
 
+def _is_local_storage_url(url: str) -> bool:
+    """A Label Studio Local Storage URL (`/data/local-files/?d=...`), as the SDK tells them apart."""
+    return url.startswith("/data/") and "?d=" in url
+
+
 def _media_error(url: str, exc: Exception) -> MediaError:
     """A readable MediaError for whatever the SDK or requests raised."""
     shown = url if len(url) <= 200 else url[:200] + "..."
@@ -116,6 +121,8 @@ class MediaFetcher:
         """The bytes behind `url`. Raises MediaError with the reason on any failure."""
         if not isinstance(url, str) or not url.strip():
             raise MediaError("The task has no media URL under the labeling config's data key.")
+        if self._local_root() and _is_local_storage_url(url):
+            return self._read_local_storage_file(url)
         scratch = tempfile.mkdtemp(prefix="headstart-media-", dir=self.scratch_root)
         guard = FetchGuard(self.policy, self.settings.media_timeout_s)
         session = LimitedSession(guard=guard, max_bytes=self.settings.media_max_bytes)
@@ -142,6 +149,18 @@ class MediaFetcher:
         finally:
             session.close()
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def _read_local_storage_file(self, url: str) -> bytes:
+        """A `/data/local-files/?d=` file read in place under LOCAL_FILES_DOCUMENT_ROOT: no scratch copy, no
+        HTTP session (the SDK's path copies every file into a temporary folder first)."""
+        try:
+            with ls_io.local_files_resolver(self._resolve_local_file):
+                path = ls_io.resolve_local_storage_file(url)  # parses `d` as Label Studio's view does
+            return self._read_file(path)
+        except MediaError:
+            raise
+        except Exception as exc:
+            raise _media_error(url, exc) from None
 
     def _token_for(self, url: str) -> str | None:
         """Label Studio's token, for its own media routes only: never for another host, nor for any other

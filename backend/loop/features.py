@@ -118,8 +118,8 @@ class FeatureSource:
         if missing:
             by_url.update(self._fetch_and_embed(project, missing, encoder, plan))
         fetched = sum(isinstance(by_url[item.url], torch.Tensor) for item in missing)
-        self.metrics.add("headstart_embedding_cache_hits_total", len(items) - len(unique) + hits)
-        self.metrics.add("headstart_embedding_cache_misses_total", fetched)
+        self.metrics.add_many({"headstart_embedding_cache_hits_total": len(items) - len(unique) + hits,
+                               "headstart_embedding_cache_misses_total": fetched})
         return [by_url[item.url] for item in items]
 
     def _fetch_and_embed(self, project: str, items: list[MediaItem], encoder: Encoder,
@@ -179,10 +179,10 @@ class FeatureSource:
                 results[item.url] = outcome
                 continue
             digest, prepared = outcome
-            if not item.inline:
-                digests[item.url] = digest
-            if isinstance(prepared, torch.Tensor):
+            if isinstance(prepared, torch.Tensor):  # its content was embedded before, under another URL
                 results[item.url] = prepared
+                if not item.inline:
+                    digests[item.url] = digest
             else:
                 batch.append((item, digest, prepared))
             if len(batch) >= STREAM_BATCH or (batch and not running and not pending):
@@ -190,8 +190,7 @@ class FeatureSource:
                 batch = []
         if batch:
             results.update(self._embed(project, batch, encoder, job_id))
-        self._cache(lambda: MediaDigests(self.redis, project).put_many(
-            {url: digest for url, digest in digests.items() if isinstance(results.get(url), torch.Tensor)}), None)
+        self._cache(lambda: MediaDigests(self.redis, project).put_many(digests), None)
         if late:
             log.warning("project %s: %d inputs not done within PREDICT_DEADLINE_S; answered empty", project, late)
         return results
@@ -202,13 +201,21 @@ class FeatureSource:
 
     def _embed(self, project: str, batch: list[tuple[MediaItem, str, object]], encoder: Encoder,
                job_id: str | None) -> dict[str, torch.Tensor]:
-        """Embed one batch of prepared inputs and cache the vectors; the inputs stay marked until done."""
+        """Embed one batch of prepared inputs and cache the vectors, with the content digest of each URL, in one
+        round trip; the inputs stay marked until done."""
         marks = {item.url: item.task_id for item, _, _ in batch if not item.inline}
         with self._marked(job_id, project, marks):
             vectors = encoder.embed([prepared for _, _, prepared in batch])
             fresh = {digest: vector for (_, digest, _), vector in zip(batch, vectors)}
-            self._cache(lambda: EmbeddingCache(self.redis, encoder.key).put_many(fresh), None)
+            digests = {item.url: digest for item, digest, _ in batch if not item.inline}
+            self._cache(lambda: self._store(project, encoder, fresh, digests), None)
         return {item.url: vector for (item, _, _), vector in zip(batch, vectors)}
+
+    def _store(self, project: str, encoder: Encoder, vectors: dict[str, torch.Tensor], digests: dict[str, str]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        EmbeddingCache(self.redis, encoder.key).put_many(vectors, pipe=pipe)
+        MediaDigests(self.redis, project).put_many(digests, pipe=pipe)
+        pipe.execute()
 
     @staticmethod
     def _cache(call, default):
