@@ -121,3 +121,20 @@ def test_a_request_full_of_hostile_media_still_predicts_its_good_tasks(media_ser
     assert {result["model_version"] for result in results} == {"label-v1"}
     print(f"\n/predict with {len(HOSTILE)} hostile and 2 good tasks answered in {elapsed:.2f}s")
     assert elapsed < 2 * TIMEOUT_S + 10
+
+
+def test_a_local_storage_file_is_read_in_place_without_scratch_space(settings, media_root, tmp_path):
+    """`/data/local-files/?d=` media is read where it lies: no scratch folder (the SDK's path copies every file
+    into one first), so it works with an unwritable scratch root, and its limits still hold."""
+    from backend.labelstudio.media import MediaFetcher
+
+    unwritable = tmp_path / "no-such-folder" / "scratch"  # mkdtemp under it fails
+    fetcher = MediaFetcher(settings.replace(local_files_document_root=str(media_root), model_dir=str(unwritable),
+                                            media_max_bytes=MAX_BYTES))
+    assert fetcher.fetch("/data/local-files/?d=ok.jpg") == (media_root / "ok.jpg").read_bytes()
+    for path, reason in (("big.jpg", "above MEDIA_MAX_BYTES"), ("../outside.jpg", "escapes"),
+                         ("missing.jpg", "not available"), ("", "no file path")):
+        with pytest.raises(MediaError, match=reason):
+            fetcher.fetch(f"/data/local-files/?d={path}")
+    with pytest.raises(MediaError, match="make MODEL_DIR a writable folder"):  # other URLs need scratch space
+        fetcher.fetch("http://example.invalid/ok.jpg")

@@ -123,7 +123,11 @@ class MediaFetcher:
             raise MediaError("The task has no media URL under the labeling config's data key.")
         if self._local_root() and _is_local_storage_url(url):
             return self._read_local_storage_file(url)
-        scratch = tempfile.mkdtemp(prefix="headstart-media-", dir=self.scratch_root)
+        try:
+            scratch = tempfile.mkdtemp(prefix="headstart-media-", dir=self.scratch_root)
+        except OSError as exc:
+            raise MediaError(f"No scratch folder for media downloads under {self.scratch_root} ({exc}); make "
+                             "MODEL_DIR a writable folder.") from None
         guard = FetchGuard(self.policy, self.settings.media_timeout_s)
         session = LimitedSession(guard=guard, max_bytes=self.settings.media_max_bytes)
         try:
