@@ -1,7 +1,8 @@
 """`trust`: does the label audit find flipped labels, and does auto-accept reach its target precision?
 
 For each shared set, at k = 10, 20 and all labels per class drawn from `train`, a fraction (0, 5, 10, 20 %) of
-the drawn labels is flipped to another class at random (3 seeds). Then, with the product's own functions on the
+the drawn labels is flipped to another class at random (10 seeds: at 10 % noise on hymenoptera one seed flips 24
+labels, so one seed's recall moves by 0.04 per label found). Then, with the product's own functions on the
 product's features (MobileNetV2, as `accuracy` embeds them):
 - the audit: `backend.core.audit.out_of_fold_probabilities` + `judge_labels`, what the audit job
   (`backend.loop.audit`) runs after each training. Reported: precision of its ranking at N = the number of
@@ -52,7 +53,7 @@ class Params:
     per_class_cap: int | None = None
 
 
-FULL = Params(ks=(10, 20, "all"), noise=(0.0, 0.05, 0.1, 0.2), seeds=3)  # 0: what auto-accept does on clean labels
+FULL = Params(ks=(10, 20, "all"), noise=(0.0, 0.05, 0.1, 0.2), seeds=10)  # 0: what auto-accept does on clean labels
 QUICK = Params(ks=("all",), noise=(0.1,), seeds=1, per_class_cap=12)
 
 
@@ -74,6 +75,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
                     for seed in range(params.seeds)]
             cell = {key: rounded(statistics.mean(r[key] for r in runs if r[key] is not None), 3)
                     if any(r[key] is not None for r in runs) else None for key in runs[0] if key != "autoaccept_right"}
+            cell["autoaccept_precision_gap_per_seed"] = cell.pop("autoaccept_precision_gap")
             cell.update(_pooled(runs))
             cells[name][f"k={k} noise={noise}"] = cell
             rows.append([name, str(k), f"{noise:.0%}", cell["labels"], cell["flipped"], cell["topn_precision"],
@@ -100,8 +102,10 @@ def _finish(bench_run: Run, params: Params, cells: dict, *, complete: bool) -> d
         goals[f"{name}_autoaccept_precision_gap"] = goal(figures["autoaccept_precision_gap"], 1.0, at_least=False)
     notes = [f"{params.seeds} seeds per cell; flipped labels go to another class drawn at random",
              "auto-accept thresholds come from the served recipe's out-of-fold probabilities on the noisy labels; "
-             "precision is realized on all of val against its true labels. autoaccept_precision_gap is the mean "
-             "over seeds of |realized - target|; autoaccept_pooled_gap pools the seeds' accepted val tasks first; "
+             "precision is realized on all of val against its true labels, over the val tasks the seeds accepted "
+             "together (autoaccept_precision_gap = |that - target|, the rule's own error); "
+             "autoaccept_precision_gap_per_seed is the mean over seeds of each seed's |realized - target|, which "
+             "adds one draw's sampling noise (one val task is 100/accepted points); "
              "autoaccept_accepted is the mean number of val tasks accepted per seed (one task is 100/accepted points)",
              "noise 0: clean labels (no flips), for auto-accept and the number of suspects on clean labels",
              "the cut and the auto-accept correction have no tuned constant (backend/core/audit.py); the one guard, "
@@ -111,19 +115,20 @@ def _finish(bench_run: Run, params: Params, cells: dict, *, complete: bool) -> d
 
 
 def _pooled(runs: list[dict]) -> dict:
-    """Auto-accept's precision over the val tasks accepted in all the seeds together, and its gap: the rule's bias,
-    without most of the sampling noise one seed's accepted tasks carry (the seeds share val, so not all of it)."""
+    """Auto-accept's realized precision over the val tasks accepted in all the seeds together, and its gap to the
+    target: the rule's error, without most of the sampling noise one seed's accepted tasks carry (the seeds share
+    val, so not all of it)."""
     accepted, right = sum(r["autoaccept_accepted"] for r in runs), sum(r["autoaccept_right"] for r in runs)
     if not accepted:
-        return {"autoaccept_pooled_precision": None, "autoaccept_pooled_gap": None}
+        return {"autoaccept_pooled_precision": None, "autoaccept_precision_gap": None}
     return {"autoaccept_pooled_precision": rounded(right / accepted, 3),
-            "autoaccept_pooled_gap": rounded(abs(right / accepted - TARGET) * 100, 3)}
+            "autoaccept_precision_gap": rounded(abs(right / accepted - TARGET) * 100, 3)}
 
 
 def _headline(cell: dict | None) -> dict:
     keys = ("topn_precision", "baseline_topn_precision", "cut_precision", "cut_recall", "autoaccept_precision_gap",
             "autoaccept_precision", "autoaccept_coverage", "autoaccept_accepted", "autoaccept_pooled_precision",
-            "autoaccept_pooled_gap")
+            "autoaccept_precision_gap_per_seed")
     return {key: (cell or {}).get(key) for key in keys}
 
 
