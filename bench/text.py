@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import statistics
@@ -79,11 +80,17 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
     with Stack(env={"TEXT_ENCODER": model, "HF_HUB_OFFLINE": "1"}, quick=quick) as stack:
         services = build_services(settings.replace(redis_url=stack.redis_server.url), stack.redis)
         encoder = services.encoders.for_input("text")
-        throughput = _throughput(services, stack, encoder, val[:params.throughput_texts], params.throughput_repeats)
+        sections = _Sections()
+        with sections.timed("throughput"):
+            throughput = _throughput(services, stack, encoder, val[:params.throughput_texts],
+                                     params.throughput_repeats)
         files = EmbeddingFiles(files_dir, encoder.key) if files_dir else None
-        accuracy, features_source = _accuracy(services, encoder, train, val, params, files)
-        retrain = _retrain(services, encoder, train, params.retrains)
-        predict = _predict(services, stack, val, params.predicts)
+        with sections.timed("accuracy"):
+            accuracy, features_source = _accuracy(services, encoder, train, val, params, files)
+        with sections.timed("retrain"):
+            retrain = _retrain(services, encoder, train, params.retrains)
+        with sections.timed("predict"):
+            predict = _predict(services, stack, val, params.predicts)
 
     worst_k, worst_gap = min(((k, cell["headstart"] - max(cell["ref_logreg"], cell["ref_linear"]))
                               for k, cell in accuracy.items()), key=lambda pair: pair[1])
@@ -92,7 +99,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
         "accuracy_features": features_source,
         "worst_gap": round(worst_gap, 2), "worst_gap_k": str(worst_k),
         **throughput, "retrain_s": retrain["median_s"], "retrain_runs": retrain["runs"],
-        **predict, "torch_threads": settings.torch_threads,
+        **predict, "torch_threads": settings.torch_threads, "section_s": sections.seconds,
     }
     notes = ["bbc-news (../shared/datasets/bbc-news), 5 topics; accuracy in % on val, mean over draws",
              "embedding: CPU, TORCH_THREADS=1, texts cut by the model's own truncation (256 word pieces); "
@@ -115,6 +122,21 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
         ["/predict 1 cached text, p50 ms", results["predict_cached_p50_ms"], "", ""],
     ])
     return record
+
+
+class _Sections:
+    """Wall seconds per section of the run, so a slow run says where its time went."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - started, 1)
 
 
 def _capped(items: list, cap: int | None) -> list:
