@@ -204,8 +204,9 @@ def _features(services, encoder, texts, first_id: int, files: EmbeddingFiles | N
     for start in range(0, len(missing), EMBED_CHUNK):
         services.features.features("1", [items[i] for i in missing[start:start + EMBED_CHUNK]], encoder)
     vectors = services.features.cached("1", items, encoder)
-    if files is not None and missing:
-        files.put_many({digests[i]: vectors[i] for i in missing})
+    unfiled = {digest: vector for digest, vector in zip(digests, vectors) if digest not in stored}
+    if files is not None and unfiled:  # also those the throughput pass left in the product's cache
+        files.put_many(unfiled)
     return torch.stack(vectors), {"embedded": len(missing), "from_file": len(stored)}
 
 
