@@ -274,7 +274,8 @@ def _retrain(services, encoder, train, runs: int) -> dict:
     measured = []
     for i in fresh:
         services.labels.put(project, _annotation(i, train[i][1]), {"id": i, "data": {"text": train[i][0]}})
-        services.redis.delete(redis_keys.embedding(encoder.key, content_digest(_items([train[i]], i)[0].inline_bytes())))
+        digest = content_digest(_items([train[i]], i)[0].inline_bytes())
+        services.redis.delete(redis_keys.embedding(encoder.key, digest))
         started = time.perf_counter()
         summary = retrain_project(services, project, job_id=f"bench-{i}")
         measured.append({"seconds": round(time.perf_counter() - started, 3),
