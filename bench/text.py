@@ -2,16 +2,24 @@
 
 - accuracy per k (labels per topic, 5 draws): heads the product trains (`train_version`, scored through the
   product's Predictor on all of val) against the dataset README's reference heads (logistic regression
-  C=1, and a linear layer trained with Adam) fitted here on the same features.
+  C=1, and a linear layer trained with Adam) fitted here on the same features, and the recipe the product
+  chose per draw. The features are the product's (FeatureSource into its Redis cache); each article is
+  embedded once and its vector kept in HEADSTART_BENCH_EMBEDDINGS (default ~/.cache/headstart/bench-embeddings,
+  `bench.embedding_files`: one file per encoder key and library versions, one vector per sha256 of the
+  text), so a re-run loads them into the product's cache instead of embedding 2,125 articles again.
+  --quick neither reads nor writes that folder.
 - embedding throughput on CPU with 1 torch thread: the product's FeatureSource (prepare, sha256, cache
-  writes) against the raw encoder (`SentenceTransformer.encode`, normalized) on the same texts, interleaved.
+  writes; its embedding cache flushed first, never the file above) against the raw encoder
+  (`SentenceTransformer.encode`, normalized) on the same texts, interleaved chunk by chunk.
 - retrain after one label: `retrain_project` (the worker job's pipeline: labels → features → fit → guard →
-  save) after one new label whose text was never embedded, called in process.
+  save) after one new label whose text's embedding is deleted first, called in process.
 - /predict through `headstart serve`: one task per request, p50 uncached (cache keys flushed) and cached.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import statistics
 import time
@@ -20,12 +28,15 @@ from pathlib import Path
 
 import torch
 
+from backend.common import redis_keys
+from backend.core.embedding_cache import EmbeddingCache, content_digest
 from backend.core.torch_runtime import set_torch_threads
 from backend.loop.features import MediaItem
 from backend.loop.retrain import retrain_project, train_version
 from backend.loop.services import build_services
 from backend.common.settings import Settings
 from bench.accuracy import _adam_head, _logreg_accuracy
+from bench.embedding_files import EmbeddingFiles
 from bench.harness import RESULTS_DIR, Run, goal, median, percentile, print_table, rounded
 from bench.resources import BBC_CLASSES, dataset_texts, offline_text_model
 from bench.stack import Stack
@@ -35,6 +46,7 @@ CONTROL = "topic"
 CONFIG = ('<View><Text name="text" value="$text"/><Choices name="topic" toName="text">'
           + "".join(f'<Choice value="{c}"/>' for c in BBC_CLASSES) + '</Choices></View>')
 EMBED_CHUNK = 64
+THROUGHPUT_CHUNK = 24  # texts per interleaved pair (product, raw): short pairs see the same load on both sides
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,8 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
     params = QUICK if quick else FULL
     bench_run = Run(NAME, quick=quick, results_dir=results_dir)
     model = offline_text_model()
+    files_dir = None if quick else Path(os.environ.get("HEADSTART_BENCH_EMBEDDINGS")
+                                        or Path.home() / ".cache" / "headstart" / "bench-embeddings")
     settings = Settings(text_encoder=model)
     set_torch_threads(settings.torch_threads)
     train, val = _capped(dataset_texts("train"), params.train_cap), _capped(dataset_texts("val"), params.val_cap)
@@ -66,22 +80,34 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
     with Stack(env={"TEXT_ENCODER": model, "HF_HUB_OFFLINE": "1"}, quick=quick) as stack:
         services = build_services(settings.replace(redis_url=stack.redis_server.url), stack.redis)
         encoder = services.encoders.for_input("text")
-        throughput = _throughput(services, stack, encoder, val[:params.throughput_texts], params.throughput_repeats)
-        accuracy = _accuracy(services, encoder, train, val, params)
-        retrain = _retrain(services, train, params.retrains)
-        predict = _predict(services, stack, val, params.predicts)
+        sections = _Sections()
+        with sections.timed("throughput"):
+            throughput = _throughput(services, stack, encoder, val[:params.throughput_texts],
+                                     params.throughput_repeats)
+        files = EmbeddingFiles(files_dir, encoder.key) if files_dir else None
+        with sections.timed("accuracy"):
+            accuracy, features_source = _accuracy(services, encoder, train, val, params, files)
+        with sections.timed("retrain"):
+            retrain = _retrain(services, encoder, train, params.retrains)
+        with sections.timed("predict"):
+            predict = _predict(services, stack, val, params.predicts)
 
     worst_k, worst_gap = min(((k, cell["headstart"] - max(cell["ref_logreg"], cell["ref_linear"]))
                               for k, cell in accuracy.items()), key=lambda pair: pair[1])
     results = {
         "encoder": encoder.key, "train": len(train), "val": len(val), "accuracy": accuracy,
+        "accuracy_features": features_source,
         "worst_gap": round(worst_gap, 2), "worst_gap_k": str(worst_k),
         **throughput, "retrain_s": retrain["median_s"], "retrain_runs": retrain["runs"],
-        **predict, "torch_threads": settings.torch_threads,
+        **predict, "torch_threads": settings.torch_threads, "section_s": sections.seconds,
     }
     notes = ["bbc-news (../shared/datasets/bbc-news), 5 topics; accuracy in % on val, mean over draws",
-             "embedding: CPU, TORCH_THREADS=1, texts cut by the model's own truncation (256 word pieces)",
-             "retrain_s: retrain_project in process after one new label (its text never embedded)",
+             "embedding: CPU, TORCH_THREADS=1, texts cut by the model's own truncation (256 word pieces); "
+             f"{THROUGHPUT_CHUNK}-text pairs, product and raw back to back, first side alternating; "
+             "embed_ratio = raw seconds / product seconds summed over the pairs (embed_ratio_cpu: process CPU time)",
+             "accuracy features: the product's, embedded in this run or read from the embedding file of an "
+             "earlier run with the same encoder and library versions (accuracy_features says how many of each)",
+             "retrain_s: retrain_project in process after one new label (its text's embedding deleted first)",
              "predict: `headstart serve` with default settings, one task per request"]
     goals = {"worst_gap": goal(results["worst_gap"], 0, at_least=True),
              "embed_ratio": goal(results["embed_ratio"], 0.9, at_least=True)}
@@ -96,6 +122,21 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
         ["/predict 1 cached text, p50 ms", results["predict_cached_p50_ms"], "", ""],
     ])
     return record
+
+
+class _Sections:
+    """Wall seconds per section of the run, so a slow run says where its time went."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - started, 1)
 
 
 def _capped(items: list, cap: int | None) -> list:
@@ -116,42 +157,80 @@ def _flush_embeddings(stack: Stack) -> None:
 
 
 def _throughput(services, stack, encoder, texts, repeats: int) -> dict:
-    """Product FeatureSource against the raw encoder on the same texts, interleaved."""
-    product, raw = [], []
+    """Product FeatureSource against the raw encoder on the same texts, interleaved chunk by chunk.
+
+    Each pair embeds one chunk both ways back to back, the side that goes first alternating, so load from
+    other processes falls on both sides alike; the ratio is over the summed times of all pairs."""
     strings = [text for text, _ in texts]
     encoder.model.encode(strings[:4], normalize_embeddings=True)  # warm-up
+    spent = {"product": [0.0, 0.0], "raw": [0.0, 0.0]}  # wall s, process CPU s
+    pair_ratios = []
     for _ in range(repeats):
-        _flush_embeddings(stack)
-        started = time.perf_counter()
-        services.features.features("900", _items(texts, 0), encoder)
-        product.append(len(texts) / (time.perf_counter() - started))
-        started = time.perf_counter()
-        encoder.model.encode(strings, batch_size=32, normalize_embeddings=True, convert_to_tensor=True)
-        raw.append(len(texts) / (time.perf_counter() - started))
-    return {"embed_texts_per_s": rounded(median(product), 2), "raw_texts_per_s": rounded(median(raw), 2),
-            "embed_ratio": rounded(median(product) / median(raw), 3), "throughput_texts": len(texts)}
+        for start in range(0, len(texts), THROUGHPUT_CHUNK):
+            chunk, items = strings[start:start + THROUGHPUT_CHUNK], _items(texts[start:start + THROUGHPUT_CHUNK], start)
+            sides = {
+                "product": lambda: services.features.features("900", items, encoder),
+                "raw": lambda: encoder.model.encode(chunk, batch_size=32, normalize_embeddings=True,
+                                                    convert_to_tensor=True),
+            }
+            order = ["product", "raw"] if len(pair_ratios) % 2 == 0 else ["raw", "product"]
+            _flush_embeddings(stack)
+            pair = {}
+            for side in order:
+                wall, cpu = time.perf_counter(), time.process_time()
+                sides[side]()
+                pair[side] = time.perf_counter() - wall
+                spent[side][0] += pair[side]
+                spent[side][1] += time.process_time() - cpu
+            pair_ratios.append(pair["raw"] / pair["product"])
+    embedded = len(texts) * repeats
+    return {"embed_texts_per_s": rounded(embedded / spent["product"][0], 2),
+            "raw_texts_per_s": rounded(embedded / spent["raw"][0], 2),
+            "embed_ratio": rounded(spent["raw"][0] / spent["product"][0], 3),
+            "embed_ratio_cpu": rounded(spent["raw"][1] / spent["product"][1], 3),
+            "embed_pair_ratios": [rounded(min(pair_ratios), 3), rounded(median(pair_ratios), 3),
+                                  rounded(max(pair_ratios), 3)],
+            "throughput_texts": len(texts), "throughput_pairs": len(pair_ratios)}
 
 
-def _accuracy(services, encoder, train, val, params: Params) -> dict:
-    """Per k: the product's heads (scored through its Predictor) and the two reference heads, same draws."""
-    for start in range(0, len(train), EMBED_CHUNK):
-        services.features.features("1", _items(train[start:start + EMBED_CHUNK], start), encoder)
-    for start in range(0, len(val), EMBED_CHUNK):
-        services.features.features("1", _items(val[start:start + EMBED_CHUNK], 100_000 + start), encoder)
-    x = torch.stack(services.features.cached("1", _items(train, 0), encoder))
-    x_val = torch.stack(services.features.cached("1", _items(val, 100_000), encoder))
+def _features(services, encoder, texts, first_id: int, files: EmbeddingFiles | None) -> tuple[torch.Tensor, dict]:
+    """The product's cached features of `texts` (as inline tasks from `first_id`), and how many were read from
+    `files` (put into the product's cache as they are) and embedded now (through its FeatureSource)."""
+    items = _items(texts, first_id)
+    digests = [content_digest(item.inline_bytes()) for item in items]
+    stored = files.get_many(digests) if files is not None else {}
+    EmbeddingCache(services.redis, encoder.key).put_many(stored)
+    missing = [i for i, vector in enumerate(services.features.cached("1", items, encoder)) if vector is None]
+    for start in range(0, len(missing), EMBED_CHUNK):
+        services.features.features("1", [items[i] for i in missing[start:start + EMBED_CHUNK]], encoder)
+    vectors = services.features.cached("1", items, encoder)
+    unfiled = {digest: vector for digest, vector in zip(digests, vectors) if digest not in stored}
+    if files is not None and unfiled:  # also those the throughput pass left in the product's cache
+        files.put_many(unfiled)
+    return torch.stack(vectors), {"embedded": len(missing), "from_file": len(stored)}
+
+
+def _accuracy(services, encoder, train, val, params: Params, files: EmbeddingFiles | None) -> tuple[dict, dict]:
+    """Per k: the product's heads (scored through its Predictor) and the two reference heads, same draws;
+    and where the features came from."""
+    x, from_train = _features(services, encoder, train, 0, files)
+    x_val, from_val = _features(services, encoder, val, 100_000, files)
+    source = {key: from_train[key] + from_val[key] for key in ("embedded", "from_file")}
+    source["file"] = files.path.name if files else None
     y = torch.tensor([BBC_CLASSES.index(cls) for _, cls in train])
     y_val = torch.tensor([BBC_CLASSES.index(cls) for _, cls in val])
     val_tasks = [{"id": 100_000 + i, "data": {"text": text}} for i, (text, _) in enumerate(val)]
     cells = {}
     for k in params.ks:
         scores = {"headstart": [], "ref_logreg": [], "ref_linear": []}
+        recipes: dict[str, int] = {}
         for seed in range(1 if k == "all" else params.seeds):
             chosen = _draw(y, k, seed)
             trained = train_version(services.store, project="1", control=CONTROL, classes=list(BBC_CLASSES),
                                     multi_label=False, features=x[chosen], labels=[[train[i][1]] for i in chosen],
                                     task_ids=chosen, encoder=encoder)
             services.store.promote("1", CONTROL, trained.number)
+            recipes[trained.meta["recipe"]] = recipes.get(trained.meta["recipe"], 0) + 1
             predictions, _ = services.predictor.predict_cached(val_tasks, project="1", label_config=CONFIG)
             correct = sum(p["result"] and p["result"][0]["value"]["choices"] == [cls]
                           for p, (_, cls) in zip(predictions, val))
@@ -162,7 +241,10 @@ def _accuracy(services, encoder, train, val, params: Params) -> dict:
                 scores["ref_linear"].append(100.0 * float((head(x_val).argmax(1) == y_val).float().mean()))
         cells[str(k)] = {name: round(statistics.fmean(values), 2) for name, values in scores.items()}
         cells[str(k)].update({f"{name}_std": round(statistics.pstdev(values), 2) for name, values in scores.items()})
-    return cells
+        cells[str(k)]["recipes"] = recipes
+        if k == "all":
+            cells[str(k)]["recipe_evidence"] = trained.meta["selection"].get("evidence", {})
+    return cells, source
 
 
 def _draw(y: torch.Tensor, k, seed: int) -> list[int]:
@@ -178,8 +260,9 @@ def _annotation(task: int, cls: str) -> dict:
             "result": [{"from_name": CONTROL, "to_name": "text", "type": "choices", "value": {"choices": [cls]}}]}
 
 
-def _retrain(services, train, runs: int) -> dict:
-    """Seed 10 labels per topic, train once (warm-up), then time `runs` retrains each after one more label."""
+def _retrain(services, encoder, train, runs: int) -> dict:
+    """Seed 10 labels per topic, train once (warm-up), then time `runs` retrains each after one more label
+    whose text's embedding is deleted first, so the retrain embeds it."""
     project = "2"
     services.projects.remember(project, CONFIG)
     per_class = {cls: [i for i, (_, label) in enumerate(train) if label == cls] for cls in BBC_CLASSES}
@@ -191,6 +274,8 @@ def _retrain(services, train, runs: int) -> dict:
     measured = []
     for i in fresh:
         services.labels.put(project, _annotation(i, train[i][1]), {"id": i, "data": {"text": train[i][0]}})
+        digest = content_digest(_items([train[i]], i)[0].inline_bytes())
+        services.redis.delete(redis_keys.embedding(encoder.key, digest))
         started = time.perf_counter()
         summary = retrain_project(services, project, job_id=f"bench-{i}")
         measured.append({"seconds": round(time.perf_counter() - started, 3),

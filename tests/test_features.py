@@ -178,3 +178,25 @@ def test_a_small_predict_stays_fast_while_a_huge_slow_one_runs(settings, redis, 
         assert server.peak_concurrent <= REQUEST_SHARE + 1
     finally:
         server.stop()
+
+
+def test_inline_texts_are_embedded_shortest_first_and_each_task_keeps_its_own_vector(services):
+    encoder = services.encoders.for_input("text")
+    batches = []
+
+    class Recording:
+        key, prepare = encoder.key, encoder.prepare
+
+        def embed(self, texts):
+            batches.append(list(texts))
+            return encoder.embed(texts)
+
+    texts = [" ".join(["word"] * (1 + (7 * i) % 40)) + f" {i}" for i in range(2 * STREAM_BATCH + 3)]
+    items = [MediaItem(i, text, inline=True) for i, text in enumerate(texts)]
+    vectors = services.features.features(PROJECT, items, Recording())
+
+    embedded = [text for batch in batches for text in batch]
+    assert sorted(embedded) == sorted(texts) and [len(t) for t in embedded] == sorted(len(t) for t in texts)
+    assert max(len(batch) for batch in batches) <= STREAM_BATCH
+    alone = encoder.embed([texts[5], texts[17]])
+    assert torch.allclose(vectors[5], alone[0], atol=1e-5) and torch.allclose(vectors[17], alone[1], atol=1e-5)

@@ -74,6 +74,13 @@ class FetchPlan:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
 
+def _embedding_order(item: MediaItem) -> tuple[int, int]:
+    """Fetched inputs first, in their order; then inline texts, shortest first. Batches are cut in
+    stream order, so sorted texts share a batch with texts of about their length: the encoder pads
+    each batch to its longest text, and arrival order cost a third of the throughput on mixed lengths."""
+    return (1, len(item.url)) if item.inline else (0, 0)
+
+
 class FeatureSource:
     def __init__(self, redis: Redis, fetcher: MediaFetcher, *, limits: InputLimits, metrics: Metrics,
                  poison: PoisonLedger | None = None):
@@ -137,7 +144,7 @@ class FeatureSource:
                                                f"PREDICT_MAX_FETCH={plan.max_fetch} new inputs.")
         # an inline text is its own input, never fetched: no URL to charge kills to
         kills = self._cache(lambda: self.poison.kills(project, (item.url for item in items if not item.inline)), {})
-        healthy = [item for item in items if not kills.get(item.url)]
+        healthy = sorted((item for item in items if not kills.get(item.url)), key=_embedding_order)
         suspects = [item for item in items if kills.get(item.url)]
         for item in suspects:
             if self.poison.is_poison(kills[item.url]):
