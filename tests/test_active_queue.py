@@ -20,11 +20,11 @@ PROJECT = 9
 PER_CLASS = 8
 
 
-def test_the_front_keeps_only_tasks_label_studio_serves_in_headstarts_order():
-    scores = {1: 0.7, 2: 0.6, 3: 0.8, 4: 0.8, 5: 0.95, 6: 0.9, 7: 0.99}
-    # 2 scores below 1 and would be served first; 4 ties with 3; 6 is below 5
-    assert served_in_order([1, 2, 3, 4, 5, 6, 7], scores, 8) == [1, 3, 5, 7]
-    assert served_in_order([1, 2, 3, 4, 5, 6, 7], scores, 2) == [1, 3]
+def test_the_front_keeps_only_picks_label_studio_serves_after_headstarts_first():
+    scores = {1: 0.7, 2: 0.6, 3: 0.8, 4: 0.7, 5: 0.95, 6: 0.9, 7: 0.99}
+    # 2 scores below 1 and would be served first; 4 ties with 1 (either may come first)
+    assert served_in_order([1, 2, 3, 4, 5, 6, 7], scores, 8) == [1, 3, 5, 6, 7]
+    assert served_in_order([1, 2, 3, 4, 5, 6, 7], scores, 3) == [1, 3, 5]
     assert served_in_order([7, 1, 3], scores, 8) == [7]  # the first pick always leads, however confident
     assert served_in_order([4, 2, 1], None, 8) == [4]  # no scores: Label Studio's order is not defined
     assert served_in_order([], scores, 8) == []
@@ -68,7 +68,7 @@ def test_before_any_head_the_zero_shot_classifier_ranks_and_scores_the_front(set
     assert front.guide == "zero-shot" and front.strategy == "typicality"
     assert 1 < len(front.tasks) <= services.settings.active_front
     scores = [front.scores[task] for task in front.tasks]
-    assert scores == sorted(scores) and len(set(scores)) == len(scores)  # Label Studio serves them in this order
+    assert min(scores[1:]) > scores[0]  # Label Studio serves the first pick first
     # honest: each score is the confidence of the zero-shot pre-label annotators see on that task (`label-v0`)
     tasks = [{"id": task["id"], "data": task["data"]} for task in label_studio.tasks if task["id"] in front.tasks]
     shown, _ = services.predictor.predict_cached(tasks, project=str(PROJECT), label_config=CONFIG_2)

@@ -7,9 +7,9 @@ the cluster ordering cannot be fed at scale). headstart therefore expresses its 
 is done) it ranks the unlabeled tasks (`backend.core.active`), writes for the first of them a
 prediction tagged `headstart-next-R` (an empty result and an honest score: the confidence of the
 served head, or of the zero-shot classifier before any head; none without either) and renames the
-project's ML backend to that tag, so Label Studio counts exactly those as current. The front holds
-only tasks Label Studio will serve in headstart's order (each scoring above the one before; the
-first alone when there are no scores), at most `ACTIVE_FRONT`. The served version's own predictions
+project's ML backend to that tag, so Label Studio counts exactly those as current. The front starts
+with headstart's first pick and holds only picks Label Studio will serve after it (scoring above it;
+the first alone when there are no scores), at most `ACTIVE_FRONT`. The served version's own predictions
 (`label-vN`, on every unlabeled task) are untouched: they are what annotators see and what Data
 Manager filters by.
 """
@@ -147,23 +147,20 @@ def next_front(services: Services, project: str) -> Front | str:
 
 
 def served_in_order(order: list[int], scores: dict[int, float] | None, size: int) -> list[int]:
-    """The front: at most `size` tasks taken along `order` that Label Studio will serve in `order`'s order.
+    """The front: `order`'s first pick, which Label Studio must serve first, and after it (up to `size` in all) the
+    next picks that Label Studio will serve after it.
 
-    Label Studio serves the current task with the lowest score first, so a task whose (honest) score is not
-    strictly above the one before it would jump the queue: it is left for a later refresh. Without scores Label
-    Studio's order among the current tasks is not defined, so the front is `order`'s first task alone.
+    Label Studio serves the current task with the lowest score first, so a pick whose (honest) score is not
+    strictly above the first pick's would jump ahead of it: it is left for a later refresh. The picks kept are
+    served after the first, least confident first. Without scores Label Studio's order among the current tasks is
+    not defined, so the front is the first pick alone.
     """
     if not order:
         return []
     if scores is None:
         return order[:1]
-    front = [order[0]]
-    for task in order[1:]:
-        if len(front) >= size:
-            break
-        if scores[task] > scores[front[-1]]:
-            front.append(task)
-    return front
+    first = scores[order[0]]
+    return [order[0]] + [task for task in order[1:] if scores[task] > first][:size - 1]
 
 
 def publish_front(services: Services, project: str, front: list[int], scores: dict[int, float], *,
