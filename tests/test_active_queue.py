@@ -20,13 +20,15 @@ PROJECT = 9
 PER_CLASS = 8
 
 
-def test_the_front_keeps_only_picks_label_studio_serves_after_headstarts_first():
-    scores = {1: 0.7, 2: 0.6, 3: 0.8, 4: 0.7, 5: 0.95, 6: 0.9, 7: 0.99}
-    # 2 scores below 1 and would be served first; 4 ties with 1 (either may come first)
-    assert served_in_order([1, 2, 3, 4, 5, 6, 7], scores, 8) == [1, 3, 5, 6, 7]
-    assert served_in_order([1, 2, 3, 4, 5, 6, 7], scores, 3) == [1, 3, 5]
+def test_the_front_keeps_only_tasks_label_studio_serves_after_headstarts_first_pick():
+    scores = {1: 0.7, 2: 0.6, 3: 0.8, 4: 0.7, 5: 0.95, 6: 0.9, 7: 0.99, 8: 0.65}
+    # 2 and 8 score below 3 and would be served first; 4 ties with 3 but has a larger id: served after it
+    assert served_in_order([3, 2, 4, 8, 5, 6, 7, 1], scores, 8) == [3, 5, 6, 7]
+    assert served_in_order([3, 2, 4, 8, 5, 6, 7, 1], {**scores, 4: 0.8}, 8) == [3, 4, 5, 6, 7]
+    assert served_in_order([1, 2, 3, 4, 5, 6, 7], scores, 3) == [1, 3, 4]
+    assert served_in_order([6, 2, 1, 3, 5, 7], scores, 3) == [6, 5, 7]  # full from further down the order
     assert served_in_order([7, 1, 3], scores, 8) == [7]  # the first pick always leads, however confident
-    assert served_in_order([4, 2, 1], None, 8) == [4]  # no scores: Label Studio's order is not defined
+    assert served_in_order([4, 2, 6, 1, 5], None, 3) == [4, 6, 5]  # no scores: by id, after the first pick
     assert served_in_order([], scores, 8) == []
 
 
@@ -66,21 +68,27 @@ def test_before_any_head_the_zero_shot_classifier_ranks_and_scores_the_front(set
     services = _embedded(settings, redis, encoders, label_studio, zero_shot=True)
     front = next_front(services, str(PROJECT))
     assert front.guide == "zero-shot" and front.strategy == "typicality"
-    assert 1 < len(front.tasks) <= services.settings.active_front
-    scores = [front.scores[task] for task in front.tasks]
-    assert min(scores[1:]) > scores[0]  # Label Studio serves the first pick first
     # honest: each score is the confidence of the zero-shot pre-label annotators see on that task (`label-v0`)
-    tasks = [{"id": task["id"], "data": task["data"]} for task in label_studio.tasks if task["id"] in front.tasks]
+    tasks = [{"id": task["id"], "data": task["data"]} for task in label_studio.tasks]
     shown, _ = services.predictor.predict_cached(tasks, project=str(PROJECT), label_config=CONFIG_2)
-    assert {task["id"]: p["score"] for task, p in zip(tasks, shown)} == pytest.approx(front.scores, abs=1e-5)
     assert {p["model_version"] for p in shown} == {"label-v0"}
+    confidence = {task["id"]: p["score"] for task, p in zip(tasks, shown)}
+    assert front.scores == pytest.approx({task: confidence[task] for task in front.tasks}, abs=1e-5)
+    # Label Studio serves the first pick first (lowest score, then lowest id); the front holds as many of the
+    # tasks served after it as ACTIVE_FRONT allows
+    first = (front.scores[front.tasks[0]], front.tasks[0])
+    assert all((front.scores[task], task) > first for task in front.tasks[1:])
+    after = [task for task in confidence if (round(confidence[task], 6), task) > first]
+    assert len(front.tasks) == min(services.settings.active_front, 1 + len(after))
     assert front.tasks[0] == next_front(services, str(PROJECT)).tasks[0]  # deterministic for the project
 
 
-def test_without_any_model_the_front_is_the_first_pick_alone(settings, redis, encoders, label_studio):
+def test_without_any_model_the_front_is_the_first_pick_then_larger_ids(settings, redis, encoders, label_studio):
     services = _embedded(settings, redis, encoders, label_studio, zero_shot=False)
     front = next_front(services, str(PROJECT))
-    assert front.guide == "none" and front.scores == {} and len(front.tasks) == 1
+    assert front.guide == "none" and front.scores == {}
+    assert all(task > front.tasks[0] for task in front.tasks[1:])
+    assert len(front.tasks) == min(services.settings.active_front, 1 + len(label_studio.tasks) - front.tasks[0])
 
 
 def test_labeling_what_label_studio_serves_covers_both_classes_at_once(settings, redis, encoders, label_studio):

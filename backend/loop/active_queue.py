@@ -8,8 +8,8 @@ is done) it ranks the unlabeled tasks (`backend.core.active`), writes for the fi
 prediction tagged `headstart-next-R` (an empty result and an honest score: the confidence of the
 served head, or of the zero-shot classifier before any head; none without either) and renames the
 project's ML backend to that tag, so Label Studio counts exactly those as current. The front starts
-with headstart's first pick and holds only picks Label Studio will serve after it (scoring above it;
-the first alone when there are no scores), at most `ACTIVE_FRONT`. The served version's own predictions
+with headstart's first pick and holds `ACTIVE_FRONT` tasks that Label Studio serves after it (scoring
+above it, or equal with a larger id), taken along headstart's order. The served version's own predictions
 (`label-vN`, on every unlabeled task) are untouched: they are what annotators see and what Data
 Manager filters by.
 """
@@ -147,20 +147,20 @@ def next_front(services: Services, project: str) -> Front | str:
 
 
 def served_in_order(order: list[int], scores: dict[int, float] | None, size: int) -> list[int]:
-    """The front: `order`'s first pick, which Label Studio must serve first, and after it (up to `size` in all) the
-    next picks that Label Studio will serve after it.
+    """The front: `order`'s first pick, which Label Studio must serve first, then (up to `size` in all) the next
+    tasks along `order` that Label Studio serves after it.
 
-    Label Studio serves the current task with the lowest score first, so a pick whose (honest) score is not
-    strictly above the first pick's would jump ahead of it: it is left for a later refresh. The picks kept are
-    served after the first, least confident first. Without scores Label Studio's order among the current tasks is
-    not defined, so the front is the first pick alone.
+    Label Studio serves the current task with the lowest score first; among equal (or no) scores the database
+    returns them by task id (checked against 1.23.2 by tests/e2e/test_active_learning.py). A task that would come
+    before the first pick is left for a later refresh, so the front stays full (it is the buffer for annotators
+    labeling at once) with tasks from further down `order` when needed.
     """
     if not order:
         return []
-    if scores is None:
-        return order[:1]
-    first = scores[order[0]]
-    return [order[0]] + [task for task in order[1:] if scores[task] > first][:size - 1]
+    def place(task: int) -> tuple[float, int]:
+        return (scores[task] if scores is not None else 0.0, task)
+    first = place(order[0])
+    return [order[0]] + [task for task in order[1:] if place(task) > first][:size - 1]
 
 
 def publish_front(services: Services, project: str, front: list[int], scores: dict[int, float], *,
