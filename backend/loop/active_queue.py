@@ -82,7 +82,7 @@ def ranking_enabled(services: Services) -> bool:
 
 @dataclass(frozen=True)
 class Front:
-    """The next picks to make current in Label Studio, in the order it will serve them."""
+    """The tasks to make current in Label Studio: headstart's first pick (served first), then the rest of the front."""
 
     tasks: list[int]
     scores: dict[int, float]  # task → the guiding model's confidence (empty: no model yet)
@@ -91,7 +91,7 @@ class Front:
 
 
 def refresh_queue(services: Services, project: str) -> dict:
-    """Rank the unlabeled tasks and make the first of them (at most `ACTIVE_FRONT`) the current ones in Label Studio."""
+    """Rank the unlabeled tasks and make the front (`next_front`) the current tasks in Label Studio."""
     if not ranking_enabled(services):
         return {"project": project, "status": "skipped: ACTIVE_LEARNING is off or Label Studio is not configured"}
     front = next_front(services, project)
@@ -157,6 +157,7 @@ def served_in_order(order: list[int], scores: dict[int, float] | None, size: int
     """
     if not order:
         return []
+
     def place(task: int) -> tuple[float, int]:
         return (scores[task] if scores is not None else 0.0, task)
     first = place(order[0])
