@@ -33,10 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zero-shot", action="store_true",
                         help="accuracy only: measure just k=0 (zero-shot pre-labels, under a minute) and merge it "
                              "into the accuracy results, keeping their other keys")
+    parser.add_argument("--seeds", type=int, help="active only: seeds per set (default 3; 1 with --quick)")
+    parser.add_argument("--sets", help="active only: comma-separated sets to measure (default hymenoptera,flowers12); "
+                                       "the others keep their earlier results in active.json")
     parser.add_argument("--results-dir", type=Path, help="where the JSON results go (default: bench/results)")
     args = parser.parse_args(argv)
     if args.tasks is not None and args.name != "loop":
         parser.error("--tasks applies to loop only")
+    if (args.seeds is not None or args.sets is not None) and args.name != "active":
+        parser.error("--seeds and --sets apply to active only")
     if args.zero_shot and args.name != "accuracy":
         parser.error("--zero-shot applies to accuracy only")
     from bench.data import ensure_weights
@@ -56,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n=== {name} ===", flush=True)
         began = time.monotonic()
         options = {"tasks": args.tasks} if name == "loop" else {"zero_shot_only": True} if args.zero_shot else {}
+        if name == "active":
+            options = {"seeds": args.seeds, **({"sets": tuple(args.sets.split(","))} if args.sets else {})}
         module.run(quick=args.quick, results_dir=results_dir, **options)
         print(f"({name}: {time.monotonic() - began:.0f} s)", flush=True)
     if args.name == "all" and results_dir == RESULTS_DIR:

@@ -45,6 +45,7 @@ QUICK_LABELS_PER_CLASS = {"hymenoptera": 20, "flowers12": 10}  # --quick: one se
 TARGET_FRACTION = 0.95
 IDLE_TIMEOUT_S = 120
 FRONT_TIMEOUT_S = 600
+IDLE_POLL_S = 0.1  # how often the annotator looks whether the worker is idle (0.5 s added 0.25 s a label)
 
 
 def checkpoints(classes: int, budget: int) -> list[int]:
@@ -52,13 +53,18 @@ def checkpoints(classes: int, budget: int) -> list[int]:
     return list(range(step, budget + 1, step))
 
 
-def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
-    seeds = 1 if quick else 3
+def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, seeds: int | None = None,
+        sets: tuple[str, ...] = SETS) -> dict:
+    """Measure `sets` (each with `seeds` seeds: 1 with --quick, else 3) and merge them into active.json: a set not
+    measured keeps its earlier cell, so the sets can be measured in separate runs."""
+    seeds = seeds if seeds is not None else 1 if quick else 3
+    unknown = [name for name in sets if name not in SETS]
+    if unknown or seeds < 1:
+        raise ValueError(f"active: sets must be among {SETS} and seeds at least 1; got {list(sets)}, {seeds}")
     set_torch_threads(1)
     encoder = load_image_encoder("mobilenet_v2")
     root = Path(tempfile.mkdtemp(prefix="headstart-bench-active-"))
-    results: dict = {"seeds": seeds, "quick": quick, "target_fraction": TARGET_FRACTION,
-                     "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    results: dict = {"target_fraction": TARGET_FRACTION}
     try:
         with contextlib.ExitStack() as cleanup:
             documents = root / "documents"
@@ -73,17 +79,23 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
                                    "LOG_LEVEL": "INFO"},
                               workers=1, serve=True, log_dir=root / "logs")
             cleanup.enter_context(stack)
-            for name in SETS:
+            for name in sets:
                 per_class = QUICK_LABELS_PER_CLASS[name] if quick else LABELS_PER_CLASS
-                results[name] = _one_set(name, api, stack, documents, encoder, seeds, per_class)
+                began = time.time()
+                results[name] = {"seeds": seeds, "quick": quick,
+                                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(began)),
+                                 **_one_set(name, api, stack, documents, encoder, seeds, per_class)}
+                results[name]["wall_s"] = round(time.time() - began, 1)
                 print(json.dumps({k: v for k, v in results[name].items() if k != "curves"}), flush=True)
     except BaseException:
         print(f"active: failed; logs kept in {root / 'logs'}", file=sys.stderr, flush=True)
         raise
-    results["wall_s"] = round(time.time() - time.mktime(time.strptime(results["started_at"], "%Y-%m-%dT%H:%M:%SZ"))
-                              + time.timezone, 1)
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{NAME}.json").write_text(json.dumps(results, indent=2) + "\n")
+    earlier = results_dir / f"{NAME}.json"
+    kept = json.loads(earlier.read_text()) if earlier.exists() else {}
+    results = {**{name: kept[name] for name in SETS if name in kept and name not in sets and "seeds" in kept[name]},
+               **results}
+    earlier.write_text(json.dumps(results, indent=2) + "\n")
     _plot(results, results_dir / f"{NAME}.png")
     shutil.rmtree(root, ignore_errors=True)
     return results
@@ -153,7 +165,7 @@ def _label_through_label_studio(api: LabelStudioApi, stack: LoopStack, name: str
         labeled.append((file_of[task["id"]], label))
         if order == "headstart":
             time.sleep(0.3)  # the webhook's training request lands
-            wait_until(lambda: _idle(stack), timeout_s=IDLE_TIMEOUT_S, what="the worker idle")
+            wait_until(lambda: _idle(stack), timeout_s=IDLE_TIMEOUT_S, interval_s=IDLE_POLL_S, what="the worker idle")
     return labeled
 
 
@@ -187,13 +199,14 @@ def _plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(SETS), figsize=(10, 4))
-    for axis, name in zip(axes, SETS):
+    names = [name for name in SETS if name in results]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for axis, name in zip(axes[0], names):
         cell = results[name]
         for order, style in (("random", "--"), ("headstart", "-")):
             axis.plot(cell["checkpoints"], cell["curves"][order], style, label=f"{order} (Label Studio /next)")
         axis.axhline(cell["target_accuracy"], color="grey", linewidth=0.8, label="95% of all labels")
-        axis.set_title(f"{name}: {cell['classes']} classes, {results['seeds']} seed(s)")
+        axis.set_title(f"{name}: {cell['classes']} classes, {cell['seeds']} seed(s)")
         axis.set_xlabel("labels")
         axis.set_ylabel("val accuracy")
         axis.legend(loc="lower right", fontsize=8)

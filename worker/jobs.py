@@ -60,10 +60,10 @@ def train_project(services: Services, project: str) -> dict:
     services.metrics.observe("headstart_training_seconds", time.perf_counter() - started)
     if summary["promoted"] and services.settings.repredict_unlabeled and services.can_reach_label_studio:
         schedule_prediction_pass(services.redis, services.settings, project)  # at most one per interval
+    if ranking_enabled(services):  # before the audit: the annotator's next task waits for it, not for the audit
+        enqueue_queue_refresh(services.redis, services.settings, project)  # with the head just served
     if any(outcome["status"] not in ("skipped", "unchanged") for outcome in summary["controls"].values()):
         enqueue_audit(services.redis, services.settings, project)  # suspects and coverage of the labels just read
-    if ranking_enabled(services):
-        enqueue_queue_refresh(services.redis, services.settings, project)  # with the head just served
     return summary
 
 

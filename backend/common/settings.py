@@ -130,8 +130,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Uncertainty sampling (when it is still the default) and keep headstart's next picks current for it. "
             "false: leave the project's sampling and order alone."),
     Setting("ACTIVE_FRONT", "active_front", "8", int,
-            "Unlabeled tasks headstart keeps at the front of Label Studio's queue at a time (the next picks; "
-            "refreshed after every training). At least the number of annotators labeling at once."),
+            "Most unlabeled tasks headstart keeps at the front of Label Studio's queue at a time (the next picks "
+            "Label Studio will serve in headstart's order; refreshed after every training). At least the number "
+            "of annotators labeling at once."),
     Setting("AUTO_ACCEPT_PRECISION", "auto_accept_precision", "0.98", float,
             "Target precision of auto-accept: per class, the confidence above which the model's labels reach it "
             "out of fold (shown by `headstart status` and /admin; `headstart export --min-precision` overrides it)."),

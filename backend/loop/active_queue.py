@@ -4,11 +4,14 @@ Label Studio's uncertainty sampling serves the unlabeled task with the lowest `s
 carrying a prediction of `project.model_version` (its bulk prediction import drops `cluster`, so
 the cluster ordering cannot be fed at scale). headstart therefore expresses its order through
 *which* tasks carry a current prediction: after every training (and once the first embedding pass
-is done) it ranks the unlabeled tasks (`backend.core.active`), writes for the first `ACTIVE_FRONT`
-of them a prediction tagged `headstart-next-R` (an empty result and an honest score: the served
-head's confidence, none before a head exists) and renames the project's ML backend to that tag, so
-Label Studio counts exactly those as current. The served version's own predictions (`label-vN`, on
-every unlabeled task) are untouched: they are what annotators see and what Data Manager filters by.
+is done) it ranks the unlabeled tasks (`backend.core.active`), writes for the first of them a
+prediction tagged `headstart-next-R` (an empty result and an honest score: the confidence of the
+served head, or of the zero-shot classifier before any head; none without either) and renames the
+project's ML backend to that tag, so Label Studio counts exactly those as current. The front starts
+with headstart's first pick and holds `ACTIVE_FRONT` tasks that Label Studio serves after it (scoring
+above it, or equal with a larger id), taken along headstart's order. The served version's own predictions
+(`label-vN`, on every unlabeled task) are untouched: they are what annotators see and what Data
+Manager filters by.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -76,13 +80,35 @@ def ranking_enabled(services: Services) -> bool:
     return services.settings.active_learning and services.can_reach_label_studio
 
 
+@dataclass(frozen=True)
+class Front:
+    """The tasks to make current in Label Studio: headstart's first pick (served first), then the rest of the front."""
+
+    tasks: list[int]
+    scores: dict[int, float]  # task → the guiding model's confidence (empty: no model yet)
+    strategy: str  # "typicality" or "margin"
+    guide: str  # whose probabilities ranked and scored: "label-vN", "zero-shot" or "none"
+
+
 def refresh_queue(services: Services, project: str) -> dict:
-    """Rank the unlabeled tasks and make the first `ACTIVE_FRONT` of them the current ones in Label Studio."""
+    """Rank the unlabeled tasks and make the front (`next_front`) the current tasks in Label Studio."""
     if not ranking_enabled(services):
         return {"project": project, "status": "skipped: ACTIVE_LEARNING is off or Label Studio is not configured"}
+    front = next_front(services, project)
+    if isinstance(front, str):
+        return {"project": project, "status": f"skipped: {front}"}
+    return publish_front(services, project, front.tasks, front.scores, strategy=front.strategy, guide=front.guide)
+
+
+def next_front(services: Services, project: str) -> Front | str:
+    """headstart's next picks for the project (a Front), or why there are none yet (a str).
+
+    The served head's probabilities rank and score the tasks; before any head, the zero-shot classifier's when the
+    project's choices are ImageNet classes (the same confidence the `-v0` pre-label shows); otherwise none.
+    """
     config = services.projects.label_config(project)
     if config is None:
-        return {"project": project, "status": "skipped: no labeling config known yet"}
+        return "no labeling config known yet"
     spec = parse_label_config(config)[0]
     served = services.predictor.served(project, config)
     head = served.heads.get(spec.control)
@@ -94,29 +120,52 @@ def refresh_queue(services: Services, project: str) -> dict:
     vectors = services.features.cached(project, items, encoder)
     rows = [i for i, vector in enumerate(vectors) if isinstance(vector, torch.Tensor)]
     if not rows:
-        return {"project": project, "status": "skipped: no task embedded yet"}
+        return "no task embedded yet"
     ids = [task_ids[i] for i in rows]
     features = torch.stack([vectors[i] for i in rows])
     labeled_tasks = {r["task"] for r in services.labels.records(project) if not r.get("cancelled")}
     labeled = [task in labeled_tasks for task in ids]
     examples, _ = services.labels.examples(project, spec)
     counts = [sum(name in example.choices for example in examples) for name in spec.classes]
-    probabilities = None
-    if head is not None:
-        with torch.no_grad():
+    probabilities, guide = None, "none"
+    with torch.no_grad():
+        if head is not None:
             probabilities = head_probabilities(head.head, features, multi_label=head.multi_label)
-    front_size = max(1, services.settings.active_front)
-    ranking = rank_unlabeled(features, labeled, batch=front_size, probabilities=probabilities,
-                             labels_per_class=counts, switch_labels_per_class=SWITCH_LABELS_PER_CLASS,
-                             seed=int(project))
-    front = [ids[i] for i in ranking.order[:front_size]]
-    scores = ({ids[i]: round(float(probabilities[i].max()), 6) for i in ranking.order[:front_size]}
-              if probabilities is not None else {})
-    return publish_front(services, project, front, scores, strategy=ranking.strategy)
+            guide = f"{spec.control}-v{head.number}"
+        elif spec.control in served.zero_shot and services.predictor.zero_shot is not None:
+            classifier = services.predictor.zero_shot.get(encoder.name, services.encoders.weights_file)
+            probabilities, guide = classifier.probabilities(features, served.zero_shot[spec.control]), "zero-shot"
+    ranking = rank_unlabeled(features, labeled, batch=max(1, services.settings.active_front),
+                             probabilities=probabilities, labels_per_class=counts,
+                             switch_labels_per_class=SWITCH_LABELS_PER_CLASS, seed=int(project))
+    scores = ({ids[i]: round(float(probabilities[i].max()), 6) for i in ranking.order}
+              if probabilities is not None else None)
+    order = [ids[i] for i in ranking.order]
+    front = served_in_order(order, scores, max(1, services.settings.active_front))
+    return Front(tasks=front, scores={task: scores[task] for task in front} if scores else {},
+                 strategy=ranking.strategy, guide=guide)
+
+
+def served_in_order(order: list[int], scores: dict[int, float] | None, size: int) -> list[int]:
+    """The front: `order`'s first pick, which Label Studio must serve first, then (up to `size` in all) the next
+    tasks along `order` that Label Studio serves after it.
+
+    Label Studio serves the current task with the lowest score first; among equal (or no) scores the database
+    returns them by task id (checked against 1.23.2 by tests/e2e/test_active_learning.py). A task that would come
+    before the first pick is left for a later refresh, so the front stays full (it is the buffer for annotators
+    labeling at once) with tasks from further down `order` when needed.
+    """
+    if not order:
+        return []
+
+    def place(task: int) -> tuple[float, int]:
+        return (scores[task] if scores is not None else 0.0, task)
+    first = place(order[0])
+    return [order[0]] + [task for task in order[1:] if place(task) > first][:size - 1]
 
 
 def publish_front(services: Services, project: str, front: list[int], scores: dict[int, float], *,
-                  strategy: str) -> dict:
+                  strategy: str, guide: str = "none") -> dict:
     """Write the front's predictions under a fresh tag and make that tag current (unless the front is unchanged)."""
     key = redis_keys.active(project)
     previous = services.redis.hmget(key, ["front", "tag"])
@@ -143,9 +192,9 @@ def publish_front(services: Services, project: str, front: list[int], scores: di
         services.redis.hdel(key, "target")  # look the backend up again next time
         log.warning("project %s: %s", project, note)
         return {"project": project, "status": "failed: " + note}
-    services.redis.hset(key, mapping={"front": json.dumps(front), "tag": tag, "strategy": strategy,
+    services.redis.hset(key, mapping={"front": json.dumps(front), "tag": tag, "strategy": strategy, "guide": guide,
                                       "scored": int(bool(scores)), "refreshed_at": time.time(), "note": ""})
-    log.info("project %s: next %d task(s) by %s under %s", project, len(front), strategy, tag)
+    log.info("project %s: next %d task(s) by %s (%s) under %s", project, len(front), strategy, guide, tag)
     return {"project": project, "status": "published", "tag": tag, "front": front, "strategy": strategy,
             "ls_requests": writes + 1 + (3 if looked_up else 0)}
 
@@ -173,13 +222,15 @@ def _target(services: Services, client, project: str) -> str | None:
 
 
 def queue_status(services: Services, project: str) -> dict:
-    """labeled / unlabeled tasks, unlabeled tasks carrying a current prediction, sampling mode, strategy, note."""
+    """labeled / unlabeled tasks, unlabeled tasks carrying a current prediction, sampling mode, strategy (and the model
+    guiding it), note."""
     raw = {k.decode(): v.decode() for k, v in services.redis.hgetall(redis_keys.active(project)).items()}
     indexed = set(services.tasks.data(project))
     labeled = {r["task"] for r in services.labels.records(project) if not r.get("cancelled")} & indexed
     front = [task for task in json.loads(raw.get("front", "[]")) if task not in labeled]
     return {"labeled": len(labeled), "unlabeled": len(indexed) - len(labeled), "current": len(front),
             "sampling": raw.get("sampling", "unknown"), "strategy": raw.get("strategy", ""),
+            "guide": raw.get("guide", ""),
             "tag": raw.get("tag", ""), "note": raw.get("note", "")}
 
 

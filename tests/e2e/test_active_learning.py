@@ -1,7 +1,7 @@
 """Active learning inside Label Studio's own queue, against a real Label Studio 1.23.2.
 
 With ACTIVE_LEARNING on (the session's backend), the labeling stream (`GET /api/projects/{id}/next`)
-serves tasks headstart ranked first, for one annotator and for two at once, before any head exists
+serves headstart's first pick, and a second annotator at once another of its picks, before any head exists
 and after; annotators still see the served version's prediction. With it off (a second backend),
 the project's sampling, model version and order are left as Label Studio had them.
 """
@@ -94,14 +94,19 @@ def test_connecting_points_the_project_at_the_backend_title_and_headstart_switch
 def test_before_any_head_the_next_task_is_one_headstart_ranked_first(ls_api, label_studio, headstart, active):
     state = active.get("state") or pytest.fail("the front was never published")
     front = json.loads(state["front"])
-    assert state["strategy"] == "typicality" and len(front) == 8
+    # this backend runs without ZERO_SHOT: no scores, so the front is the first pick then larger task ids
+    assert state["strategy"] == "typicality" and state["guide"] == "none" and state["scored"] == "0"
+    assert front[1:] == [task for task in front[1:] if task > front[0]]
+    assert len(front) == min(8, 1 + sum(task > front[0] for task in active["truth"]))
     first = next_task(ls_api, active["project"])
-    assert first["id"] in front, (first["id"], front)
+    # Label Studio serves headstart's first pick first: among tasks without a score it goes by id
+    assert first["id"] == front[0], (first["id"], front)
     # a second annotator asking at the same time gets another of headstart's picks, not the locked one
     other = LabelStudioApi(label_studio.url, label_studio.add_user("annotator2@headstart.test"))
     second = next_task(other, active["project"])
     assert second["id"] in front and second["id"] != first["id"], (first["id"], second["id"], front)
     active["other"] = other
+    active["held"] = {second["id"]}  # locked for annotator2, who never labels it: Label Studio skips it for others
 
 
 def test_after_labels_the_queue_follows_the_new_head_and_shows_its_prediction(ls_api, label_studio, headstart, active):
@@ -135,7 +140,9 @@ def test_after_labels_the_queue_follows_the_new_head_and_shows_its_prediction(ls
             break  # both asked while this front was the current one
     front = json.loads(state["front"])
     assert not set(front) & set(labeled)
-    assert task["id"] in front
+    # the lowest score of the front is headstart's first pick (unless another annotator holds it locked)
+    expected = next(t for t in front if t not in active.get("held", set()))
+    assert task["id"] == expected, (task["id"], front, active.get("held"))
     assert task["id"] not in labeled
 
     def shown() -> list[dict] | None:  # the served version's pre-label (its re-prediction may still be writing)
