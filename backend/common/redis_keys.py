@@ -128,7 +128,8 @@ def project_data(project_id: str) -> tuple[list[str], list[str]]:
             task_index(project_id), embedding_progress(project_id), webhook_auth(project_id), active(project_id),
             input_kills(project_id), project_deleted(project_id)]
     patterns = [f"{PREFIX}:{family}:{project_id}:*" for family in (
-        "head", "labels", "train", "tasks", "predicting", "predicted", "prediction-pass", "webhook-auth", "audit",
+        "head", "labels", "train", "tasks", "predicting", "just-written", "predicted", "prediction-pass", "webhook-auth",
+        "audit",
         "project")]
     return keys, patterns
 
@@ -173,6 +174,12 @@ def predicting(project_id: str, model_version: str) -> str:
     """set of task ids a re-prediction pass has claimed for `model_version` and not written yet (expires): a
     `/predict` for them answers no prediction, so Label Studio does not save a second one."""
     return f"{PREFIX}:predicting:{project_id}:{model_version}"
+
+
+def just_written(project_id: str, model_version: str) -> str:
+    """sorted set: task id -> when a re-prediction pass wrote its `model_version` prediction (the last minutes
+    only): a `/predict` whose Label Studio read came before that write answers none for it, too."""
+    return f"{PREFIX}:just-written:{project_id}:{model_version}"
 
 
 def predicted(project_id: str, model_version: str) -> str:

@@ -11,6 +11,7 @@ pass yields to a waiting training between write batches, and a newer promotion s
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 from redis import Redis
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 WRITE_BATCH = 5000
 LEDGER_TTL_S = 30 * 24 * 3600
 WRITING_TTL_S = 300  # a pass that died mid-write stops holding /predict's answers back after this
+# a task a pass has just written is held back from /predict this long: Label Studio's "Retrieve Predictions" picks
+# the tasks without the version's prediction, then waits for /predict (up to PREDICT_DEADLINE_S, 60 s by default);
+# a pass that writes in between would otherwise leave it saving a second prediction of the version
+JUST_WRITTEN_HOLD_S = 120.0
 
 
 class PredictionLedger:
@@ -61,8 +66,15 @@ class PredictionLedger:
         return claimed
 
     def written(self, project: str, model_version: str, task_ids: list[int]) -> None:
+        """These tasks now carry the version's prediction; they stay held back from /predict for JUST_WRITTEN_HOLD_S."""
         if task_ids:
-            self.redis.srem(redis_keys.predicting(project, model_version), *task_ids)
+            now, recent = time.time(), redis_keys.just_written(project, model_version)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.srem(redis_keys.predicting(project, model_version), *task_ids)
+            pipe.zadd(recent, {task: now for task in task_ids})
+            pipe.zremrangebyscore(recent, "-inf", now - JUST_WRITTEN_HOLD_S)
+            pipe.expire(recent, int(JUST_WRITTEN_HOLD_S) + 1)
+            pipe.execute()
 
     def release(self, project: str, model_version: str, task_ids: list[int]) -> None:
         if task_ids:
@@ -70,11 +82,17 @@ class PredictionLedger:
             self.redis.srem(redis_keys.predicting(project, model_version), *task_ids)
 
     def being_written(self, project: str, model_version: str, task_ids: list[int]) -> set[int]:
-        """Of these tasks, those a re-prediction pass is writing `model_version`'s prediction for right now."""
+        """Of these tasks, those a re-prediction pass is writing `model_version`'s prediction for right now, or
+        wrote within JUST_WRITTEN_HOLD_S (Label Studio may have asked for them before it saw the write)."""
         if not task_ids:
             return set()
-        flags = self.redis.smismember(redis_keys.predicting(project, model_version), task_ids)
-        return {task for task, flag in zip(task_ids, flags) if flag}
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.smismember(redis_keys.predicting(project, model_version), task_ids)
+        pipe.zmscore(redis_keys.just_written(project, model_version), task_ids)
+        writing, written_at = pipe.execute()
+        since = time.time() - JUST_WRITTEN_HOLD_S
+        return {task for task, flag, at in zip(task_ids, writing, written_at)
+                if flag or (at is not None and at >= since)}
 
     def record(self, project: str, model_version: str, task_ids: list[int]) -> None:
         if task_ids:

@@ -109,8 +109,9 @@ def predict():
 
 
 def _leave_to_the_worker(hub, project: str, tasks: list[dict], results: list[dict]) -> list:
-    """A task a re-prediction pass is writing this version's prediction for right now is answered with no
-    prediction (an empty list: Label Studio saves nothing for it), or Label Studio would hold two."""
+    """A task a re-prediction pass is writing this version's prediction for right now, or has just written (Label
+    Studio picked the tasks to ask for before it saw that write), is answered with no prediction (an empty list:
+    Label Studio saves nothing for it), or Label Studio would hold two."""
     versions = {result["model_version"] for result in results if result["result"]}
     ids = [task["id"] for task in tasks if isinstance(task.get("id"), int) and not isinstance(task["id"], bool)]
     try:
