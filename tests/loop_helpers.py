@@ -7,7 +7,8 @@ import json
 
 from backend.common.settings import Settings
 from backend.labelstudio.projects import ProjectRegistry
-from tests.helpers import CONFIG_2, HYMENOPTERA, LS_REQUESTS
+from tests.fake_label_studio import FakeLabelStudio
+from tests.helpers import CONFIG_2, HYMENOPTERA, LS_REQUESTS, dataset_images
 from worker.process import build_worker
 
 _TEMPLATE = json.loads((LS_REQUESTS / "webhook-ANNOTATION_CREATED.json").read_text())["body"]
@@ -48,3 +49,23 @@ def set_up(redis, project, config: str = CONFIG_2) -> None:
 def run_burst_worker(settings: Settings, redis, services) -> None:
     """Run every queued job in-process with the production worker class."""
     build_worker(settings, redis, services=services).work(burst=True, with_scheduler=False)
+
+
+def uploaded_hymenoptera_project(project: int, split: str, per_class: int) -> FakeLabelStudio:
+    """A stand-in Label Studio (not started) whose tasks are `per_class` uploaded ant photos, then as many bee
+    photos, of hymenoptera's `split`: ids follow the classes, as in a folder imported class by class. Each task
+    also carries its true `class` (for the tests; Label Studio ignores it)."""
+    images = dataset_images(HYMENOPTERA, split)
+    picked = [item for cls in ("ants", "bees") for item in [i for i in images if i[1] == cls][:per_class]]
+    fake = FakeLabelStudio(label_config=CONFIG_2)
+    for index, (path, cls) in enumerate(picked, start=1):
+        name = f"{index}-{path.name}"
+        fake.files[f"upload/{project}/{name}"] = path.read_bytes()
+        fake.tasks.append({**uploaded_task(project, index, name), "class": cls})
+    return fake
+
+
+def uploaded_task(project: int, task_id: int, name: str) -> dict:
+    """A Label Studio task whose image is the upload `name` of `project`."""
+    return {"id": task_id, "data": {"image": f"/data/upload/{project}/{name}"}, "annotations": [],
+            "predictions": [], "total_annotations": 0, "project": project}

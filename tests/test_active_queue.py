@@ -12,9 +12,8 @@ import pytest
 from backend.loop.active_queue import next_front, served_in_order
 from backend.loop.services import build_services
 from backend.server.app import create_app
-from tests.fake_label_studio import FakeLabelStudio
-from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
-from tests.loop_helpers import run_burst_worker
+from tests.helpers import CONFIG_2
+from tests.loop_helpers import run_burst_worker, uploaded_hymenoptera_project
 
 PROJECT = 9
 PER_CLASS = 8
@@ -32,21 +31,10 @@ def test_the_front_keeps_only_tasks_label_studio_serves_after_headstarts_first_p
     assert served_in_order([], scores, 8) == []
 
 
-def _task(task_id: int, name: str) -> dict:
-    return {"id": task_id, "data": {"image": f"/data/upload/{PROJECT}/{name}"}, "annotations": [],
-            "predictions": [], "total_annotations": 0, "project": PROJECT}
-
-
 @pytest.fixture
 def label_studio():
     """Ants first, then bees: task ids follow the classes, as in a folder imported class by class."""
-    images = dataset_images(HYMENOPTERA, "train")
-    picked = [item for cls in ("ants", "bees") for item in [i for i in images if i[1] == cls][:PER_CLASS]]
-    fake = FakeLabelStudio(label_config=CONFIG_2)
-    for index, (path, cls) in enumerate(picked, start=1):
-        fake.files[f"upload/{PROJECT}/{index}-{path.name}"] = path.read_bytes()
-        fake.tasks.append(_task(index, f"{index}-{path.name}"))
-        fake.tasks[-1]["class"] = cls
+    fake = uploaded_hymenoptera_project(PROJECT, "train", PER_CLASS)
     yield fake.start()
     fake.stop()
 

@@ -16,28 +16,16 @@ from backend.loop import repredict as repredict_module
 from backend.loop.repredict import PredictionLedger, repredict, unlabeled_task_ids
 from backend.loop.services import build_services
 from backend.server.app import create_app
-from tests.fake_label_studio import FakeLabelStudio
 from tests.helpers import CONFIG_2, HYMENOPTERA, dataset_images
-from tests.loop_helpers import annotation_event, run_burst_worker
+from tests.loop_helpers import annotation_event, run_burst_worker, uploaded_hymenoptera_project, uploaded_task
 from worker import jobs
 
 PROJECT = 6
 
 
-def _task(task_id: int, name: str) -> dict:
-    return {"id": task_id, "data": {"image": f"/data/upload/{PROJECT}/{name}"}, "annotations": [],
-            "predictions": [], "total_annotations": 0, "project": PROJECT}
-
-
 @pytest.fixture
 def label_studio():
-    images = dataset_images(HYMENOPTERA, "val")
-    picked = [item for cls in ("ants", "bees") for item in [i for i in images if i[1] == cls][:8]]
-    fake = FakeLabelStudio(label_config=CONFIG_2)
-    for index, (path, cls) in enumerate(picked, start=1):
-        fake.files[f"upload/{PROJECT}/{index}-{path.name}"] = path.read_bytes()
-        fake.tasks.append(_task(index, f"{index}-{path.name}"))
-        fake.tasks[-1]["class"] = cls
+    fake = uploaded_hymenoptera_project(PROJECT, "val", 8)
     yield fake.start()
     fake.stop()
 
@@ -185,7 +173,8 @@ def test_new_tasks_are_read_back_by_id_embedded_and_predicted(ls_services, redis
     run_burst_worker(ls_services.settings, redis, ls_services)
     before = len(label_studio.imported_predictions)
     source = label_studio.tasks[4]
-    label_studio.tasks.append({**_task(99, source["data"]["image"].rsplit("/", 1)[1]), "class": source["class"]})
+    name = source["data"]["image"].rsplit("/", 1)[1]
+    label_studio.tasks.append({**uploaded_task(PROJECT, 99, name), "class": source["class"]})
     enqueue_index(redis, ls_services.settings, str(PROJECT), [99])
     run_burst_worker(ls_services.settings, redis, ls_services)
     assert ls_services.tasks.count(str(PROJECT)) == len(label_studio.tasks)
@@ -198,7 +187,8 @@ def test_tasks_created_and_deleted_webhooks_keep_the_index_current_without_trust
         ls_services, redis, label_studio):
     client = _connected(ls_services, redis, label_studio)
     source = label_studio.tasks[5]
-    label_studio.tasks.append({**_task(77, source["data"]["image"].rsplit("/", 1)[1]), "class": source["class"]})
+    name = source["data"]["image"].rsplit("/", 1)[1]
+    label_studio.tasks.append({**uploaded_task(PROJECT, 77, name), "class": source["class"]})
     forged = {"id": 78, "data": {"image": "http://169.254.169.254/latest/meta-data"}, "project": PROJECT}
     body = {"action": "TASKS_CREATED", "project": {"id": PROJECT}, "tasks": [{"id": 77, "data": {}}, forged]}
     assert client.post("/webhook", json=body).get_json()["status"] == "queued"
@@ -235,7 +225,7 @@ def test_embedding_chunks_write_their_predictions_together_not_one_request_each(
     unseen = dataset_images(HYMENOPTERA, "train")[:len(new_ids)]  # never embedded: the fixture's are from val
     for task_id, (path, cls) in zip(new_ids, unseen):
         label_studio.files[f"upload/{PROJECT}/{task_id}-{path.name}"] = path.read_bytes()
-        label_studio.tasks.append({**_task(task_id, f"{task_id}-{path.name}"), "class": cls})
+        label_studio.tasks.append({**uploaded_task(PROJECT, task_id, f"{task_id}-{path.name}"), "class": cls})
     monkeypatch.setattr(jobs, "EMBED_CHUNK", 2)  # 6 chunks
     label_studio.api_requests.clear()
     enqueue_index(redis, services.settings, str(PROJECT), new_ids)
@@ -289,7 +279,7 @@ def test_an_embedding_chunk_leaves_the_rest_of_its_tasks_to_a_new_chunk_when_a_t
     unseen = dataset_images(HYMENOPTERA, "train")[:len(new_ids)]  # never embedded: the fixture's are from val
     for task_id, (path, cls) in zip(new_ids, unseen):
         label_studio.files[f"upload/{PROJECT}/{task_id}-{path.name}"] = path.read_bytes()
-        label_studio.tasks.append({**_task(task_id, f"{task_id}-{path.name}"), "class": cls})
+        label_studio.tasks.append({**uploaded_task(PROJECT, task_id, f"{task_id}-{path.name}"), "class": cls})
     ls_services.tasks.put_many(str(PROJECT), [task for task in label_studio.tasks if task["id"] in new_ids])
     monkeypatch.setattr(jobs, "EMBED_YIELD_TASKS", 4)
     encoder = ls_services.encoders.get()
