@@ -8,6 +8,8 @@ import random
 import pytest
 import redis as redis_lib
 import torch
+from flask import Flask
+from flask.testing import FlaskClient
 
 from backend.server.app import create_app
 from backend.core.encoders import EncoderPool
@@ -16,6 +18,21 @@ from backend.common.settings import Settings
 from tests.helpers import HYMENOPTERA, RedisServer, install_offline_weights, offline_text_model
 
 TEST_DB = int(os.environ.get("HEADSTART_TEST_REDIS_DB", "13"))
+
+
+class ServerLikeClient(FlaskClient):
+    """Flask's test client, closing each response once it is read as a WSGI server does after sending it, so
+    what a route leaves to `call_on_close` (the /predict metrics) is done before the test looks."""
+
+    def open(self, *args, buffered: bool = True, **kwargs):
+        return super().open(*args, buffered=buffered, **kwargs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def server_like_test_clients():
+    Flask.test_client_class = ServerLikeClient
+    yield
+    Flask.test_client_class = None
 
 
 @pytest.fixture(scope="session", autouse=True)

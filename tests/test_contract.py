@@ -164,7 +164,9 @@ def test_versions_are_paged_newest_first_without_reading_every_version(client, s
 
 
 def test_metrics_are_prometheus_text(local_client):
-    local_client.post("/predict", json=recorded("predict-open-1-task")["body"])
+    answer = local_client.post("/predict", json=recorded("predict-open-1-task")["body"], buffered=False)
+    assert "headstart_predictions_total 1" not in local_client.get("/metrics").get_data(as_text=True)
+    answer.close()  # as a WSGI server does once the answer is sent: the metrics are written after it
     text = local_client.get("/metrics").get_data(as_text=True)
     assert "# TYPE headstart_predictions_total counter" in text
     assert "headstart_predictions_total 1" in text

@@ -41,7 +41,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
-from backend.core.torch_runtime import resolve_device, set_torch_threads
+from backend.core.torch_runtime import keep_forward_buffers, resolve_device, set_torch_threads
 from backend.core.head_fitting import fit_head
 from backend.common.errors import ConfigurationError, HeadstartError
 from backend.core.encoders import get_entry
@@ -232,6 +232,7 @@ def build_worker(settings: Settings, redis: Redis, *, queues: tuple[str, ...] = 
     """Build the process's services, load the encoders the known projects use (others load on first use)
     and return a worker ready to `work()`."""
     set_torch_threads(settings.torch_threads)
+    keep_forward_buffers()
     device = resolve_device(settings.device)
     services = services or build_services(settings, redis, device=str(device))
     for loaded in preload_encoders(services):

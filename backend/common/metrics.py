@@ -107,15 +107,23 @@ class Metrics:
 
     def observe(self, name: str, seconds: float, **labels: str) -> None:
         """Add one observation to histogram `name` (buckets from BUCKETS_S), in one round trip."""
+        self.record({}, {name: seconds}, **labels)
+
+    def record(self, counters: dict[str, float], observations: dict[str, float], **labels: str) -> None:
+        """Add to counters and observe histograms (all with the same `labels`) in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
-        for bound in _bounds(name):  # cumulative: each bucket counts every observation up to its bound
-            pipe.hincrbyfloat(KEY, _series(f"{name}_bucket", {**labels, "le": _le(bound)}), int(seconds <= bound))
-        pipe.hincrbyfloat(KEY, _series(f"{name}_sum", labels), seconds)
-        pipe.hincrbyfloat(KEY, _series(f"{name}_count", labels), 1)
+        for name, value in counters.items():
+            pipe.hincrbyfloat(KEY, _series(name, labels), value)
+        for name, seconds in observations.items():
+            for bound in _bounds(name):  # cumulative: each bucket counts every observation up to its bound
+                pipe.hincrbyfloat(KEY, _series(f"{name}_bucket", {**labels, "le": _le(bound)}),
+                                  int(seconds <= bound))
+            pipe.hincrbyfloat(KEY, _series(f"{name}_sum", labels), seconds)
+            pipe.hincrbyfloat(KEY, _series(f"{name}_count", labels), 1)
         try:
             pipe.execute()
         except RedisError as exc:
-            log.debug("metric %s dropped: %s", name, exc)
+            log.debug("metrics %s dropped: %s", ", ".join([*counters, *observations]), exc)
 
     def render(self, gauges: dict[str, float] | None = None) -> str:
         """The Prometheus text exposition of every counter and histogram, plus `gauges` measured just now.

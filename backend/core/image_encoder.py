@@ -7,6 +7,8 @@ carries the exact preprocessing, `prepare` decodes untrusted bytes within the pi
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -54,8 +56,9 @@ class ImageEncoder:
         """The shorter side the preprocessing resizes to (used by the JPEG fast path)."""
         return int(self.transforms.resize_size[0])
 
-    @property
+    @functools.cached_property
     def transforms(self):
+        """The weights' preprocessing, built once (building it costs more than applying it to a small image)."""
         return self.spec.weights.transforms()
 
     def preprocessing(self) -> dict:
@@ -85,10 +88,16 @@ class ImageEncoder:
         for start in range(0, len(images), size):
             batch = torch.stack([transforms(image) for image in images[start:start + size]])
             batch = batch.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            with self._precision():
                 features = self.model(batch)
             outputs.append(features.float().cpu())
         return nn.functional.normalize(torch.cat(outputs), dim=1)
+
+    def _precision(self):
+        """Mixed precision on a GPU; on the CPU full precision, without entering an autocast context at all."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda")
+        return contextlib.nullcontext()
 
 
 def load_image_encoder(name: str, *, weights_file: str = "", device: str = "cpu") -> ImageEncoder:

@@ -10,7 +10,7 @@ from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 from backend.server.basic_auth import basic_auth_ok
-from backend.core.torch_runtime import set_torch_threads
+from backend.core.torch_runtime import keep_forward_buffers, set_torch_threads
 from backend.common.errors import HeadstartError
 from backend.common.redis_conn import connect
 from backend.server.admin_routes import admin
@@ -31,6 +31,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
     settings = settings or Settings.from_env()
     if services is None:
         set_torch_threads(settings.torch_threads)
+        keep_forward_buffers()
         services = build_services(settings, redis if redis is not None else connect(settings.redis_url))
     warn_about_webhook_auth(settings)
     app = Flask("headstart")

@@ -102,10 +102,13 @@ def predict():
                                     plan=FetchPlan.for_request(hub.settings))
     results = _leave_to_the_worker(hub, project, tasks, results)
     _record_answered(hub, project, tasks, results)
-    hub.metrics.add("headstart_predict_requests_total")
-    hub.metrics.add("headstart_predictions_total", len(tasks))
-    hub.metrics.observe("headstart_predict_seconds", time.perf_counter() - started)
-    return jsonify(results=results)
+    response = jsonify(results=results)
+    elapsed = time.perf_counter() - started
+    # written once the answer is on its way: Label Studio does not wait for the bookkeeping
+    response.call_on_close(lambda: hub.metrics.record(
+        {"headstart_predict_requests_total": 1, "headstart_predictions_total": len(tasks)},
+        {"headstart_predict_seconds": elapsed}))
+    return response
 
 
 def _leave_to_the_worker(hub, project: str, tasks: list[dict], results: list[dict]) -> list:
