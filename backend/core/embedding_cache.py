@@ -55,11 +55,17 @@ class MediaDigests:
         self.redis = redis
         self.key = redis_keys.media_digests(project)
 
-    def get_many(self, urls: Iterable[str]) -> dict[str, str]:
+    def get_many(self, urls: Iterable[str], *, pipe: Pipeline | None = None):
+        """URL → digest for the `urls` known. With `pipe`, the read is queued there and a function is returned
+        that turns the pipeline's answer to it into that dict."""
         urls = list(dict.fromkeys(urls))
-        if not urls:
-            return {}
-        digests = self.redis.hmget(self.key, urls)
+        if pipe is not None:
+            pipe.hmget(self.key, urls)  # the caller queues only a non-empty read
+            return lambda digests: self._parse(urls, digests)
+        return self._parse(urls, self.redis.hmget(self.key, urls)) if urls else {}
+
+    @staticmethod
+    def _parse(urls: list[str], digests: list) -> dict[str, str]:
         return {url: digest.decode() for url, digest in zip(urls, digests) if digest is not None}
 
     def put_many(self, digests: dict[str, str], *, pipe: Pipeline | None = None) -> None:

@@ -104,33 +104,49 @@ class FeatureSource:
 
     def cached(self, project: str, items: list[MediaItem], encoder: Encoder) -> list[torch.Tensor | None]:
         """The cached feature vector of each item, or None where its input was never embedded. Fetches nothing."""
-        digests = MediaDigests(self.redis, project)
-        cache = EmbeddingCache(self.redis, encoder.key)
-        known = self._cache(lambda: digests.get_many(item.url for item in items if not item.inline), {})
+        return self._cached(project, items, encoder, with_kills=False)[0]
+
+    def _cached(self, project: str, items: list[MediaItem], encoder: Encoder, *,
+                with_kills: bool) -> tuple[list[torch.Tensor | None], dict[str, int]]:
+        """`cached`, and with `with_kills` the kills charged to the items' URLs (`backend.loop.poison`), read in the
+        same round trip as the URLs' content digests."""
+        urls = [item.url for item in items if not item.inline]
+        known, kills = self._cache(lambda: self._digests_and_kills(project, urls, with_kills), ({}, {}))
         digest_of = [content_digest(item.inline_bytes()) if item.inline else known.get(item.url, "")
                      for item in items]
+        cache = EmbeddingCache(self.redis, encoder.key)
         cached = self._cache(lambda: cache.get_many(digest for digest in digest_of if digest), {})
-        return [cached.get(digest) for digest in digest_of]
+        return [cached.get(digest) for digest in digest_of], kills
+
+    def _digests_and_kills(self, project: str, urls: list[str], with_kills: bool) -> tuple[dict, dict]:
+        if not urls:
+            return {}, {}
+        pipe = self.redis.pipeline(transaction=False)
+        parse_digests = MediaDigests(self.redis, project).get_many(urls, pipe=pipe)
+        parse_kills = self.poison.kills(project, urls, pipe=pipe) if with_kills else None
+        answers = pipe.execute()
+        return parse_digests(answers[0]), parse_kills(answers[1]) if parse_kills else {}
 
     def features(self, project: str, items: list[MediaItem], encoder: Encoder, *,
                  plan: FetchPlan | None = None) -> list[torch.Tensor | MediaError]:
         """One feature vector (or the reason there is none) per item, in order."""
         plan = plan or FetchPlan()
         unique = list({item.url: item for item in reversed(items)}.values())[::-1]  # first item per URL
+        vectors, kills = self._cached(project, unique, encoder, with_kills=True)
         by_url: dict[str, torch.Tensor | MediaError] = {
-            item.url: vector for item, vector in zip(unique, self.cached(project, unique, encoder))
-            if vector is not None}
+            item.url: vector for item, vector in zip(unique, vectors) if vector is not None}
         missing = [item for item in unique if item.url not in by_url]
         hits = len(by_url)
         if missing:
-            by_url.update(self._fetch_and_embed(project, missing, encoder, plan))
+            by_url.update(self._fetch_and_embed(project, missing, encoder, plan, kills))
         fetched = sum(isinstance(by_url[item.url], torch.Tensor) for item in missing)
         self.metrics.add_many({"headstart_embedding_cache_hits_total": len(items) - len(unique) + hits,
                                "headstart_embedding_cache_misses_total": fetched})
         return [by_url[item.url] for item in items]
 
-    def _fetch_and_embed(self, project: str, items: list[MediaItem], encoder: Encoder,
-                         plan: FetchPlan) -> dict[str, torch.Tensor | MediaError]:
+    def _fetch_and_embed(self, project: str, items: list[MediaItem], encoder: Encoder, plan: FetchPlan,
+                         kills: dict[str, int]) -> dict[str, torch.Tensor | MediaError]:
+        """Fetch, prepare and embed `items` (none cached); `kills`: those charged to their URLs."""
         results: dict[str, torch.Tensor | MediaError] = {}
         fetched = [item for item in items if not item.inline]  # an inline text is no fetch: never capped
         if plan.max_fetch is not None and len(fetched) > plan.max_fetch:
@@ -142,8 +158,7 @@ class FeatureSource:
             for item in skipped:
                 results[item.url] = MediaError(f"Not fetched in this request: it asked for more than "
                                                f"PREDICT_MAX_FETCH={plan.max_fetch} new inputs.")
-        # an inline text is its own input, never fetched: no URL to charge kills to
-        kills = self._cache(lambda: self.poison.kills(project, (item.url for item in items if not item.inline)), {})
+        # an inline text is its own input, never fetched: no URL to charge kills to (`kills` has none)
         healthy = sorted((item for item in items if not kills.get(item.url)), key=_embedding_order)
         suspects = [item for item in items if kills.get(item.url)]
         for item in suspects:
@@ -166,12 +181,18 @@ class FeatureSource:
         digests: dict[str, str] = {}
         job_id = getattr(self._job, "id", None)
         late = 0
+        alone = len(items) == 1 and self._fits_in(plan)
         while pending or running:
             while pending and len(running) < max(1, plan.share):
                 item = pending.popleft()
                 if plan.expired:
                     late += 1
                     results[item.url] = self._late(plan)
+                    continue
+                if alone:  # nothing to overlap its fetch with: no hand-over to the pool and back
+                    done: Future = Future()
+                    done.set_result(self._load(project, item, encoder, job_id))
+                    running.append((item, done))
                     continue
                 running.append((item, self._pool.submit(self._load, project, item, encoder, job_id)))
             if not running:
@@ -201,6 +222,11 @@ class FeatureSource:
         if late:
             log.warning("project %s: %d inputs not done within PREDICT_DEADLINE_S; answered empty", project, late)
         return results
+
+    def _fits_in(self, plan: FetchPlan) -> bool:
+        """Whether a fetch, bounded by MEDIA_TIMEOUT_S, ends before `plan`'s deadline even if it runs out its time."""
+        remaining = plan.remaining()
+        return remaining is None or remaining >= self.fetcher.settings.media_timeout_s
 
     @staticmethod
     def _late(plan: FetchPlan) -> MediaError:

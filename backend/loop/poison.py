@@ -17,6 +17,7 @@ import time
 from typing import Iterable, Iterator
 
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 from backend.common import redis_keys
@@ -32,12 +33,17 @@ class PoisonLedger:
         self.redis = redis
         self.kills_allowed = max(1, kills_allowed)
 
-    def kills(self, project: str, urls: Iterable[str]) -> dict[str, int]:
-        """Kills charged to each of `urls` that has any."""
+    def kills(self, project: str, urls: Iterable[str], *, pipe: Pipeline | None = None):
+        """Kills charged to each of `urls` that has any. With `pipe`, the read is queued there and a function is
+        returned that turns the pipeline's answer to it into that dict."""
         urls = list(dict.fromkeys(urls))
-        if not urls:
-            return {}
-        found = self.redis.hmget(redis_keys.input_kills(project), urls)
+        if pipe is not None:
+            pipe.hmget(redis_keys.input_kills(project), urls)  # the caller queues only a non-empty read
+            return lambda found: self._parse(urls, found)
+        return self._parse(urls, self.redis.hmget(redis_keys.input_kills(project), urls)) if urls else {}
+
+    @staticmethod
+    def _parse(urls: list[str], found: list) -> dict[str, int]:
         return {url: json.loads(raw)["kills"] for url, raw in zip(urls, found) if raw is not None}
 
     def poison_error(self, kills: int) -> MediaError:

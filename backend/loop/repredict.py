@@ -51,7 +51,7 @@ class PredictionLedger:
     def claim(self, project: str, model_version: str, task_ids: list[int]) -> list[int]:
         """Mark these tasks as getting `model_version`'s prediction from this pass and return those no one had
         marked: of two passes (two workers) over the same tasks, each task goes to one. Until `written` or
-        `release`d they are also *being written*: a `/predict` for them answers none (`being_written`)."""
+        `release`d they are also *being written*: a `/predict` for them answers none (`answer`)."""
         if not task_ids:
             return []
         key = redis_keys.predicted(project, model_version)
@@ -81,26 +81,37 @@ class PredictionLedger:
             self.redis.srem(redis_keys.predicted(project, model_version), *task_ids)
             self.redis.srem(redis_keys.predicting(project, model_version), *task_ids)
 
-    def being_written(self, project: str, model_version: str, task_ids: list[int]) -> set[int]:
-        """Of these tasks, those a re-prediction pass is writing `model_version`'s prediction for right now, or
-        wrote within JUST_WRITTEN_HOLD_S (Label Studio may have asked for them before it saw the write)."""
+    def answer(self, project: str, model_version: str, task_ids: list[int]) -> set[int]:
+        """`/predict` is answering these tasks with `model_version`: record them (Label Studio saves the answers, so
+        no pass writes them again) and return those to hold back instead, in one atomic step. Held back: tasks a
+        re-prediction pass is writing now, or wrote within JUST_WRITTEN_HOLD_S (Label Studio may have picked them
+        before it saw that write); answering those would leave Label Studio with two predictions of the version."""
         if not task_ids:
             return set()
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.smismember(redis_keys.predicting(project, model_version), task_ids)
-        pipe.zmscore(redis_keys.just_written(project, model_version), task_ids)
-        writing, written_at = pipe.execute()
-        since = time.time() - JUST_WRITTEN_HOLD_S
-        return {task for task, flag, at in zip(task_ids, writing, written_at)
-                if flag or (at is not None and at >= since)}
+        held = self.redis.eval(ANSWER_SCRIPT, 3, redis_keys.predicted(project, model_version),
+                               redis_keys.predicting(project, model_version),
+                               redis_keys.just_written(project, model_version),
+                               time.time() - JUST_WRITTEN_HOLD_S, LEDGER_TTL_S, *task_ids)
+        return {int(task) for task in held}
 
-    def record(self, project: str, model_version: str, task_ids: list[int]) -> None:
-        if task_ids:
-            key = redis_keys.predicted(project, model_version)
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.sadd(key, *task_ids)
-            pipe.expire(key, LEDGER_TTL_S)
-            pipe.execute()
+
+# KEYS: predicted, predicting, just written; ARGV: the hold's start (epoch s), the ledger's TTL, the task ids.
+# A task newly added to `predicted` is this answer's alone (a pass's `claim` skips it); one already there is held back
+# while a pass is writing it or has just written it.
+ANSWER_SCRIPT = """
+local held = {}
+for index = 3, #ARGV do
+  local task = ARGV[index]
+  if redis.call('SADD', KEYS[1], task) == 0 then
+    local written_at = redis.call('ZSCORE', KEYS[3], task)
+    if redis.call('SISMEMBER', KEYS[2], task) == 1 or (written_at and tonumber(written_at) >= tonumber(ARGV[1])) then
+      table.insert(held, task)
+    end
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return held
+"""
 
 
 def unlabeled_task_ids(services: Services, project: str) -> list[int]:

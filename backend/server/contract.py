@@ -100,8 +100,7 @@ def predict():
         raise BadRequest("'label_config' is missing and this project has not been set up yet.")
     results = hub.predictor.predict(tasks, project=project, label_config=label_config,
                                     plan=FetchPlan.for_request(hub.settings))
-    results = _leave_to_the_worker(hub, project, tasks, results)
-    _record_answered(hub, project, tasks, results)
+    results = _answer_or_leave(hub, project, tasks, results)
     response = jsonify(results=results)
     elapsed = time.perf_counter() - started
     # written once the answer is on its way: Label Studio does not wait for the bookkeeping
@@ -111,31 +110,24 @@ def predict():
     return response
 
 
-def _leave_to_the_worker(hub, project: str, tasks: list[dict], results: list[dict]) -> list:
-    """A task a re-prediction pass is writing this version's prediction for right now, or has just written (Label
-    Studio picked the tasks to ask for before it saw that write), is answered with no prediction (an empty list:
-    Label Studio saves nothing for it), or Label Studio would hold two."""
-    versions = {result["model_version"] for result in results if result["result"]}
-    ids = [task["id"] for task in tasks if isinstance(task.get("id"), int) and not isinstance(task["id"], bool)]
-    try:
-        busy = {version: PredictionLedger(hub.redis).being_written(project, version, ids) for version in versions}
-    except RedisError:
-        return results
-    return [[] if result["result"] and task.get("id") in ids and task["id"] in busy.get(result["model_version"], ())
-             else result for task, result in zip(tasks, results)]
-
-
-def _record_answered(hub, project: str, tasks: list[dict], results: list) -> None:
-    """Label Studio saves each answer as a prediction of its model_version: the worker must not write another."""
+def _answer_or_leave(hub, project: str, tasks: list[dict], results: list[dict]) -> list:
+    """Record the answered tasks in the prediction ledger (Label Studio saves each answer as a prediction of its
+    model_version: the worker must not write another), except tasks a re-prediction pass is writing right now or
+    has just written: those are answered with no prediction (an empty list: Label Studio saves nothing for them),
+    or Label Studio would hold two. While Redis is unreachable the answers go out unrecorded (at worst a task gets
+    the version twice)."""
     answered: dict[str, list[int]] = {}
     for task, result in zip(tasks, results):
-        if isinstance(result, dict) and result["result"] and isinstance(task.get("id"), int):
-            answered.setdefault(result["model_version"], []).append(task["id"])
+        identifier = task.get("id")
+        if result["result"] and isinstance(identifier, int) and not isinstance(identifier, bool):
+            answered.setdefault(result["model_version"], []).append(identifier)
     try:
-        for version, task_ids in answered.items():
-            PredictionLedger(hub.redis).record(project, version, task_ids)
-    except RedisError as exc:  # predictions still go out; at worst a task gets the version twice
+        held = {version: PredictionLedger(hub.redis).answer(project, version, ids) for version, ids in answered.items()}
+    except RedisError as exc:
         log.warning("project %s: answered predictions not recorded, Redis is unreachable: %s", project, exc)
+        return results
+    return [[] if result["result"] and task.get("id") in held.get(result["model_version"], ()) else result
+            for task, result in zip(tasks, results)]
 
 
 def _first_project(tasks: list[dict]):
