@@ -18,7 +18,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from redis import Redis
@@ -54,17 +54,28 @@ class MediaItem:
 @dataclass(frozen=True)
 class FetchPlan:
     """How much of the process one call may use: its share of the fetch pool, a deadline
-    (`time.monotonic()`; None: none), and the most inputs it may fetch (None: all)."""
+    (`time.monotonic()`; None: none), and the most inputs it may fetch (None: all).
+
+    `after_answer`: where the call leaves its cache writes and counters (callables) for its caller to run once
+    the answer is sent (a /predict: Label Studio need not wait for them); None: they are done in the call."""
 
     share: int = FETCH_THREADS // 2
     deadline: float | None = None
     max_fetch: int | None = None
+    after_answer: list[Callable[[], None]] | None = None
 
     @classmethod
-    def for_request(cls, settings: Settings) -> "FetchPlan":
+    def for_request(cls, settings: Settings, *, after_answer: list[Callable[[], None]] | None = None) -> "FetchPlan":
         """A /predict's plan: REQUEST_SHARE of the pool, PREDICT_DEADLINE_S, PREDICT_MAX_FETCH inputs."""
         return cls(share=REQUEST_SHARE, deadline=time.monotonic() + settings.predict_deadline_s,
-                   max_fetch=settings.predict_max_fetch)
+                   max_fetch=settings.predict_max_fetch, after_answer=after_answer)
+
+    def later(self, work: Callable[[], None]) -> None:
+        """`work` now, or once the answer is sent when the caller asked for that (`after_answer`)."""
+        if self.after_answer is None:
+            work()
+        else:
+            self.after_answer.append(work)
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -140,8 +151,9 @@ class FeatureSource:
         if missing:
             by_url.update(self._fetch_and_embed(project, missing, encoder, plan, kills))
         fetched = sum(isinstance(by_url[item.url], torch.Tensor) for item in missing)
-        self.metrics.add_many({"headstart_embedding_cache_hits_total": len(items) - len(unique) + hits,
-                               "headstart_embedding_cache_misses_total": fetched})
+        counts = {"headstart_embedding_cache_hits_total": len(items) - len(unique) + hits,
+                  "headstart_embedding_cache_misses_total": fetched}
+        plan.later(lambda: self.metrics.add_many(counts))
         return [by_url[item.url] for item in items]
 
     def _fetch_and_embed(self, project: str, items: list[MediaItem], encoder: Encoder, plan: FetchPlan,
@@ -168,7 +180,8 @@ class FeatureSource:
         suspects = [item for item in suspects if item.url not in results]
         results.update(self._stream(project, healthy, encoder, plan))
         for item in suspects:  # one at a time, so a worker dying now is charged to this input alone
-            results.update(self._stream(project, [item], encoder, FetchPlan(1, plan.deadline)))
+            results.update(self._stream(project, [item], encoder,
+                                        FetchPlan(1, plan.deadline, after_answer=plan.after_answer)))
         return results
 
     def _stream(self, project: str, items: list[MediaItem], encoder: Encoder,
@@ -214,10 +227,10 @@ class FeatureSource:
             else:
                 batch.append((item, digest, prepared))
             if len(batch) >= STREAM_BATCH or (batch and not running and not pending):
-                results.update(self._embed(project, batch, encoder, job_id))
+                results.update(self._embed(project, batch, encoder, job_id, plan))
                 batch = []
         if batch:
-            results.update(self._embed(project, batch, encoder, job_id))
+            results.update(self._embed(project, batch, encoder, job_id, plan))
         self._cache(lambda: MediaDigests(self.redis, project).put_many(digests), None)
         if late:
             log.warning("project %s: %d inputs not done within PREDICT_DEADLINE_S; answered empty", project, late)
@@ -233,15 +246,15 @@ class FeatureSource:
         return MediaError("Not done within this request's deadline (PREDICT_DEADLINE_S); the workers embed it.")
 
     def _embed(self, project: str, batch: list[tuple[MediaItem, str, object]], encoder: Encoder,
-               job_id: str | None) -> dict[str, torch.Tensor]:
+               job_id: str | None, plan: FetchPlan) -> dict[str, torch.Tensor]:
         """Embed one batch of prepared inputs and cache the vectors, with the content digest of each URL, in one
-        round trip; the inputs stay marked until done."""
+        round trip (when `plan` says: after the answer); the inputs stay marked until embedded."""
         marks = {item.url: item.task_id for item, _, _ in batch if not item.inline}
         with self._marked(job_id, project, marks):
             vectors = encoder.embed([prepared for _, _, prepared in batch])
             fresh = {digest: vector for (_, digest, _), vector in zip(batch, vectors)}
             digests = {item.url: digest for item, digest, _ in batch if not item.inline}
-            self._cache(lambda: self._store(project, encoder, fresh, digests), None)
+            plan.later(lambda: self._cache(lambda: self._store(project, encoder, fresh, digests), None))
         return {item.url: vector for (item, _, _), vector in zip(batch, vectors)}
 
     def _store(self, project: str, encoder: Encoder, vectors: dict[str, torch.Tensor], digests: dict[str, str]) -> None:

@@ -98,16 +98,26 @@ def predict():
     label_config = body.get("label_config") or hub.projects.label_config(project)
     if not isinstance(label_config, str):
         raise BadRequest("'label_config' is missing and this project has not been set up yet.")
+    after_answer: list = []  # the new embeddings' cache writes and the counters: once the answer is on its way
     results = hub.predictor.predict(tasks, project=project, label_config=label_config,
-                                    plan=FetchPlan.for_request(hub.settings))
+                                    plan=FetchPlan.for_request(hub.settings, after_answer=after_answer))
     results = _answer_or_leave(hub, project, tasks, results)
     response = jsonify(results=results)
     elapsed = time.perf_counter() - started
-    # written once the answer is on its way: Label Studio does not wait for the bookkeeping
-    response.call_on_close(lambda: hub.metrics.record(
+    after_answer.append(lambda: hub.metrics.record(
         {"headstart_predict_requests_total": 1, "headstart_predictions_total": len(tasks)},
         {"headstart_predict_seconds": elapsed}))
+    response.call_on_close(lambda: _run_after_answer(project, after_answer))
     return response
+
+
+def _run_after_answer(project: str, work: list) -> None:
+    """What /predict left for after its answer (each part fails alone, logged: the answer is already sent)."""
+    for part in work:
+        try:
+            part()
+        except Exception:
+            log.exception("project %s: bookkeeping after /predict's answer failed", project)
 
 
 def _answer_or_leave(hub, project: str, tasks: list[dict], results: list[dict]) -> list:
