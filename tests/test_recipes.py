@@ -8,6 +8,7 @@ import torch
 from backend.core.head_fitting import encode_targets
 from backend.core.candidates import is_refit_enough
 from backend.core.recipe_choice import BLEND, Choice, NoUsableRecipe, choose_recipe, fit_chosen
+from backend.core.recipes import _coordinate_scale, _shrunk_scale
 from backend.core.recipes import (ANCHORED, BY_NAME, FAMILY, LOGREG_PATH, SINGLE_CHOICE, STANDARDIZED, Recipe,
                                   RecipeFailed, family_for, fit_recipe, linear)
 from backend.core.zero_shot import ZeroShotClassifiers, anchor_for, match_choices
@@ -60,7 +61,7 @@ def test_the_choice_is_the_simplest_within_fold_noise_of_the_best(hymenoptera_fe
 def test_one_label_per_class_uses_the_default_recipe_without_evidence(hymenoptera_features):
     x, y, _, _ = split(hymenoptera_features, 1)
     choice = choose_recipe(x, y, num_classes=2, multi_label=False)
-    assert choice.name == "logreg_c1" and choice.evidence == {} and choice.validation.folds == 0
+    assert choice.name == "logreg_std_shrunk" and choice.evidence == {} and choice.validation.folds == 0
 
 
 def test_multiple_choice_uses_the_logistic_path_only():
@@ -190,3 +191,18 @@ def test_an_anchor_of_nans_is_skipped_with_its_reason_and_never_chosen(hymenopte
     choice = choose_recipe(x, y, num_classes=2, multi_label=False, anchor=broken)
     assert ANCHORED.name in choice.skipped and "non-finite" in choice.skipped[ANCHORED.name], choice.skipped
     assert ANCHORED.name not in choice.components and ANCHORED.name not in choice.evidence
+
+
+def test_the_shrunk_standardization_keeps_only_the_variance_differences_the_labels_can_tell():
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.linspace(0.1, 3.0, 64)  # true standard deviations 30x apart
+    for n, expected in ((3, (0.0, 0.6)), (400, (0.95, 1.0))):
+        isotropic = torch.randn(n, 64, generator=generator)
+        _, scale = _shrunk_scale(isotropic)
+        assert float(scale.std() / scale.mean()) < 0.05  # equal variances: no standardizing from noise
+        uneven = torch.randn(n, 64, generator=generator) * spread
+        _, full = _coordinate_scale(uneven)
+        _, shrunk = _shrunk_scale(uneven)
+        kept = float(torch.corrcoef(torch.stack([shrunk.log(), full.log()]))[0, 1]) if n > 3 else None
+        ratio = float((shrunk.log().std() / full.log().std()))
+        assert expected[0] <= ratio <= expected[1], (n, ratio, kept)

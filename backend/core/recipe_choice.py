@@ -7,10 +7,11 @@ temperature; the blend of the best logistic and the best closed-form recipe is s
 lowest calibrated out-of-fold log-loss wins, unless a simpler recipe is within one standard error of
 it (then the simpler one does: fold noise alone never buys flexibility). A recipe that fails (no
 convergence, NaNs) is skipped with its reason, and never chosen. With too few labels to hold any
-out (a class with one label), no score exists and the logistic regression at C=1 is used
-(`NO_VALIDATION_RECIPE`; at one label per class it measured at least as well as the prototype head
-on both shared sets; the standardized one, 0.6 points better on flowers12, is 7.2 worse on
-hymenoptera: 64.6 against 71.8 %).
+out (a class with one label), no score exists and `logreg_std_shrunk` is used (`NO_VALIDATION_RECIPE`:
+logistic regression on features standardized as far as the labels tell the coordinates' variances
+apart). At one label per class, mean of 5 draws, it scored 71.8 / 68.3 / 64.6 % on hymenoptera /
+flowers12 / bbc-news, against 71.8 / 68.0 / 64.5 for C=1 on the raw features and 64.6 / 68.6 /
+60.2 for the fully standardized one, which trusts variances estimated from 2 or 5 labels.
 
 Where the control's choices are ImageNet classes of the backbone (an `anchor` is passed in), the
 family also holds `zero_shot_anchored`, and it comes first in the simplicity order and is the recipe
@@ -38,11 +39,12 @@ from backend.core.recipes import BY_NAME, Recipe, RecipeFailed, check_finite, fa
 
 log = logging.getLogger(__name__)
 
-NO_VALIDATION_RECIPE = "logreg_c1"
+NO_VALIDATION_RECIPE = "logreg_std_shrunk"
 NO_VALIDATION_MULTI_LABEL = "logreg_c1"
 BLEND = "blend"
 # simplest first: the order the one-standard-error rule prefers
-SIMPLICITY = ("zero_shot_anchored", "logreg_c1", "prototype", "logreg_c10", BLEND, "logreg_c100", "logreg_std")
+SIMPLICITY = ("zero_shot_anchored", "logreg_c1", "prototype", "logreg_c10", BLEND, "logreg_c100", "logreg_std",
+              "logreg_std_shrunk")
 ANCHORED_NAME = "zero_shot_anchored"
 
 
