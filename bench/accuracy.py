@@ -5,7 +5,8 @@ crop 224, L2-normalized). For k labeled images per class drawn from `train` (k =
 and all; 5 seeds), each method is fitted on the same features and scored on all of `val`:
 
 - headstart: backend.core.candidates.fit_candidate, what every training job runs: the recipe chosen
-  per draw by the labels' own cross-validation (never val), fitted and calibrated;
+  per draw by the labels' own cross-validation (never val), fitted and calibrated, with the zero-shot
+  anchor the job passes where every class matches an ImageNet class (`anchor_for`, ZERO_SHOT on);
 - ref_logreg: scikit-learn LogisticRegression(C=1);
 - ref_linear: a linear layer trained with Adam, 300 full-batch steps.
 
@@ -36,7 +37,7 @@ from backend.core.torch_runtime import set_torch_threads
 from backend.core.heads import head_probabilities
 from backend.core.images import decode_image
 from backend.core.candidates import fit_candidate
-from backend.core.zero_shot import ZeroShotClassifiers, categories, match_choices
+from backend.core.zero_shot import ZeroShotClassifiers, anchor_for, categories, match_choices
 from bench import data
 from bench.harness import RESULTS_DIR, Run, goal, median, print_table, read_result, rounded
 
@@ -68,6 +69,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, zero_shot_only:
     if zero_shot_only:
         return _run_zero_shot(bench_run, encoder, params, results_dir)
     curves, fit_ms, zero_shot = {}, [], {}
+    classifiers = ZeroShotClassifiers()
     for name in SETS:
         train, val = _capped(data.images(name, "train"), params), _capped(data.images(name, "val"), params)
         classes = data.classes_of(train)
@@ -76,6 +78,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, zero_shot_only:
         y_val = torch.tensor([classes.index(cls) for _, cls in val])
         zero_shot[name] = measure_zero_shot(encoder, classes, x_val, y_val)
         curves[name] = {}
+        anchor = anchor_for(classifiers, encoder.name, classes)  # what the training job passes (ZERO_SHOT on)
         for k in params.ks:
             scores = {method: [] for method in METHODS}
             recipes = []
@@ -85,7 +88,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, zero_shot_only:
                 started = time.perf_counter()
                 candidate = fit_candidate(control=data.CONTROL, classes=classes, multi_label=False, features=x,
                                           labels=[[classes[i]] for i in y.tolist()], task_ids=chosen.tolist(),
-                                          encoder=encoder)
+                                          encoder=encoder, anchor=anchor)
                 fit_ms.append((time.perf_counter() - started) * 1000)
                 recipes.append(candidate.meta["recipe"])
                 scores["headstart"].append(_accuracy(candidate.head, x_val, y_val))

@@ -21,6 +21,7 @@ path; this measures the numbers. Features are cached in HEADSTART_BENCH_FEATURES
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import statistics
@@ -36,6 +37,7 @@ from backend.core.head_fitting import encode_targets
 from backend.core.heads import head_probabilities
 from backend.core.image_encoder import load_image_encoder
 from backend.core.torch_runtime import set_torch_threads
+from backend.core.zero_shot import ZeroShotClassifiers, anchor_for
 from bench import data
 from bench.accuracy import _embed
 from bench.harness import RESULTS_DIR, Run, goal, print_table, rounded
@@ -159,10 +161,11 @@ def _trial(x_train, y_train, x_val, y_val, classes, *, k, noise: float, seed: in
                       baseline_topn_precision=len(set(baseline) & wrong) / len(wrong),
                       cut_precision=len(flagged & wrong) / len(flagged) if flagged else None,
                       cut_recall=len(flagged & wrong) / len(wrong))
+    anchor = _anchor(classes)
     candidate = fit_candidate(control="label", classes=classes, multi_label=False, features=x, labels=labels,
-                              task_ids=list(range(len(labels))), encoder=_EncoderRecord())
+                              task_ids=list(range(len(labels))), encoder=_EncoderRecord(), anchor=anchor)
     served_oof, _ = served_recipe_probabilities(x, given, candidate.meta["selection"], num_classes=len(classes),
-                                                multi_label=False)
+                                                multi_label=False, anchor=anchor)
     if served_oof is None:
         return result
     thresholds = auto_accept_thresholds(served_oof, labels, classes, multi_label=False, target=TARGET)
@@ -204,6 +207,16 @@ def _baseline_ranking(x: torch.Tensor, given: torch.Tensor, seed: int) -> list[i
     column = {c: i for i, c in enumerate(present)}
     given_probability = probabilities[np.arange(len(given)), [column[int(c)] for c in given]]
     return np.argsort(given_probability, kind="stable").tolist()
+
+
+@functools.lru_cache(maxsize=4)
+def _anchor_of(classes: tuple[str, ...]):
+    return anchor_for(ZeroShotClassifiers(), "mobilenet_v2", classes)
+
+
+def _anchor(classes):
+    """The zero-shot head the training and audit jobs pass for these classes (ZERO_SHOT on), or None."""
+    return _anchor_of(tuple(classes))
 
 
 class _EncoderRecord:

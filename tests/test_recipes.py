@@ -6,9 +6,18 @@ import pytest
 import torch
 
 from backend.core.head_fitting import encode_targets
+from backend.core.candidates import is_refit_enough
 from backend.core.recipe_choice import BLEND, Choice, NoUsableRecipe, choose_recipe, fit_chosen
-from backend.core.recipes import (BY_NAME, FAMILY, LOGREG_PATH, SINGLE_CHOICE, STANDARDIZED, Recipe, RecipeFailed,
-                                  family_for, fit_recipe)
+from backend.core.recipes import _coordinate_scale, _shrunk_scale
+from backend.core.recipes import (ANCHORED, BY_NAME, FAMILY, LOGREG_PATH, SINGLE_CHOICE, STANDARDIZED, Recipe,
+                                  RecipeFailed, family_for, fit_recipe, linear)
+from backend.core.zero_shot import ZeroShotClassifiers, anchor_for, match_choices
+
+
+@pytest.fixture(scope="module")
+def anchor():
+    """The zero-shot head of ants/bees (ImageNet's "ant" and "bee"), what the training job passes."""
+    return anchor_for(ZeroShotClassifiers(), "mobilenet_v2", ["ants", "bees"])
 
 
 def split(hymenoptera_features, per_class: int):
@@ -25,15 +34,15 @@ def accuracy(head, features, targets) -> float:
 
 
 @pytest.mark.parametrize("recipe", FAMILY, ids=lambda recipe: recipe.name)
-def test_every_recipe_learns_ants_from_bees_from_ten_labels_each(hymenoptera_features, recipe):
+def test_every_recipe_learns_ants_from_bees_from_ten_labels_each(hymenoptera_features, recipe, anchor):
     x, y, held_x, held_y = split(hymenoptera_features, 10)
-    head = fit_recipe(recipe, x, y, num_classes=2, multi_label=False)
+    head = fit_recipe(recipe, x, y, num_classes=2, multi_label=False, anchor=anchor)
     score = accuracy(head, held_x, held_y)
     print(f"\n{recipe.name}: {score:.3f} on 20 held-out photos")
     assert score >= 0.85
 
 
-def test_the_choice_is_the_simplest_within_fold_noise_of_the_best(hymenoptera_features):
+def test_the_choice_is_the_simplest_within_fold_noise_of_the_best(hymenoptera_features, anchor):
     x, y, held_x, held_y = split(hymenoptera_features, 15)
     choice = choose_recipe(x, y, num_classes=2, multi_label=False)
     assert set(choice.evidence) == {recipe.name for recipe in SINGLE_CHOICE} | {BLEND}
@@ -41,8 +50,8 @@ def test_the_choice_is_the_simplest_within_fold_noise_of_the_best(hymenoptera_fe
     assert choice.evidence[choice.name]["log_loss"] >= best["log_loss"]
     assert choice.validation.folds == 5 and len(choice.validation.correct) == len(y)
     head = fit_chosen(choice, x, y, num_classes=2, multi_label=False)
-    scores = {recipe.name: accuracy(fit_recipe(recipe, x, y, num_classes=2, multi_label=False), held_x, held_y)
-              for recipe in FAMILY}
+    scores = {recipe.name: accuracy(fit_recipe(recipe, x, y, num_classes=2, multi_label=False, anchor=anchor),
+                                    held_x, held_y) for recipe in FAMILY}
     print(f"\nchosen {choice.name}: {accuracy(head, held_x, held_y):.3f}; each recipe: {scores}")
     assert accuracy(head, held_x, held_y) >= min(scores.values())
     # calibrated: the served scores are not the raw logits' (a temperature was folded in)
@@ -52,7 +61,7 @@ def test_the_choice_is_the_simplest_within_fold_noise_of_the_best(hymenoptera_fe
 def test_one_label_per_class_uses_the_default_recipe_without_evidence(hymenoptera_features):
     x, y, _, _ = split(hymenoptera_features, 1)
     choice = choose_recipe(x, y, num_classes=2, multi_label=False)
-    assert choice.name == "logreg_c1" and choice.evidence == {} and choice.validation.folds == 0
+    assert choice.name == "logreg_std_shrunk" and choice.evidence == {} and choice.validation.folds == 0
 
 
 def test_multiple_choice_uses_the_logistic_path_only():
@@ -128,3 +137,72 @@ def test_features_with_nans_train_no_head(hymenoptera_features):
     poisoned[:, 0] = float("nan")
     with pytest.raises(NoUsableRecipe, match="NaN"):
         choose_recipe(poisoned, y, num_classes=2, multi_label=False)
+
+
+def test_the_anchored_recipe_is_offered_only_where_every_choice_matches_an_imagenet_class(hymenoptera_features,
+                                                                                          anchor):
+    classifiers = ZeroShotClassifiers()
+    assert anchor is not None and tuple(anchor.weight.shape) == (2, 1280)
+    assert anchor_for(classifiers, "mobilenet_v2", ["ants", "wasps"]) is None  # "wasps": no ImageNet class
+    assert anchor_for(classifiers, "mobilenet_v2", ["ants", "bees"], multi_label=True) is None
+    assert anchor_for(None, "mobilenet_v2", ["ants", "bees"]) is None  # ZERO_SHOT off
+    assert ANCHORED not in family_for(multi_label=False) and family_for(multi_label=False, anchored=True)[0] == ANCHORED
+    x, y, _, _ = split(hymenoptera_features, 10)
+    plain = choose_recipe(x, y, num_classes=2, multi_label=False)
+    assert ANCHORED.name not in plain.evidence and ANCHORED.name not in plain.components
+    anchored = choose_recipe(x, y, num_classes=2, multi_label=False, anchor=anchor)
+    assert ANCHORED.name in anchored.evidence
+
+
+def test_the_anchor_is_the_zero_shot_classifier_as_one_linear_head(hymenoptera_features, anchor):
+    features, _ = hymenoptera_features
+    match = match_choices("mobilenet_v2", ["ants", "bees"])
+    zero_shot = ZeroShotClassifiers().get("mobilenet_v2").probabilities(features, match)
+    assert torch.allclose(torch.softmax(anchor(features), dim=1), zero_shot, atol=1e-5)
+
+
+def test_one_label_per_class_with_an_anchor_starts_from_zero_shot(hymenoptera_features, anchor):
+    x, y, held_x, held_y = split(hymenoptera_features, 1)
+    choice = choose_recipe(x, y, num_classes=2, multi_label=False, anchor=anchor)
+    assert choice.name == ANCHORED.name and choice.evidence == {}
+    head = fit_chosen(choice, x, y, num_classes=2, multi_label=False, anchor=anchor)
+    plain = fit_recipe(LOGREG_PATH[0], x, y, num_classes=2, multi_label=False)
+    print(f"\none label per class: anchored {accuracy(head, held_x, held_y):.3f}, C=1 {accuracy(plain, held_x, held_y):.3f}")
+    assert accuracy(head, held_x, held_y) >= max(0.9, accuracy(plain, held_x, held_y))
+
+
+def test_an_anchored_choice_is_refitted_only_with_its_anchor(hymenoptera_features, anchor):
+    x, y, held_x, held_y = split(hymenoptera_features, 10)
+    saved = Choice(name=ANCHORED.name, components=(ANCHORED.name,), temperatures={ANCHORED.name: 1.5, BLEND: 1.0},
+                   label_count=len(y)).as_dict()
+    assert Choice.from_dict(saved).needs_anchor
+    assert accuracy(fit_chosen(Choice.from_dict(saved), x, y, num_classes=2, multi_label=False, anchor=anchor),
+                    held_x, held_y) >= 0.9
+    with pytest.raises(NoUsableRecipe, match="zero-shot"):
+        fit_chosen(Choice.from_dict(saved), x, y, num_classes=2, multi_label=False)
+    # the training job re-chooses instead of refitting when the anchor is gone (ZERO_SHOT off, choices renamed)
+    assert is_refit_enough({"selection": saved}, len(y), anchored=True)
+    assert not is_refit_enough({"selection": saved}, len(y), anchored=False)
+
+
+def test_an_anchor_of_nans_is_skipped_with_its_reason_and_never_chosen(hymenoptera_features, anchor):
+    x, y, _, _ = split(hymenoptera_features, 10)
+    broken = linear(torch.full_like(anchor.weight, float("nan")), anchor.bias)
+    choice = choose_recipe(x, y, num_classes=2, multi_label=False, anchor=broken)
+    assert ANCHORED.name in choice.skipped and "non-finite" in choice.skipped[ANCHORED.name], choice.skipped
+    assert ANCHORED.name not in choice.components and ANCHORED.name not in choice.evidence
+
+
+def test_the_shrunk_standardization_keeps_only_the_variance_differences_the_labels_can_tell():
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.linspace(0.1, 3.0, 64)  # true standard deviations 30x apart
+    for n, expected in ((3, (0.0, 0.6)), (400, (0.95, 1.0))):
+        isotropic = torch.randn(n, 64, generator=generator)
+        _, scale = _shrunk_scale(isotropic)
+        assert float(scale.std() / scale.mean()) < 0.05  # equal variances: no standardizing from noise
+        uneven = torch.randn(n, 64, generator=generator) * spread
+        _, full = _coordinate_scale(uneven)
+        _, shrunk = _shrunk_scale(uneven)
+        kept = float(torch.corrcoef(torch.stack([shrunk.log(), full.log()]))[0, 1]) if n > 3 else None
+        ratio = float((shrunk.log().std() / full.log().std()))
+        assert expected[0] <= ratio <= expected[1], (n, ratio, kept)

@@ -63,12 +63,14 @@ def encode_targets(labels: Sequence[Sequence[str]], classes: Sequence[str], *, m
 
 def fit_head(
     features: torch.Tensor, targets: torch.Tensor, *, num_classes: int, multi_label: bool,
-    recipe: HeadRecipe = HeadRecipe(), warm: nn.Linear | None = None,
+    recipe: HeadRecipe = HeadRecipe(), warm: nn.Linear | None = None, offset: torch.Tensor | None = None,
 ) -> nn.Linear:
     """Fit a fresh head. `targets` are class indices (single) or a 0/1 matrix (multiple).
 
     `warm` (a head of raw logits of the same shape) starts L-BFGS from its weights instead of zero:
     the optimum is the same, reached in fewer iterations when the labels changed little.
+    `offset` (n, classes): fixed logits added to the head's during the fit (a prior the head corrects);
+    the returned head is only the correction, the caller adds the prior back.
     """
     if features.shape[0] == 0:
         raise NotEnoughLabels("No labeled examples to train on. Label a few tasks first.")
@@ -82,7 +84,7 @@ def fit_head(
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
     loss_of = _loss_function(features, targets, num_classes=num_classes, multi_label=multi_label,
-                             penalty=1.0 / (2.0 * recipe.inverse_regularization * features.shape[0]))
+                             penalty=1.0 / (2.0 * recipe.inverse_regularization * features.shape[0]), offset=offset)
     optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=recipe.max_iter,
                                   history_size=20, line_search_fn="strong_wolfe")
 
@@ -100,8 +102,9 @@ def fit_head(
     return head
 
 
-def _loss_function(features, targets, *, num_classes, multi_label, penalty):
+def _loss_function(features, targets, *, num_classes, multi_label, penalty, offset=None):
     features = features.float()
+    offset = torch.zeros(()) if offset is None else offset.float()
     if multi_label:
         targets = targets.float()
         positives = targets.sum(0).clamp(min=1)
@@ -114,7 +117,7 @@ def _loss_function(features, targets, *, num_classes, multi_label, penalty):
         criterion = nn.CrossEntropyLoss(weight=weights)
 
     def loss_of(head: nn.Linear) -> torch.Tensor:
-        return criterion(head(features), targets) + penalty * head.weight.pow(2).sum()
+        return criterion(head(features) + offset, targets) + penalty * head.weight.pow(2).sum()
 
     return loss_of
 

@@ -14,13 +14,27 @@ store, the guard and serving never need to know which recipe made a head:
   any C of the path. This is also why a linear head trained with Adam (per-coordinate step sizes,
   so in effect standardized) beats the plain path there; unlike Adam it has one optimum, so a
   retrain warm-starts from the served head and takes a few L-BFGS iterations.
+- `logreg_std_shrunk`: `logreg_std` with each coordinate's variance shrunk toward the mean variance as
+  far as the labels cannot tell them apart (empirical Bayes on the log variances: a sample variance
+  of n labels has log-noise of variance trigamma((n-1)/2); only the spread beyond that is kept).
+  With one label per class it standardizes where the coordinates' variances really differ (flowers12
+  image features, shrink 0.77) and hardly at all where they are noise (2 or 5 labels, or isotropic
+  text features): the recipe used without validation (`backend.core.recipe_choice`).
 - `prototype`: nearest class centroid by cosine similarity around the centre of the classes (closed
   form; strong at 1-2 labels per class).
+- `zero_shot_anchored`: logistic regression at C=1 whose logits are the backbone's own ImageNet
+  classifier restricted to the choices (`backend.core.zero_shot.ImageNetClassifier.anchor`) plus a
+  correction, the penalty on the correction only: the L2 prior pulls toward the zero-shot classifier
+  instead of toward zero. Offered only where every choice matches an ImageNet class (the anchor is
+  passed in); hymenoptera's ant/bee is such a project, where zero-shot alone scores 96.7 % and plain
+  logistic regression needs all 244 labels to come near it. Folded back into one linear head
+  (anchor weights + correction), so serving needs no change.
 - `blend`: the average of two recipes' calibrated logits (chosen by `backend.core.recipe_choice`).
 
 A new single-choice head is chosen among `SINGLE_CHOICE` (C=1, standardized, prototype, and the
-blend); multiple choice uses the logistic path (`logreg_std` and the closed-form recipe serve single
-choice only). Every recipe of `FAMILY` can still be refitted by name, for versions chosen before.
+blend), with `zero_shot_anchored` first where an anchor exists; multiple choice uses the logistic
+path (`logreg_std`, the anchored and the closed-form recipe serve single choice only). Every recipe
+of `FAMILY` can still be refitted by name, for versions chosen before.
 """
 
 from __future__ import annotations
@@ -41,20 +55,24 @@ class Recipe:
     """One member of the family: `kind` says how it is fitted, `C` the logistic regularization."""
 
     name: str
-    kind: str  # "logreg" | "standardized" | "prototype"
+    kind: str  # "logreg" | "standardized" | "shrunk" | "anchored" | "prototype"
     C: float | None = None
 
     @property
     def is_logistic(self) -> bool:
         """A logistic regression (the blend pairs the best of these with the best closed-form recipe)."""
-        return self.kind in ("logreg", "standardized")
+        return self.kind in ("logreg", "standardized", "shrunk", "anchored")
 
     def as_dict(self) -> dict:
         record = {"name": self.name, "kind": self.kind}
         if self.C is not None:
             record.update(C=self.C, optimizer="lbfgs", class_balanced=True)
-        if self.kind == "standardized":
+        if self.kind in ("standardized", "shrunk"):
             record.update(standardized=True, variance_floor=SCALE_FLOOR)
+        if self.kind == "shrunk":
+            record.update(variance_shrinkage="empirical Bayes on log variances")
+        if self.kind == "anchored":
+            record.update(anchor="the backbone's ImageNet classifier restricted to the choices")
         return record
 
 
@@ -62,9 +80,11 @@ LOGREG_PATH = (Recipe("logreg_c1", "logreg", 1.0), Recipe("logreg_c10", "logreg"
                Recipe("logreg_c100", "logreg", 100.0))
 STANDARDIZED = Recipe("logreg_std", "standardized", 1.0)
 PROTOTYPE = Recipe("prototype", "prototype")
+ANCHORED = Recipe("zero_shot_anchored", "anchored", 1.0)
+SHRUNK = Recipe("logreg_std_shrunk", "shrunk", 1.0)
 # single choice: logistic regression on the raw and on the standardized features, and the closed form
 SINGLE_CHOICE: tuple[Recipe, ...] = (LOGREG_PATH[0], STANDARDIZED, PROTOTYPE)
-FAMILY: tuple[Recipe, ...] = (*LOGREG_PATH, STANDARDIZED, PROTOTYPE)  # every recipe a saved choice may name
+FAMILY: tuple[Recipe, ...] = (*LOGREG_PATH, STANDARDIZED, PROTOTYPE, ANCHORED, SHRUNK)  # every recipe a saved choice may name
 BY_NAME = {recipe.name: recipe for recipe in FAMILY}
 
 
@@ -72,14 +92,19 @@ class RecipeFailed(ValueError):
     """A recipe did not produce a usable head (did not converge, or produced NaNs); the reason says which."""
 
 
-def family_for(*, multi_label: bool) -> tuple[Recipe, ...]:
-    """The recipes a new choice is made among (a saved choice may name any recipe of `FAMILY`)."""
-    return LOGREG_PATH if multi_label else SINGLE_CHOICE
+def family_for(*, multi_label: bool, anchored: bool = False) -> tuple[Recipe, ...]:
+    """The recipes a new choice is made among (a saved choice may name any recipe of `FAMILY`);
+    `anchored`: a zero-shot anchor exists for the control (single choice only)."""
+    if multi_label:
+        return LOGREG_PATH
+    return (ANCHORED, *SINGLE_CHOICE) if anchored else SINGLE_CHOICE
 
 
 def fit_recipe(recipe: Recipe, features: torch.Tensor, targets: torch.Tensor, *, num_classes: int,
-               multi_label: bool, warm: nn.Linear | None = None) -> nn.Linear:
-    """A head of raw logits fitted by `recipe`; raises RecipeFailed when its result is not usable."""
+               multi_label: bool, warm: nn.Linear | None = None, anchor: nn.Linear | None = None) -> nn.Linear:
+    """A head of raw logits fitted by `recipe`; raises RecipeFailed when its result is not usable.
+
+    `anchor`: the zero-shot head of raw logits `zero_shot_anchored` starts from (None: that recipe fails)."""
     if recipe.kind == "logreg":
         try:
             head = fit_head(features, targets, num_classes=num_classes, multi_label=multi_label,
@@ -88,8 +113,10 @@ def fit_recipe(recipe: Recipe, features: torch.Tensor, targets: torch.Tensor, *,
             raise RecipeFailed(f"{recipe.name} did not converge (non-finite loss: {exc})") from None
     elif multi_label:
         raise RecipeFailed(f"{recipe.name} serves single-choice controls only")
-    elif recipe.kind == "standardized":
+    elif recipe.kind in ("standardized", "shrunk"):
         head = _standardized(recipe, features, targets, num_classes, warm)
+    elif recipe.kind == "anchored":
+        head = _anchored(recipe, features, targets, num_classes, warm, anchor)
     elif recipe.kind == "prototype":
         head = _prototype(features, targets, num_classes)
     else:
@@ -101,7 +128,7 @@ def fit_recipe(recipe: Recipe, features: torch.Tensor, targets: torch.Tensor, *,
 def _standardized(recipe: Recipe, features, targets, num_classes, warm) -> nn.Linear:
     """Logistic regression on features scaled to unit variance per coordinate, folded back into one
     linear head on the raw features (w / scale, bias - w · mean / scale)."""
-    mean, scale = _coordinate_scale(features)
+    mean, scale = _shrunk_scale(features) if recipe.kind == "shrunk" else _coordinate_scale(features)
     start = None
     if warm is not None:  # the same head in the scaled coordinates
         start = linear(warm.weight * scale, warm.bias + warm.weight @ mean)
@@ -114,12 +141,48 @@ def _standardized(recipe: Recipe, features, targets, num_classes, warm) -> nn.Li
     return linear(weight, fitted.bias - weight @ mean)
 
 
+def _anchored(recipe: Recipe, features, targets, num_classes, warm, anchor: nn.Linear | None) -> nn.Linear:
+    """Logistic regression of a correction to the anchor's logits (penalty on the correction only), folded
+    into one head: anchor weights + correction. A zero correction is the zero-shot classifier itself."""
+    if anchor is None:
+        raise RecipeFailed(f"{recipe.name} needs the zero-shot classifier of the choices, and there is none "
+                           "(a choice matches no ImageNet class, ZERO_SHOT is off, or the input is not an image)")
+    if tuple(anchor.weight.shape) != (num_classes, features.shape[1]):
+        raise RecipeFailed(f"{recipe.name}: the anchor has shape {tuple(anchor.weight.shape)}, the head needs "
+                           f"({num_classes}, {features.shape[1]})")
+    start = None
+    if warm is not None:  # the served head's correction
+        start = linear(warm.weight - anchor.weight, warm.bias - anchor.bias)
+    with torch.no_grad():
+        offset = anchor(features.float())
+    try:
+        correction = fit_head(features, targets, num_classes=num_classes, multi_label=False,
+                              recipe=HeadRecipe(inverse_regularization=recipe.C), warm=start, offset=offset)
+    except RuntimeError as exc:
+        raise RecipeFailed(f"{recipe.name} did not converge (non-finite loss: {exc})") from None
+    return linear(correction.weight + anchor.weight, correction.bias + anchor.bias)
+
+
 def _coordinate_scale(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-coordinate mean and standard deviation, the variance floored at 1 % of the average one so a
     coordinate that barely varies among the labels is not blown up into a strong feature."""
     features = features.float()
     variance = features.var(0, unbiased=False)
     return features.mean(0), (variance + SCALE_FLOOR * variance.mean()).sqrt()
+
+
+def _shrunk_scale(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_coordinate_scale`, each log variance shrunk toward their mean by tau² / (tau² + noise): noise =
+    trigamma((n-1)/2), the variance of the log of a sample variance of n values; tau² = what the log
+    variances spread beyond it (0 when the spread is all noise: no standardizing at all)."""
+    mean, scale = _coordinate_scale(features)
+    log_variance = (2 * scale.log()).double()
+    degrees = max(features.shape[0] - 1, 1)
+    noise = float(torch.special.polygamma(1, torch.tensor(degrees / 2.0, dtype=torch.float64)))
+    spread = max(0.0, float(log_variance.var()) - noise) if len(log_variance) > 1 else 0.0
+    centre = log_variance.mean()
+    shrunk = centre + spread / (spread + noise) * (log_variance - centre)
+    return mean, (shrunk / 2).exp().float()
 
 
 def check_finite(head: nn.Linear, name: str) -> None:

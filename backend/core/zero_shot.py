@@ -8,7 +8,8 @@ Studio's YOLO backend); a choice that matches nothing means no zero-shot for tha
 classifier that can never predict some choices would mislead. `ZeroShotClassifiers` loads the
 classifier layer lazily, from the same weights the backbone uses, and turns cached (L2-normalized)
 features into probabilities over the choices: the softmax over the matched ImageNet classes only,
-each choice's classes summed.
+each choice's classes summed. `ImageNetClassifier.anchor` gives the same classifier as one linear head
+on the cached features, which training starts from (`backend.core.recipes`, `zero_shot_anchored`).
 """
 
 from __future__ import annotations
@@ -130,6 +131,30 @@ class ImageNetClassifier:
             start += len(classes)
         return torch.stack(sums, dim=1)
 
+    @torch.no_grad()
+    def anchor(self, match: ClassMatch) -> nn.Linear:
+        """The restricted classifier as one linear head of raw logits on the L2-normalized features (the
+        feature norm folded into the weights), one row per choice: the mean of its ImageNet classes' rows
+        (for a choice of one class, exactly that class's logit; `probabilities` sums a choice's classes,
+        which no linear head can, so a choice of several classes gets their average logit)."""
+        layer = _last_linear(self.module)
+        weight = torch.stack([layer.weight[list(classes)].mean(0) for classes in match.indices]) * self.feature_norm
+        bias = torch.stack([layer.bias[list(classes)].mean(0) for classes in match.indices])
+        head = nn.Linear(weight.shape[1], weight.shape[0])
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+        head.eval()
+        for parameter in head.parameters():
+            parameter.requires_grad_(False)
+        return head
+
+
+def _last_linear(module: nn.Module) -> nn.Linear:
+    layers = [layer for layer in module.modules() if isinstance(layer, nn.Linear)]
+    if not layers:
+        raise ValueError(f"the classifier {type(module).__name__} has no linear layer to anchor a head on")
+    return layers[-1]
+
 
 def load_classifier(spec: BackboneSpec, weights_file: str = "") -> ImageNetClassifier:
     """Only the classifier layer: built on the meta device (no backbone is allocated), its tensors taken
@@ -147,6 +172,23 @@ def load_classifier(spec: BackboneSpec, weights_file: str = "") -> ImageNetClass
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     return ImageNetClassifier(module=module, feature_norm=spec.feature_norm)
+
+
+def anchor_for(classifiers: "ZeroShotClassifiers | None", backbone: str, choices: Sequence[str], *,
+               predicted_values: Sequence[Sequence[str]] = (), multi_label: bool = False,
+               weights_file: str = "") -> nn.Linear | None:
+    """The zero-shot head a single-choice control's training may start from (`zero_shot_anchored`), or None:
+    zero-shot off (`classifiers` None), a backbone without a measured feature norm, multiple choice, fewer
+    than two choices, or a choice matching no ImageNet class (the same conditions as serving zero-shot)."""
+    if classifiers is None or multi_label or len(choices) < 2 or not supports_zero_shot(backbone):
+        return None
+    try:
+        match = match_choices(backbone, choices, predicted_values)
+    except UnknownModelClass:  # /setup refuses such a config; an older one trains without the anchor
+        return None
+    if match is None:
+        return None
+    return classifiers.get(backbone, weights_file).anchor(match)
 
 
 class ZeroShotClassifiers:

@@ -32,7 +32,7 @@ from backend.core.store import HeadVersion
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
 from backend.loop.features import MediaItem
 from backend.loop.repredict import unlabeled_task_ids
-from backend.loop.retrain import current_head
+from backend.loop.retrain import current_head, zero_shot_anchor
 from backend.loop.services import Services
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,8 @@ def audit_control(services: Services, project: str, spec: HeadSpec) -> dict:
         # auto-accept: the served head's own recipe out of fold, since its thresholds are applied to that head
         targets = encode_targets(labels, spec.classes, multi_label=spec.multi_label)
         served, recipe = served_recipe_probabilities(features, targets, head.meta.get("selection"),
-                                                     num_classes=len(spec.classes), multi_label=spec.multi_label)
+                                                     num_classes=len(spec.classes), multi_label=spec.multi_label,
+                                                     anchor=zero_shot_anchor(services, spec, encoder))
         if served is not None:
             record["out_of_fold"] = {"tasks": task_ids, "classes": list(spec.classes), "recipe": recipe,
                                      "probabilities": [[round(p, 5) for p in row] for row in served.tolist()],

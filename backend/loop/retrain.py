@@ -26,6 +26,7 @@ from backend.core.head_fitting import Validation
 from backend.core.recipe_choice import NoUsableRecipe
 from backend.core.promotion import decide
 from backend.core.store import HeadVersion, ModelStore
+from backend.core.zero_shot import anchor_for
 from backend.labelstudio.label_mirror import Example
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
 from backend.labelstudio.model_versions import used_in_label_studio
@@ -117,12 +118,13 @@ def retrain_control(services: Services, project: str, spec: HeadSpec, *, job_id:
         return {"status": "unchanged", "version": served_number, "labels": len(examples),
                 "reason": "the served version was trained on exactly these labels"}
     extra = {"job_id": job_id, "unknown_labels": unknown, "media_errors": media_errors, "label_snapshot": snapshot}
-    if can_promote_first(current, encoder, len(labels)):
+    anchor = zero_shot_anchor(services, spec, encoder)
+    if can_promote_first(current, encoder, len(labels), anchored=anchor is not None):
         return promote_then_validate(services, project, spec, current, features=features, labels=labels,
-                                     task_ids=task_ids, encoder=encoder, extra_meta=extra)
+                                     task_ids=task_ids, encoder=encoder, extra_meta=extra, anchor=anchor)
     candidate = fit_candidate(
         control=spec.control, classes=spec.classes, multi_label=spec.multi_label, features=features,
-        labels=labels, task_ids=task_ids, encoder=encoder, extra_meta=extra,
+        labels=labels, task_ids=task_ids, encoder=encoder, extra_meta=extra, anchor=anchor,
     )
     current_features = features if current is None or current.backbone_key == encoder.key else \
         features_under(services, project, current, examples, inline=spec.inline)
@@ -142,21 +144,32 @@ def trained_on_the_same(current: HeadVersion | None, encoder: Encoder, task_ids:
                                                             for task, names in zip(task_ids, labels)}
 
 
-def can_promote_first(current: HeadVersion | None, encoder: Encoder, label_count: int) -> bool:
+def zero_shot_anchor(services: Services, spec: HeadSpec, encoder: Encoder) -> torch.nn.Linear | None:
+    """The control's zero-shot head for the `zero_shot_anchored` recipe, where the same conditions as zero-shot
+    serving hold (ZERO_SHOT on, an image control on a backbone with a classifier, every choice matched)."""
+    if spec.modality != "image" or encoder.modality != "image":
+        return None
+    return anchor_for(services.predictor.zero_shot, encoder.name, spec.classes, predicted_values=spec.predicted_values,
+                      multi_label=spec.multi_label, weights_file=services.encoders.weights_file)
+
+
+def can_promote_first(current: HeadVersion | None, encoder: Encoder, label_count: int, *,
+                      anchored: bool = False) -> bool:
     """Only the labels changed since the served version (same encoder, a validated recipe choice that
     still holds): its recipe can be refitted and served at once, and validated right after."""
     return (current is not None and current.backbone_key == encoder.key and current.meta.get("validated", True)
-            and is_refit_enough(current.meta, label_count))
+            and is_refit_enough(current.meta, label_count, anchored=anchored))
 
 
 def promote_then_validate(services: Services, project: str, spec: HeadSpec, current: HeadVersion, *,
                           features: torch.Tensor, labels: list, task_ids: list[int], encoder: Encoder,
-                          extra_meta: dict) -> dict:
+                          extra_meta: dict, anchor: torch.nn.Linear | None = None) -> dict:
     """Serve the served recipe refitted on the new labels at once (one warm-started fit), then run
     the guard's validation in the same job: roll back to `current` if the new version validates worse."""
     provisional = fit_provisional(control=spec.control, classes=spec.classes, multi_label=spec.multi_label,
                                   features=features, labels=labels, task_ids=task_ids, encoder=encoder,
-                                  served=current.head, served_meta=current.meta, extra_meta=extra_meta)
+                                  served=current.head, served_meta=current.meta, extra_meta=extra_meta,
+                                  anchor=anchor)
     pending = {"promote": True, "reason": "promoted before validation: only labels changed; validating",
                "candidate_score": None, "current_score": None}
     number = services.store.save(project, spec.control, provisional.head,
@@ -169,17 +182,17 @@ def promote_then_validate(services: Services, project: str, spec: HeadSpec, curr
         return {"status": "superseded", "version": number, "reason": saved.get("status_reason"), "labels": len(labels)}
     log.info("project %s %s-v%d: promoted before validation", project, spec.control, number)
     return settle_provisional(services, project, spec, current, provisional, number, features=features,
-                              labels=labels, task_ids=task_ids)
+                              labels=labels, task_ids=task_ids, anchor=anchor)
 
 
 def settle_provisional(services: Services, project: str, spec: HeadSpec, current: HeadVersion,
                        provisional: Candidate, number: int, *, features: torch.Tensor, labels: list,
-                       task_ids: list[int]) -> dict:
+                       task_ids: list[int], anchor: torch.nn.Linear | None = None) -> dict:
     """Validate version `number` (served before validation) against `current`, the version it replaced:
     keep it, or roll back to `current`."""
     try:
         updates = validate_provisional(provisional, classes=spec.classes, multi_label=spec.multi_label,
-                                       features=features, labels=labels, task_ids=task_ids)
+                                       features=features, labels=labels, task_ids=task_ids, anchor=anchor)
     except NoUsableRecipe as exc:
         services.store.withdraw(project, spec.control, number, back_to=current.number, updates={"validated": False},
                                 reason=f"rolled back: validation failed: {exc}")
