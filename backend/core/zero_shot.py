@@ -26,6 +26,7 @@ from torch import nn
 
 from backend.common.errors import UnknownModelClass
 from backend.core.backbones import BackboneSpec, get_spec, load_state_dict
+from backend.core.recipes import linear
 
 CLOSEST_NAMES = 3
 
@@ -140,13 +141,7 @@ class ImageNetClassifier:
         layer = _last_linear(self.module)
         weight = torch.stack([layer.weight[list(classes)].mean(0) for classes in match.indices]) * self.feature_norm
         bias = torch.stack([layer.bias[list(classes)].mean(0) for classes in match.indices])
-        head = nn.Linear(weight.shape[1], weight.shape[0])
-        head.weight.copy_(weight)
-        head.bias.copy_(bias)
-        head.eval()
-        for parameter in head.parameters():
-            parameter.requires_grad_(False)
-        return head
+        return linear(weight, bias)
 
 
 def _last_linear(module: nn.Module) -> nn.Linear:
