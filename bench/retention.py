@@ -124,7 +124,7 @@ def measure_inputs(redis, images: int) -> dict:
     mirror = LabelStore(redis)
     for task, url in urls.items():
         mirror.put(PROJECT, _annotation(task), {"id": task, "data": {"image": url}})
-    PredictionLedger(redis).record(PROJECT, "label-v1", list(urls))
+    PredictionLedger(redis).answer(PROJECT, "label-v1", list(urls))  # as /predict records its answers
     sizes = {
         "features": sum(_usage(redis, redis_keys.embedding(key, digest)) for digest in digests.values()),
         "url_digests": _usage(redis, redis_keys.media_digests(PROJECT)),
