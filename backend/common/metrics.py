@@ -97,13 +97,7 @@ class Metrics:
 
     def add_many(self, values: dict[str, float]) -> None:
         """Add to several unlabeled counters in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        for name, value in values.items():
-            pipe.hincrbyfloat(KEY, _series(name, None), value)
-        try:
-            pipe.execute()
-        except RedisError as exc:
-            log.debug("metrics %s dropped: %s", ", ".join(values), exc)
+        self.record(values, {})
 
     def observe(self, name: str, seconds: float, **labels: str) -> None:
         """Add one observation to histogram `name` (buckets from BUCKETS_S), in one round trip."""

@@ -7,7 +7,7 @@ does not even download the image again.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from redis import Redis
@@ -55,14 +55,16 @@ class MediaDigests:
         self.redis = redis
         self.key = redis_keys.media_digests(project)
 
-    def get_many(self, urls: Iterable[str], *, pipe: Pipeline | None = None):
-        """URL → digest for the `urls` known. With `pipe`, the read is queued there and a function is returned
-        that turns the pipeline's answer to it into that dict."""
+    def get_many(self, urls: Iterable[str]) -> dict[str, str]:
+        """URL → digest for the `urls` known."""
         urls = list(dict.fromkeys(urls))
-        if pipe is not None:
-            pipe.hmget(self.key, urls)  # the caller queues only a non-empty read
-            return lambda digests: self._parse(urls, digests)
         return self._parse(urls, self.redis.hmget(self.key, urls)) if urls else {}
+
+    def queue_get_many(self, pipe: Pipeline, urls: list[str]) -> Callable[[list], dict[str, str]]:
+        """`get_many` of the (non-empty, distinct) `urls` queued on `pipe`; returns what turns the pipeline's
+        answer to it into the same dict."""
+        pipe.hmget(self.key, urls)
+        return lambda digests: self._parse(urls, digests)
 
     @staticmethod
     def _parse(urls: list[str], digests: list) -> dict[str, str]:

@@ -35,7 +35,7 @@ from torch import nn
 
 from backend.common.errors import HeadstartError
 from backend.core.head_fitting import Validation, _stratified_folds, fit_temperature
-from backend.core.recipes import BY_NAME, Recipe, RecipeFailed, check_finite, family_for, fit_recipe, linear
+from backend.core.recipes import ANCHORED, BY_NAME, Recipe, RecipeFailed, check_finite, family_for, fit_recipe, linear
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ BLEND = "blend"
 # simplest first: the order the one-standard-error rule prefers
 SIMPLICITY = ("zero_shot_anchored", "logreg_c1", "prototype", "logreg_c10", BLEND, "logreg_c100", "logreg_std",
               "logreg_std_shrunk")
-ANCHORED_NAME = "zero_shot_anchored"
+ANCHORED_NAME = ANCHORED.name
 
 
 class NoUsableRecipe(HeadstartError):

@@ -130,11 +130,12 @@ class FeatureSource:
         return [cached.get(digest) for digest in digest_of], kills
 
     def _digests_and_kills(self, project: str, urls: list[str], with_kills: bool) -> tuple[dict, dict]:
+        urls = list(dict.fromkeys(urls))
         if not urls:
             return {}, {}
         pipe = self.redis.pipeline(transaction=False)
-        parse_digests = MediaDigests(self.redis, project).get_many(urls, pipe=pipe)
-        parse_kills = self.poison.kills(project, urls, pipe=pipe) if with_kills else None
+        parse_digests = MediaDigests(self.redis, project).queue_get_many(pipe, urls)
+        parse_kills = self.poison.queue_kills(pipe, project, urls) if with_kills else None
         answers = pipe.execute()
         return parse_digests(answers[0]), parse_kills(answers[1]) if parse_kills else {}
 

@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from redis import Redis
 from redis.client import Pipeline
@@ -33,14 +33,16 @@ class PoisonLedger:
         self.redis = redis
         self.kills_allowed = max(1, kills_allowed)
 
-    def kills(self, project: str, urls: Iterable[str], *, pipe: Pipeline | None = None):
-        """Kills charged to each of `urls` that has any. With `pipe`, the read is queued there and a function is
-        returned that turns the pipeline's answer to it into that dict."""
+    def kills(self, project: str, urls: Iterable[str]) -> dict[str, int]:
+        """Kills charged to each of `urls` that has any."""
         urls = list(dict.fromkeys(urls))
-        if pipe is not None:
-            pipe.hmget(redis_keys.input_kills(project), urls)  # the caller queues only a non-empty read
-            return lambda found: self._parse(urls, found)
         return self._parse(urls, self.redis.hmget(redis_keys.input_kills(project), urls)) if urls else {}
+
+    def queue_kills(self, pipe: Pipeline, project: str, urls: list[str]) -> Callable[[list], dict[str, int]]:
+        """`kills` of the (non-empty, distinct) `urls` queued on `pipe`; returns what turns the pipeline's answer
+        to it into the same dict."""
+        pipe.hmget(redis_keys.input_kills(project), urls)
+        return lambda found: self._parse(urls, found)
 
     @staticmethod
     def _parse(urls: list[str], found: list) -> dict[str, int]:
