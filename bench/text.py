@@ -1,6 +1,6 @@
 """`text`: text classification on frozen all-MiniLM-L6-v2 (bbc-news), against its baselines in the same run.
 
-- accuracy per k (labels per topic, 5 draws): heads the product trains (`train_version`, scored through the
+- accuracy per k (labels per topic, 20 draws, each cell with its gap's standard error): heads the product trains (`train_version`, scored through the
   product's Predictor on all of val) against the dataset README's reference heads (logistic regression
   C=1, and a linear layer trained with Adam) fitted here on the same features, and the recipe the product
   chose per draw. The features are the product's (FeatureSource into its Redis cache); each article is
@@ -35,7 +35,7 @@ from backend.loop.features import MediaItem
 from backend.loop.retrain import retrain_project, train_version
 from backend.loop.services import build_services
 from backend.common.settings import Settings
-from bench.accuracy import _adam_head, _logreg_accuracy
+from bench.accuracy import _adam_head, _logreg_accuracy, gap_stderr
 from bench.embedding_files import EmbeddingFiles
 from bench.harness import RESULTS_DIR, Run, goal, median, percentile, print_table, rounded
 from bench.resources import BBC_CLASSES, dataset_texts, offline_text_model
@@ -61,7 +61,7 @@ class Params:
     predicts: int
 
 
-FULL = Params(ks=(1, 2, 5, 10, 20, "all"), seeds=5, train_cap=None, val_cap=None, throughput_texts=120,
+FULL = Params(ks=(1, 2, 5, 10, 20, "all"), seeds=20, train_cap=None, val_cap=None, throughput_texts=120,
               throughput_repeats=3, retrains=5, predicts=30)
 QUICK = Params(ks=(1, 2), seeds=1, train_cap=40, val_cap=20, throughput_texts=6, throughput_repeats=1, retrains=1,
                predicts=3)
@@ -241,6 +241,7 @@ def _accuracy(services, encoder, train, val, params: Params, files: EmbeddingFil
                 scores["ref_linear"].append(100.0 * float((head(x_val).argmax(1) == y_val).float().mean()))
         cells[str(k)] = {name: round(statistics.fmean(values), 2) for name, values in scores.items()}
         cells[str(k)].update({f"{name}_std": round(statistics.pstdev(values), 2) for name, values in scores.items()})
+        cells[str(k)]["gap_stderr"] = gap_stderr(scores)
         cells[str(k)]["recipes"] = recipes
         if k == "all":
             cells[str(k)]["recipe_evidence"] = trained.meta["selection"].get("evidence", {})

@@ -7,7 +7,8 @@ import torch
 
 from backend.core.head_fitting import encode_targets
 from backend.core.candidates import is_refit_enough
-from backend.core.recipe_choice import BLEND, Choice, NoUsableRecipe, choose_recipe, fit_chosen
+from backend.core.recipe_choice import (BLEND, MIN_BLEND_WEIGHT, Choice, NoUsableRecipe, choose_recipe, fit_chosen,
+                                        validate_choice)
 from backend.core.recipes import _coordinate_scale, _shrunk_scale
 from backend.core.recipes import (ANCHORED, BY_NAME, FAMILY, LOGREG_PATH, SINGLE_CHOICE, STANDARDIZED, Recipe,
                                   RecipeFailed, family_for, fit_recipe, linear)
@@ -42,12 +43,16 @@ def test_every_recipe_learns_ants_from_bees_from_ten_labels_each(hymenoptera_fea
     assert score >= 0.85
 
 
-def test_the_choice_is_the_simplest_within_fold_noise_of_the_best(hymenoptera_features, anchor):
+def test_the_blend_weighs_the_recipes_by_their_out_of_fold_log_loss(hymenoptera_features, anchor):
     x, y, held_x, held_y = split(hymenoptera_features, 15)
     choice = choose_recipe(x, y, num_classes=2, multi_label=False)
-    assert set(choice.evidence) == {recipe.name for recipe in SINGLE_CHOICE} | {BLEND}
-    best = min(choice.evidence.values(), key=lambda scores: scores["log_loss"])
-    assert choice.evidence[choice.name]["log_loss"] >= best["log_loss"]
+    assert {recipe.name for recipe in SINGLE_CHOICE} <= set(choice.evidence) <= {r.name for r in SINGLE_CHOICE} | {BLEND}
+    assert abs(sum(choice.weights.values()) - 1.0) < 1e-6 and set(choice.weights) == set(choice.components)
+    assert all(weight >= MIN_BLEND_WEIGHT for weight in choice.weights.values())
+    assert (choice.name == BLEND) == (len(choice.components) > 1)
+    # the blend's out-of-fold log-loss is no worse than the best single recipe's (the weights minimise it)
+    best = min(choice.evidence[recipe.name]["log_loss"] for recipe in SINGLE_CHOICE)
+    assert choice.evidence[choice.name]["log_loss"] <= best + 1e-3
     assert choice.validation.folds == 5 and len(choice.validation.correct) == len(y)
     head = fit_chosen(choice, x, y, num_classes=2, multi_label=False)
     scores = {recipe.name: accuracy(fit_recipe(recipe, x, y, num_classes=2, multi_label=False, anchor=anchor),
@@ -90,7 +95,7 @@ def test_the_labels_own_folds_see_the_standardized_advantage(flowers12_features)
     (measured 0.046 against 0.106 for C=1), no val photo involved."""
     (x, y), _, classes = flowers12_features
     choice = choose_recipe(x, y, num_classes=len(classes), multi_label=False)
-    assert set(choice.evidence) == {recipe.name for recipe in SINGLE_CHOICE} | {BLEND} and choice.validation.folds == 5
+    assert {recipe.name for recipe in SINGLE_CHOICE} <= set(choice.evidence) and choice.validation.folds == 5
     losses = {name: choice.evidence[name]["log_loss"] for name in ("logreg_c1", "logreg_std", "prototype")}
     print(f"\nout-of-fold log-loss: {losses}; chosen {choice.name} {choice.components}")
     assert losses["logreg_std"] == min(losses.values()) and losses["logreg_std"] < 0.75 * losses["logreg_c1"]
@@ -111,6 +116,34 @@ def test_the_standardized_head_is_one_linear_layer_on_the_raw_features(hymenopte
     assert torch.allclose(cold(held_x), warm(held_x), atol=1e-2)  # within L-BFGS's tolerance
     assert STANDARDIZED.as_dict() == {"name": "logreg_std", "kind": "standardized", "C": 1.0, "optimizer": "lbfgs",
                                       "class_balanced": True, "standardized": True, "variance_floor": 0.01}
+
+
+def test_a_blend_refits_as_one_head_with_its_weights(flowers12_features):
+    """The served blend is one linear layer: the weighted sum of its recipes' calibrated heads over the blend's
+    temperature; a saved choice refits to the same head, and validating it keeps the weights."""
+    (x, y), (val_x, val_y), classes = flowers12_features
+    choice = choose_recipe(x, y, num_classes=len(classes), multi_label=False)
+    print(f"\nflowers12, 60 labels: {choice.name} {choice.weights}")
+    assert choice.name == BLEND and len(choice.components) >= 2  # 5 labels per class: more than one recipe counts
+    head = fit_chosen(choice, x, y, num_classes=len(classes), multi_label=False)
+    expected = sum(choice.weights[name] / choice.temperatures[name]
+                   * fit_recipe(BY_NAME[name], x, y, num_classes=len(classes), multi_label=False)(val_x)
+                   for name in choice.components) / choice.temperatures[BLEND]
+    assert torch.allclose(head(val_x), expected, atol=1e-4)
+    saved = Choice.from_dict(choice.as_dict())
+    assert saved.weights == pytest.approx(choice.weights, abs=1e-5)
+    assert torch.allclose(fit_chosen(saved, x, y, num_classes=len(classes), multi_label=False)(val_x), head(val_x),
+                          atol=1e-3)
+    assert validate_choice(saved, x, y, num_classes=len(classes), multi_label=False).weights == saved.weights
+
+
+def test_a_blend_saved_before_weights_existed_refits_with_equal_weights(hymenoptera_features):
+    x, y, held_x, held_y = split(hymenoptera_features, 10)
+    record = {"recipe": BLEND, "components": ["logreg_c1", "prototype"],
+              "temperatures": {"logreg_c1": 0.5, "prototype": 2.0, BLEND: 1.0}, "chosen_at_labels": len(y)}
+    choice = Choice.from_dict(record)
+    assert choice.weight_of("logreg_c1") == choice.weight_of("prototype") == 0.5
+    assert accuracy(fit_chosen(choice, x, y, num_classes=2, multi_label=False), held_x, held_y) >= 0.85
 
 
 def test_a_saved_choice_of_a_recipe_no_longer_chosen_among_still_refits(hymenoptera_features):

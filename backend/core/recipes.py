@@ -29,12 +29,13 @@ store, the guard and serving never need to know which recipe made a head:
   passed in); hymenoptera's ant/bee is such a project, where zero-shot alone scores 96.7 % and plain
   logistic regression needs all 244 labels to come near it. Folded back into one linear head
   (anchor weights + correction), so serving needs no change.
-- `blend`: the average of two recipes' calibrated logits (chosen by `backend.core.recipe_choice`).
+- `blend`: a weighted sum of several recipes' calibrated logits, the weights fitted on out-of-fold
+  log-loss (`backend.core.recipe_choice`).
 
-A new single-choice head is chosen among `SINGLE_CHOICE` (C=1, standardized, prototype, and the
-blend), with `zero_shot_anchored` first where an anchor exists; multiple choice uses the logistic
-path (`logreg_std`, the anchored and the closed-form recipe serve single choice only). Every recipe
-of `FAMILY` can still be refitted by name, for versions chosen before.
+A new single-choice head blends `SINGLE_CHOICE` (C=1, standardized, prototype), with
+`zero_shot_anchored` too where an anchor exists; multiple choice blends the logistic path
+(`logreg_std`, the anchored and the closed-form recipe serve single choice only). Every recipe of
+`FAMILY` can still be refitted by name, for versions chosen before.
 """
 
 from __future__ import annotations
@@ -57,11 +58,6 @@ class Recipe:
     name: str
     kind: str  # "logreg" | "standardized" | "shrunk" | "anchored" | "prototype"
     C: float | None = None
-
-    @property
-    def is_logistic(self) -> bool:
-        """A logistic regression (the blend pairs the best of these with the best closed-form recipe)."""
-        return self.kind in ("logreg", "standardized", "shrunk", "anchored")
 
     def as_dict(self) -> dict:
         record = {"name": self.name, "kind": self.kind}
