@@ -72,7 +72,9 @@ def _accuracy_rows(r: dict) -> list[str]:
         best = ", ".join(f"{k}: {max(cell['ref_logreg'], cell['ref_linear']):.1f}" for k, cell in cells.items())
         rows.append(f"| accuracy | {name}, % on val by labels per class | {curve} | best reference: {best} "
                     f"| | | |")
-    rows.append(f"| accuracy | worst gap to the best reference (all sets, all k) | | | {r['worst_gap']:+g} points "
+    name, _, k = r["worst_gap_cell"].partition(" k=")
+    stderr = _stderr(r["sets"].get(name, {}).get(k, {}))
+    rows.append(f"| accuracy | worst gap to the best reference (all sets, all k) | | | {r['worst_gap']:+g}{stderr} points "
                 f"({r['worst_gap_cell']}) | ≥ 0 | {_status(r, 'worst_gap')} |")
     for name, accuracy in (r.get("zero_shot") or {}).items():
         matched = [cls for cls, found in (r.get("zero_shot_matches") or {}).get(name, {}).items() if found]
@@ -109,12 +111,18 @@ def _gpu_rows(r: dict) -> list[str]:
             f"| {r['embed_img_per_s']:g} images/s; {r['retrain_s']:.2f} s | | | | |"]
 
 
+def _stderr(cell: dict) -> str:
+    """ ± s" for a cell's gap standard error over its draws (results before 20 draws have none)."""
+    return f" ± {cell['gap_stderr']:g}" if cell.get("gap_stderr") is not None else ""
+
+
 def _text_rows(r: dict) -> list[str]:
     curve = ", ".join(f"{k}: {cell['headstart']:.1f}" for k, cell in r["accuracy"].items())
     best = ", ".join(f"{k}: {max(cell['ref_logreg'], cell['ref_linear']):.1f}" for k, cell in r["accuracy"].items())
     return [
         f"| text | bbc-news on all-MiniLM-L6-v2, % on val by labels per topic | {curve} | best reference: {best} "
-        f"| worst gap {r['worst_gap']:+g} points (k={r['worst_gap_k']}) | ≥ 0 | {_status(r, 'worst_gap')} |",
+        f"| worst gap {r['worst_gap']:+g}{_stderr(r['accuracy'].get(str(r['worst_gap_k']), {}))} points "
+        f"(k={r['worst_gap_k']}) | ≥ 0 | {_status(r, 'worst_gap')} |",
         f"| text | texts embedded per second (CPU, 1 thread) | {r['embed_texts_per_s']:g} "
         f"| raw encoder: {r['raw_texts_per_s']:g} | {_times(r['embed_ratio'])} raw | ≥ 0.9× "
         f"| {_status(r, 'embed_ratio')} |",
@@ -146,7 +154,7 @@ def _loop_rows(r: dict) -> list[str]:
 
 
 def _accepted(h: dict) -> str:
-    """"126 of 153 val tasks": how many tasks one seed's realized precision rests on."""
+    """126 of 153 val tasks": how many tasks one seed's realized precision rests on."""
     accepted, coverage = h.get("autoaccept_accepted"), h.get("autoaccept_coverage")
     if not accepted or not coverage:
         return "val tasks accepted: n/a"
