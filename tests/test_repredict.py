@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from backend.common import redis_keys
 from backend.common.queues import EMBED_QUEUE, TRAIN_QUEUE, enqueue_index, queue
 from backend.loop import repredict as repredict_module
 from backend.loop.repredict import PredictionLedger, repredict, unlabeled_task_ids
@@ -297,3 +298,18 @@ def test_an_embedding_chunk_leaves_the_rest_of_its_tasks_to_a_new_chunk_when_a_t
     run_burst_worker(ls_services.settings, redis, ls_services)
     assert all(vector is not None for vector in ls_services.features.cached(str(PROJECT), items, encoder))
     assert queue(EMBED_QUEUE, redis).count == 0
+
+
+def test_a_claim_marks_its_tasks_as_being_written_in_the_same_step(redis):
+    """`claim` adds each task to the version's ledger and, for those it took, to the being-written set in one
+    atomic script: a `/predict` between the two (it used to be two round trips) would have answered a task the
+    pass was about to write, leaving Label Studio with two predictions of the version."""
+    ledger = PredictionLedger(redis)
+    assert ledger.claim("7", "label-v3", [5, 6]) == [5, 6]
+    assert ledger.claim("7", "label-v3", [6, 8]) == [8]  # 6 is the first pass's
+    assert {int(task) for task in redis.smembers(redis_keys.predicting("7", "label-v3"))} == {5, 6, 8}
+    assert ledger.answer("7", "label-v3", [5, 6, 8, 9]) == {5, 6, 8}  # being written: held back; 9 is /predict's
+    assert 0 < redis.ttl(redis_keys.predicting("7", "label-v3")) <= repredict_module.WRITING_TTL_S
+    ledger.written("7", "label-v3", [5])
+    ledger.release("7", "label-v3", [6])
+    assert ledger.unwritten("7", "label-v3", [5, 6, 8, 9]) == [6]

@@ -51,19 +51,14 @@ class PredictionLedger:
     def claim(self, project: str, model_version: str, task_ids: list[int]) -> list[int]:
         """Mark these tasks as getting `model_version`'s prediction from this pass and return those no one had
         marked: of two passes (two workers) over the same tasks, each task goes to one. Until `written` or
-        `release`d they are also *being written*: a `/predict` for them answers none (`answer`)."""
+        `release`d they are also *being written*: a `/predict` for them answers none (`answer`). One atomic step,
+        so no `/predict` sees a task claimed and not yet marked as being written (it would answer it too)."""
         if not task_ids:
             return []
-        key = redis_keys.predicted(project, model_version)
-        pipe = self.redis.pipeline(transaction=False)
-        for task in task_ids:
-            pipe.sadd(key, task)
-        pipe.expire(key, LEDGER_TTL_S)
-        claimed = [task for task, new in zip(task_ids, pipe.execute()[:-1]) if new]
-        if claimed:
-            writing = redis_keys.predicting(project, model_version)
-            self.redis.pipeline(transaction=False).sadd(writing, *claimed).expire(writing, WRITING_TTL_S).execute()
-        return claimed
+        claimed = self.redis.eval(CLAIM_SCRIPT, 2, redis_keys.predicted(project, model_version),
+                                  redis_keys.predicting(project, model_version), LEDGER_TTL_S, WRITING_TTL_S,
+                                  *task_ids)
+        return [int(task) for task in claimed]
 
     def written(self, project: str, model_version: str, task_ids: list[int]) -> None:
         """These tasks now carry the version's prediction; they stay held back from /predict for JUST_WRITTEN_HOLD_S."""
@@ -94,6 +89,24 @@ class PredictionLedger:
                                time.time() - JUST_WRITTEN_HOLD_S, LEDGER_TTL_S, *task_ids)
         return {int(task) for task in held}
 
+
+# KEYS: predicted, predicting; ARGV: the ledger's TTL, the being-written TTL, the task ids. A task newly added to
+# `predicted` is this pass's, and marked as being written in the same step.
+CLAIM_SCRIPT = """
+local claimed = {}
+for index = 3, #ARGV do
+  local task = ARGV[index]
+  if redis.call('SADD', KEYS[1], task) == 1 then
+    redis.call('SADD', KEYS[2], task)
+    table.insert(claimed, task)
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if #claimed > 0 then
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+return claimed
+"""
 
 # KEYS: predicted, predicting, just written; ARGV: the hold's start (epoch s), the ledger's TTL, the task ids.
 # A task newly added to `predicted` is this answer's alone (a pass's `claim` skips it); one already there is held back
