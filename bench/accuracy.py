@@ -13,7 +13,8 @@ and all; 20 seeds), each method is fitted on the same features and scored on all
 `worst_gap` is headstart minus the better reference, the minimum over every (set, k) cell of the
 mean accuracies. Each cell also holds `gap_stderr`, the standard error of that gap from the
 per-draw paired differences: 20 draws, because with 5 it was 0.2 to 0.6 points, more than most gaps
-it judged (a 5-draw run had flowers12 k=2 at +0.58 where 20 draws say -1.06). Also draws the curves to bench/results/accuracy.png (matplotlib).
+it judged (the previous head choice read +0.58 at flowers12 k=2 on 5 draws, -1.06 on 20). Also draws
+the curves to bench/results/accuracy.png (matplotlib).
 
 `zero_shot` (k=0, no label at all): per set, the accuracy on all of `val` of the zero-shot pre-labels
 `/predict` serves as `<control>-v0` (backend.core.zero_shot: the backbone's own ImageNet classifier

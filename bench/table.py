@@ -74,8 +74,8 @@ def _accuracy_rows(r: dict) -> list[str]:
                     f"| | | |")
     name, _, k = r["worst_gap_cell"].partition(" k=")
     stderr = _stderr(r["sets"].get(name, {}).get(k, {}))
-    rows.append(f"| accuracy | worst gap to the best reference (all sets, all k) | | | {r['worst_gap']:+g}{stderr} points "
-                f"({r['worst_gap_cell']}) | ≥ 0 | {_status(r, 'worst_gap')} |")
+    rows.append(f"| accuracy | worst gap to the best reference (all sets, all k) | | | "
+                f"{r['worst_gap']:+g}{stderr} points ({r['worst_gap_cell']}) | ≥ 0 | {_status(r, 'worst_gap')} |")
     for name, accuracy in (r.get("zero_shot") or {}).items():
         matched = [cls for cls, found in (r.get("zero_shot_matches") or {}).get(name, {}).items() if found]
         target = (r.get("goals", {}).get(f"zero_shot_{name}") or {}).get("target")
@@ -112,7 +112,7 @@ def _gpu_rows(r: dict) -> list[str]:
 
 
 def _stderr(cell: dict) -> str:
-    """ ± s" for a cell's gap standard error over its draws (results before 20 draws have none)."""
+    """" ± s" for a cell's gap standard error over its draws (results before 20 draws have none)."""
     return f" ± {cell['gap_stderr']:g}" if cell.get("gap_stderr") is not None else ""
 
 
@@ -154,7 +154,7 @@ def _loop_rows(r: dict) -> list[str]:
 
 
 def _accepted(h: dict) -> str:
-    """126 of 153 val tasks": how many tasks one seed's realized precision rests on."""
+    """"126 of 153 val tasks": how many tasks one seed's realized precision rests on."""
     accepted, coverage = h.get("autoaccept_accepted"), h.get("autoaccept_coverage")
     if not accepted or not coverage:
         return "val tasks accepted: n/a"

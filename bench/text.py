@@ -1,9 +1,9 @@
 """`text`: text classification on frozen all-MiniLM-L6-v2 (bbc-news), against its baselines in the same run.
 
-- accuracy per k (labels per topic, 20 draws, each cell with its gap's standard error): heads the product trains (`train_version`, scored through the
-  product's Predictor on all of val) against the dataset README's reference heads (logistic regression
-  C=1, and a linear layer trained with Adam) fitted here on the same features, and the recipe the product
-  chose per draw. The features are the product's (FeatureSource into its Redis cache); each article is
+- accuracy per k (labels per topic, 20 draws, each cell with its gap's standard error): heads the product
+  trains (`train_version`, scored through the product's Predictor on all of val) against the dataset
+  README's reference heads (logistic regression C=1, and a linear layer trained with Adam) fitted here on
+  the same features, and the recipe the product chose per draw. The features are the product's (FeatureSource into its Redis cache); each article is
   embedded once and its vector kept in HEADSTART_BENCH_EMBEDDINGS (default ~/.cache/headstart/bench-embeddings,
   `bench.embedding_files`: one file per encoder key and library versions, one vector per sha256 of the
   text), so a re-run loads them into the product's cache instead of embedding 2,125 articles again.

@@ -46,7 +46,8 @@ def test_every_recipe_learns_ants_from_bees_from_ten_labels_each(hymenoptera_fea
 def test_the_blend_weighs_the_recipes_by_their_out_of_fold_log_loss(hymenoptera_features, anchor):
     x, y, held_x, held_y = split(hymenoptera_features, 15)
     choice = choose_recipe(x, y, num_classes=2, multi_label=False)
-    assert {recipe.name for recipe in SINGLE_CHOICE} <= set(choice.evidence) <= {r.name for r in SINGLE_CHOICE} | {BLEND}
+    single = {recipe.name for recipe in SINGLE_CHOICE}
+    assert single <= set(choice.evidence) <= single | {BLEND}
     assert abs(sum(choice.weights.values()) - 1.0) < 1e-6 and set(choice.weights) == set(choice.components)
     assert all(weight >= MIN_BLEND_WEIGHT for weight in choice.weights.values())
     assert (choice.name == BLEND) == (len(choice.components) > 1)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -91,7 +91,8 @@ class Choice:
     def from_dict(cls, record: dict) -> "Choice":
         return cls(name=record["recipe"], components=tuple(record["components"]),
                    temperatures=dict(record["temperatures"]), weights=dict(record.get("weights") or {}),
-                   evidence=dict(record.get("evidence") or {}), skipped=dict(record.get("skipped") or {}), label_count=int(record.get("chosen_at_labels", 0)))
+                   evidence=dict(record.get("evidence") or {}), skipped=dict(record.get("skipped") or {}),
+                   label_count=int(record.get("chosen_at_labels", 0)))
 
 
 def default_choice(*, multi_label: bool, label_count: int, anchored: bool = False) -> Choice:
@@ -144,8 +145,7 @@ def validate_choice(choice: Choice, features: torch.Tensor, targets: torch.Tenso
     and out-of-fold results for it, the choice itself kept."""
     folds = _stratified_folds(targets, multi_label=multi_label, seed=seed)
     if folds is None:
-        return Choice(name=choice.name, components=choice.components, temperatures=dict(choice.temperatures),
-                      weights=choice.weights, evidence=choice.evidence, skipped=choice.skipped, label_count=choice.label_count)
+        return replace(choice, temperatures=dict(choice.temperatures), validation=Validation(folds=0))
     recipes = tuple(BY_NAME[name] for name in choice.components)
     raw, skipped = _out_of_fold_logits(recipes, features, targets, folds, num_classes=num_classes,
                                        multi_label=multi_label, anchor=anchor)
@@ -160,9 +160,7 @@ def validate_choice(choice: Choice, features: torch.Tensor, targets: torch.Tenso
         calibrated = calibrated / temperatures[BLEND]
     validation = Validation(folds=len(folds), correct=_correct(calibrated, targets, multi_label=multi_label),
                             logits=calibrated)
-    return Choice(name=choice.name, components=choice.components, temperatures=temperatures, weights=choice.weights,
-                  evidence=choice.evidence, skipped=choice.skipped, label_count=choice.label_count,
-                  validation=validation)
+    return replace(choice, temperatures=temperatures, validation=validation)
 
 
 def fit_chosen(choice: Choice, features: torch.Tensor, targets: torch.Tensor, *, num_classes: int,
@@ -191,7 +189,8 @@ def fit_chosen(choice: Choice, features: torch.Tensor, targets: torch.Tensor, *,
     return head
 
 
-def _blend_weights(calibrated: dict[str, torch.Tensor], targets: torch.Tensor, *, multi_label: bool) -> dict[str, float]:
+def _blend_weights(calibrated: dict[str, torch.Tensor], targets: torch.Tensor, *,
+                   multi_label: bool) -> dict[str, float]:
     """Convex weights over the recipes (in family order) that minimise the out-of-fold log-loss of the
     weighted sum of their calibrated logits; weights under MIN_BLEND_WEIGHT are dropped, the rest renormalized."""
     names = list(calibrated)
@@ -204,8 +203,7 @@ def _blend_weights(calibrated: dict[str, torch.Tensor], targets: torch.Tensor, *
     def closure():
         optimizer.zero_grad()
         mixed = torch.einsum("r,rnc->nc", torch.softmax(logits, dim=0), stacked)
-        loss = (nn.functional.binary_cross_entropy_with_logits(mixed, targets.float()) if multi_label
-                else nn.functional.cross_entropy(mixed, targets))
+        loss = _per_example_loss(mixed, targets, multi_label=multi_label).mean()
         loss.backward()
         return loss
 
@@ -213,7 +211,8 @@ def _blend_weights(calibrated: dict[str, torch.Tensor], targets: torch.Tensor, *
         optimizer.step(closure)
     share = torch.softmax(logits.detach(), dim=0)
     if not torch.isfinite(share).all():  # a degenerate fit: the single recipe of lowest log-loss
-        losses = [float(_per_example_loss(calibrated[name], targets, multi_label=multi_label).mean()) for name in names]
+        losses = [float(_per_example_loss(calibrated[name], targets, multi_label=multi_label).mean())
+                  for name in names]
         return {names[losses.index(min(losses))]: 1.0}
     kept = {name: float(weight) for name, weight in zip(names, share) if float(weight) >= MIN_BLEND_WEIGHT}
     total = sum(kept.values())
@@ -221,11 +220,9 @@ def _blend_weights(calibrated: dict[str, torch.Tensor], targets: torch.Tensor, *
 
 
 def _per_example_loss(calibrated, targets, *, multi_label: bool) -> torch.Tensor:
-    with torch.no_grad():
-        if multi_label:
-            return nn.functional.binary_cross_entropy_with_logits(calibrated, targets.float(),
-                                                                  reduction="none").mean(1)
-        return nn.functional.cross_entropy(calibrated, targets, reduction="none")
+    if multi_label:
+        return nn.functional.binary_cross_entropy_with_logits(calibrated, targets.float(), reduction="none").mean(1)
+    return nn.functional.cross_entropy(calibrated, targets, reduction="none")
 
 
 def _out_of_fold_logits(recipes, features, targets, folds, *, num_classes, multi_label, anchor=None):
