@@ -26,7 +26,6 @@ import torch
 from backend.common import redis_keys
 from backend.common.errors import HeadstartError
 from backend.core.active import rank_unlabeled
-from backend.core.heads import head_probabilities
 from backend.labelstudio.labeling_config import parse_label_config
 from backend.labelstudio.prediction_writes import write_predictions
 from backend.labelstudio.sampling import (
@@ -127,14 +126,9 @@ def next_front(services: Services, project: str) -> Front | str:
     labeled = [task in labeled_tasks for task in ids]
     examples, _ = services.labels.examples(project, spec)
     counts = [sum(name in example.choices for example in examples) for name in spec.classes]
-    probabilities, guide = None, "none"
     with torch.no_grad():
-        if head is not None:
-            probabilities = head_probabilities(head.head, features, multi_label=head.multi_label)
-            guide = f"{spec.control}-v{head.number}"
-        elif spec.control in served.zero_shot and services.predictor.zero_shot is not None:
-            classifier = services.predictor.zero_shot.get(encoder.name, services.encoders.weights_file)
-            probabilities, guide = classifier.probabilities(features, served.zero_shot[spec.control]), "zero-shot"
+        scored = services.predictor.probabilities(served, spec, features, encoder.name)
+    probabilities, guide = (scored.probabilities, scored.guide) if scored is not None else (None, "none")
     ranking = rank_unlabeled(features, labeled, batch=max(1, services.settings.active_front),
                              probabilities=probabilities, labels_per_class=counts,
                              switch_labels_per_class=SWITCH_LABELS_PER_CLASS, seed=int(project))

@@ -79,6 +79,16 @@ class Served:
         return bool(self.heads or self.zero_shot)
 
 
+@dataclass(frozen=True)
+class ControlProbabilities:
+    """One control's class probabilities for a batch of features, and what produced them."""
+
+    probabilities: torch.Tensor  # (n, classes)
+    classes: list[str]
+    multi_label: bool
+    guide: str  # "<control>-v<number>" for a trained head, "zero-shot" before one
+
+
 class Predictor:
     def __init__(self, *, redis: Redis, store: ModelStore, features: FeatureSource,
                  encoders: EncoderPool, multi_label_threshold: float,
@@ -182,15 +192,11 @@ class Predictor:
                                     if isinstance(vector, MediaError)])
             if not usable:
                 continue
-            stacked = torch.stack([features[i] for i in usable])
-            if head is not None:
-                probabilities = head_probabilities(head.head, stacked, multi_label=head.multi_label)
-                classes, multi_label = head.classes, head.multi_label
-            else:
-                classifier = self.zero_shot.get(encoder.name, self.encoders.weights_file)
-                probabilities, classes, multi_label = classifier.probabilities(stacked, match), match.choices, False
+            scored = self.probabilities(served, spec, torch.stack([features[i] for i in usable]), encoder.name)
+            if scored is None:
+                continue
             for index, (choices, score) in zip(usable, choose_classes(
-                    probabilities, list(classes), multi_label=multi_label, threshold=self.threshold)):
+                    scored.probabilities, scored.classes, multi_label=scored.multi_label, threshold=self.threshold)):
                 predictions[index]["result"].append(spec.result(choices))
                 per_task_scores[index].append(score)
         for index in not_embedded:  # a partial prediction (some controls only) waits for the rest
@@ -198,6 +204,20 @@ class Predictor:
         for prediction, scores in zip(predictions, per_task_scores):
             prediction["score"] = round(min(scores), 6) if scores else 0.0
         return predictions, sorted(not_embedded)
+
+    def probabilities(self, served: Served, spec: HeadSpec, features: torch.Tensor,
+                      backbone: str) -> ControlProbabilities | None:
+        """What `served` answers for `spec`'s control on these features (of `backbone`): the trained head's
+        probabilities, or before one the zero-shot classifier's restricted to the choices; None when neither."""
+        head = served.heads.get(spec.control)
+        if head is not None:
+            return ControlProbabilities(head_probabilities(head.head, features, multi_label=head.multi_label),
+                                        list(head.classes), head.multi_label, f"{spec.control}-v{head.number}")
+        match = served.zero_shot.get(spec.control)
+        if match is None or self.zero_shot is None:
+            return None
+        classifier = self.zero_shot.get(backbone, self.encoders.weights_file)
+        return ControlProbabilities(classifier.probabilities(features, match), list(match.choices), False, "zero-shot")
 
     def _current_numbers(self, project: str, specs: list[HeadSpec]) -> dict[str, int | None]:
         """Current pointers from Redis; while Redis is away, the last ones this process saw."""
