@@ -1,4 +1,5 @@
-"""Text projects through /predict and the retrain pipeline: caching, bad input, HyperText, mixed configs."""
+"""Text projects through /predict and the retrain pipeline: caching, bad input, HyperText, mixed configs,
+multiple choice."""
 
 from __future__ import annotations
 
@@ -167,3 +168,78 @@ def test_a_worker_loads_only_the_encoders_its_known_projects_use(settings, redis
     assert [encoder.modality for encoder in pool._loaded.values()] == ["text"]
     assert worker.headstart_info["backbone"] == "mobilenet_v2@IMAGENET1K_V1"
     assert worker.headstart_info["text_encoder"] == settings.text_encoder
+
+
+TWO_TOPIC_TRAIN = 80
+MULTI_CONFIG = TEXT_CONFIG.replace('toName="text">', 'toName="text" choice="multiple">')
+
+
+def lead(text: str) -> str:
+    """An article's title and first paragraph: short enough that two fit in MiniLM's 256 word pieces."""
+    return "\n\n".join(text.split("\n\n")[:2])
+
+
+def two_topic_texts(split: str, count: int, offset: int = 0) -> list[tuple[str, list[str]]]:
+    """`count` texts each made of two leads on different topics, labeled with both (a multi-label task)."""
+    by_topic = {cls: [text for text, label in dataset_texts(split) if label == cls] for cls in BBC_CLASSES}
+    pairs = [(a, b) for a in BBC_CLASSES for b in BBC_CLASSES if a != b]
+    made = []
+    for n in range(count):
+        a, b = pairs[(n + offset) % len(pairs)]
+        index = (n + offset) // len(pairs)
+        made.append((lead(by_topic[a][index]) + "\n\n" + lead(by_topic[b][index + 1]), [a, b]))
+    return made
+
+
+def test_a_multiple_choice_text_control_trains_and_predicts_every_topic_it_finds(services, few_labels):
+    spec, = parse_label_config(MULTI_CONFIG)
+    assert spec.multi_label and spec.modality == "text"
+    services.projects.remember("9", MULTI_CONFIG)
+    labeled = [(text, [cls]) for text, cls in few_labels] + two_topic_texts("train", TWO_TOPIC_TRAIN)
+    for task, (text, topics) in enumerate(labeled):
+        services.labels.put("9", {"id": task, "task": task, "updated_at": "2026-01-01T00:00:00Z",
+                                  "result": [{"from_name": "topic", "to_name": "text", "type": "choices",
+                                              "value": {"choices": topics}}]},
+                            {"id": task, "data": {"text": text}})
+    outcome = retrain_control(services, "9", spec, job_id="test")
+    assert outcome["status"] == "promoted", outcome
+    assert services.store.meta("9", "topic", outcome["version"])["multi_label"] is True
+
+    one_topic = dataset_texts("val")[::22][:20]  # spread over the five topics
+    val = two_topic_texts("val", 20, offset=7) + [(lead(text), [cls]) for text, cls in one_topic]
+    tasks = [{"id": i, "data": {"text": text}} for i, (text, _) in enumerate(val)]
+    predictions = services.predictor.predict(tasks, project="9", label_config=MULTI_CONFIG)
+    assert all(0 < p["score"] <= 1 for p in predictions)
+    found = [set(p["result"][0]["value"]["choices"]) if p["result"] else set() for p in predictions]
+    truth = [set(topics) for _, topics in val]
+    exact = [chosen == topics for chosen, topics in zip(found, truth)]
+    named = sum(len(chosen) for chosen in found)
+    right = sum(len(chosen & topics) for chosen, topics in zip(found, truth))
+    reference = reference_exact_matches(services, labeled, val)
+    print(f"\nmulti-label text: exactly right on {sum(exact[:20])}/20 two-topic and {sum(exact[20:])}/20 one-topic "
+          f"texts (one scikit-learn logistic regression per topic, C=1, on the same features: {sum(reference[:20])}/20 "
+          f"and {sum(reference[20:])}/20); {right}/{named} topics named are right")
+    assert sum(len(chosen) == 2 for chosen in found[:20]) >= 5  # several topics per text, where there are
+    assert sum(exact) >= max(sum(reference), 20)
+    assert right >= 0.75 * named
+
+
+def reference_exact_matches(services, labeled, val) -> list[bool]:
+    """Per text of `val`, whether one scikit-learn logistic regression per topic (C=1, the reference head of
+    the datasets' READMEs), fitted on the product's own features of `labeled`, chooses exactly its topics."""
+    from sklearn.linear_model import LogisticRegression
+
+    encoder = services.encoders.for_input("text")
+    limits = services.features.limits
+
+    def embed(texts):
+        return encoder.embed([encoder.prepare(text.encode(), limits) for text in texts]).numpy()
+
+    train, test = embed([text for text, _ in labeled]), embed([text for text, _ in val])
+    chosen = [set() for _ in val]
+    for topic in BBC_CLASSES:
+        head = LogisticRegression(C=1.0).fit(train, [topic in topics for _, topics in labeled])
+        for picked, probability in zip(chosen, head.predict_proba(test)[:, 1]):
+            if probability > 0.5:
+                picked.add(topic)
+    return [picked == set(topics) for picked, (_, topics) in zip(chosen, val)]
