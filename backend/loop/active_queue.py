@@ -110,9 +110,7 @@ def next_front(services: Services, project: str) -> Front | str:
         return "no labeling config known yet"
     spec = parse_label_config(config)[0]
     served = services.predictor.served(project, config)
-    head = served.heads.get(spec.control)
-    encoder = (services.encoders.for_key(head.meta["backbone"], head.backbone_key) if head is not None
-               else services.encoders.for_input(spec.modality, spec.markup))
+    encoder = services.predictor.encoder_for(served, spec)
     data = services.tasks.data(project)
     task_ids = sorted(data)
     items = [MediaItem(task, _url(data[task], spec.data_key), inline=spec.inline) for task in task_ids]

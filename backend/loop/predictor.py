@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from backend.core.heads import choose_classes, head_probabilities
 from backend.core.store import HeadVersion, ModelStore
 from backend.common.errors import BadRequest, HeadMismatch, MediaError, UnknownBackbone, UnknownModelClass
-from backend.core.encoders import EncoderPool
+from backend.core.encoders import Encoder, EncoderPool
 from backend.core.zero_shot import ClassMatch, ZeroShotClassifiers, match_choices, supports_zero_shot
 from backend.loop.features import FeatureSource, FetchPlan, MediaItem
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
@@ -176,10 +176,7 @@ class Predictor:
             match = served.zero_shot.get(spec.control)
             if head is None and match is None:
                 continue
-            if head is not None:
-                encoder = self.encoders.for_key(head.meta["backbone"], head.backbone_key)
-            else:
-                encoder = self.encoders.for_input("image")
+            encoder = self.encoder_for(served, spec)
             items = [MediaItem(task_id=_task_id(task), url=_media_url(task, spec), inline=spec.inline)
                      for task in tasks]
             if cached_only:
@@ -204,6 +201,14 @@ class Predictor:
         for prediction, scores in zip(predictions, per_task_scores):
             prediction["score"] = round(min(scores), 6) if scores else 0.0
         return predictions, sorted(not_embedded)
+
+    def encoder_for(self, served: Served, spec: HeadSpec) -> Encoder:
+        """The encoder whose features `served` answers `spec`'s control from: the trained head's own (by its
+        cache identity, whatever the deployment's default is now), or before one the default for the input."""
+        head = served.heads.get(spec.control)
+        if head is not None:
+            return self.encoders.for_key(head.meta["backbone"], head.backbone_key)
+        return self.encoders.for_input(spec.modality, spec.markup)
 
     def probabilities(self, served: Served, spec: HeadSpec, features: torch.Tensor,
                       backbone: str) -> ControlProbabilities | None:
