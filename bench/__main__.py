@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int,
                         help="loop only: this many tasks instead of 1,000 (--quick) or 5,000, a smoke run "
                              "(results in a temporary directory unless --results-dir is given)")
+    parser.add_argument("--text", action="store_true",
+                        help="loop only: a text project of bbc-news articles on all-MiniLM-L6-v2 instead of images "
+                             "(results in bench/results/loop-text.json)")
     parser.add_argument("--zero-shot", action="store_true",
                         help="accuracy only: measure just k=0 (zero-shot pre-labels, under a minute) and merge it "
                              "into the accuracy results, keeping their other keys")
@@ -38,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "the others keep their earlier results in active.json")
     parser.add_argument("--results-dir", type=Path, help="where the JSON results go (default: bench/results)")
     args = parser.parse_args(argv)
-    if args.tasks is not None and args.name != "loop":
-        parser.error("--tasks applies to loop only")
+    if (args.tasks is not None or args.text) and args.name != "loop":
+        parser.error("--tasks and --text apply to loop only")
     if (args.seeds is not None or args.sets is not None) and args.name != "active":
         parser.error("--seeds and --sets apply to active only")
     if args.zero_shot and args.name != "accuracy":
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"bench.{name}")
         print(f"\n=== {name} ===", flush=True)
         began = time.monotonic()
-        options = {"tasks": args.tasks} if name == "loop" else {"zero_shot_only": True} if args.zero_shot else {}
+        options = ({"tasks": args.tasks, "text": args.text} if name == "loop"
+                   else {"zero_shot_only": True} if args.zero_shot else {})
         if name == "active":
             options = {"seeds": args.seeds, **({"sets": tuple(args.sets.split(","))} if args.sets else {})}
         module.run(quick=args.quick, results_dir=results_dir, **options)

@@ -56,9 +56,10 @@ class _Shared:
 class Annotators:
     def __init__(self, api: Callable[[], LabelStudioApi], tasks: list[tuple[int, str]], classes: list[str], *,
                  count: int = 3, pace_s: tuple[float, float] = (2.0, 4.0), script: Script, seed: int = 0,
-                 keep_unlabeled: int = 0):
+                 keep_unlabeled: int = 0, object_name: str = OBJECT):
         """`api` makes one client per annotator; `tasks` are (task id, true class) in labeling order;
-        labeling stops early when only `keep_unlabeled` tasks are left."""
+        labeling stops early when only `keep_unlabeled` tasks are left; `object_name` is the object tag the
+        choices are about (the config's `toName`)."""
         self.api = api
         self.classes = classes
         self.count = count
@@ -66,6 +67,7 @@ class Annotators:
         self.script = script
         self.seed = seed
         self.keep_unlabeled = keep_unlabeled
+        self.object_name = object_name
         self.shared = _Shared(queue=list(tasks))
         self.errors: list[str] = []
         self.retries = 0  # submits repeated after a 500 (SQLite "database is locked")
@@ -151,9 +153,10 @@ class Annotators:
         sent_at, started = time.time(), time.perf_counter()
         if kind in ("create", "mistake"):
             annotation = self._retrying(lambda: api.post(f"/api/tasks/{task}/annotations",
-                                                         {"result": [_choice(label)]}))["id"]
+                                                         {"result": [choice(label, self.object_name)]}))["id"]
         elif kind == "relabel":
-            self._retrying(lambda: api.patch(f"/api/annotations/{annotation}", {"result": [_choice(label)]}))
+            self._retrying(lambda: api.patch(f"/api/annotations/{annotation}",
+                                             {"result": [choice(label, self.object_name)]}))
         else:
             self._retrying(lambda: api.delete(f"/api/annotations/{annotation}"))
         seconds = time.perf_counter() - started
@@ -167,5 +170,6 @@ class Annotators:
         return True
 
 
-def _choice(label: str) -> dict:
-    return {"from_name": CONTROL, "to_name": OBJECT, "type": "choices", "value": {"choices": [label]}}
+def choice(label: str, object_name: str = OBJECT) -> dict:
+    """An annotation result region choosing `label` for the object tag `object_name`."""
+    return {"from_name": CONTROL, "to_name": object_name, "type": "choices", "value": {"choices": [label]}}

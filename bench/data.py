@@ -43,10 +43,11 @@ def local_url(root: Path, path: Path) -> str:
     return f"/data/local-files/?d={path.relative_to(root).as_posix()}"
 
 
-def label_config(classes: list[str]) -> str:
+def label_config(classes: list[str], *, object_tag: str = "Image", object_name: str = "image") -> str:
+    """One single-choice control over `classes` on an `<Image>` (or, with object_tag="Text", a `<Text>`)."""
     choices = "".join(f"<Choice value={quoteattr(name)}/>" for name in classes)
-    return (f'<View><Image name="image" value="$image"/><Choices name="{CONTROL}" toName="image">'
-            f"{choices}</Choices></View>")
+    return (f'<View><{object_tag} name="{object_name}" value="${object_name}"/><Choices name="{CONTROL}" '
+            f'toName="{object_name}">{choices}</Choices></View>')
 
 
 def task(task_id: int, url: str) -> dict:

@@ -2,7 +2,9 @@
 
 N tasks of distinct real images (bench.loop_images) are imported into a Label Studio project served
 as local files (LOCAL_FILES_SERVING_ENABLED, LOCAL_FILES_DOCUMENT_ROOT: the end-to-end suite's
-setup, bench.label_studio). headstart runs as `headstart up` runs it: `headstart serve` (gunicorn,
+setup, bench.label_studio). With `--text`, N distinct bbc-news articles (bench.loop_texts) held in
+the tasks themselves, a `<Text>` project served by all-MiniLM-L6-v2 (the offline copy, TEXT_ENCODER);
+its results go to loop-text.json. headstart runs as `headstart up` runs it: `headstart serve` (gunicorn,
 default settings) and UP_WORKERS (2) `headstart worker`s, on a redis-server of the benchmark's own. Both reach
 Label Studio through a counting proxy (bench.ls_proxy), one port per process, so every API request
 headstart makes is counted; Label Studio's webhooks and ML calls go to headstart directly.
@@ -39,11 +41,13 @@ from backend.core.store import ModelStore
 from backend.labelstudio.projects import ProjectRegistry
 from backend.loop.services import build_services
 from bench import loop_measure as measure, loop_report as report
-from bench.annotators import Action, Annotators, Script
+from bench.annotators import Action, Annotators, Script, choice
+from bench import loop_texts
 from bench.data import label_config
 from bench.harness import REPO, RESULTS_DIR, load_average, machine, rounded
 from bench.label_studio import LabelStudioServer, ensure_installed
 from bench.loop_images import classes as image_classes, write_images
+from bench.resources import offline_text_model
 from bench.ls_api import LabelStudioApi
 from bench.ls_proxy import CountingProxy
 from bench.stack import Stack
@@ -140,6 +144,7 @@ class Project:
     classes: list[str]
     truth: dict[int, str]           # task id → true class, in import order
     documents: Path
+    object_name: str = "image"      # the object tag the choices are about: "image", or "text" (`--text`)
 
     def client(self) -> LabelStudioApi:
         return LabelStudioApi(self.server.url, self.server.credentials.legacy_token)
@@ -147,37 +152,44 @@ class Project:
     def headstart_env(self, label_studio_url: str) -> dict[str, str]:
         """`headstart up`'s defaults, pointed at this Label Studio (through `label_studio_url`). Every version keeps
         its per-label detail: the measurement reads each served version's `trained_on` after the run."""
-        return {"LABEL_STUDIO_URL": label_studio_url, "LABEL_STUDIO_API_KEY": self.server.credentials.legacy_token,
-                "LOCAL_FILES_DOCUMENT_ROOT": str(self.documents), "REPREDICT_UNLABELED": "true",
-                "LOG_LEVEL": "INFO", "VERSION_DETAIL_KEEP": "1000000", "REJECTED_VERSIONS_KEEP": "1000000"}
+        env = {"LABEL_STUDIO_URL": label_studio_url, "LABEL_STUDIO_API_KEY": self.server.credentials.legacy_token,
+               "LOCAL_FILES_DOCUMENT_ROOT": str(self.documents), "REPREDICT_UNLABELED": "true",
+               "LOG_LEVEL": "INFO", "VERSION_DETAIL_KEEP": "1000000", "REJECTED_VERSIONS_KEEP": "1000000"}
+        if self.object_name == "text":
+            env.update({"TEXT_ENCODER": offline_text_model(), "HF_HUB_OFFLINE": "1"})
+        return env
 
 
-def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, tasks: int | None = None) -> dict:
+def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, tasks: int | None = None,
+        text: bool = False) -> dict:
     params = params_for(quick=quick, tasks=tasks)
     started, load_before = time.time(), load_average()
     root = Path(tempfile.mkdtemp(prefix="headstart-bench-loop-"))
-    print(f"loop: {params.tasks} tasks, {params.label_seconds:g} s of labeling; work directory {root}", flush=True)
+    kind = "texts" if text else "images"
+    print(f"loop: {params.tasks} tasks ({kind}), {params.label_seconds:g} s of labeling; work directory {root}",
+          flush=True)
     try:
         with contextlib.ExitStack() as cleanup:
-            project = _project(root, params, cleanup)
+            project = (_text_project if text else _project)(root, params, cleanup)
             proxy = CountingProxy(project.server.url)
             cleanup.callback(proxy.stop)
             embed = {workers: _embed_pass(project, proxy, root, workers, params) for workers in (1, 2)}
             loop = _labeling(project, proxy, root, params)
         section = report.summarize(tasks=params.tasks, label_seconds=params.label_seconds,
                                    settle_timeout_s=params.settle_timeout_s, annotators=ANNOTATORS, pace_s=PACE_S,
-                                   embed=embed, run=loop)
+                                   embed=embed, run=loop, media=kind)
     except BaseException:
         print(f"loop: failed; logs kept in {root / 'logs'}", file=sys.stderr, flush=True)
         raise
     section.update(code=_code(), machine=machine(), load_average_before=load_before, load_average_after=load_average(),
                    started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                    wall_s=round(time.time() - started, 1))
-    record = report.write_record(section, quick=quick, results_dir=results_dir)
-    report.plot(section, loop, results_dir / f"{report.NAME}-{params.tasks}.png")  # a measured run at either size
+    name = report.TEXT_NAME if text else report.NAME
+    record = report.write_record(section, quick=quick, results_dir=results_dir, name=name)
+    report.plot(section, loop, results_dir / f"{name}-{params.tasks}.png")  # a measured run at either size
     report.print_summary(section)
     if section["details"]["unserved_actions"]:  # keep what tells why (the workers' and backend's logs)
-        logs = results_dir / f"{report.NAME}-{params.tasks}-logs"
+        logs = results_dir / f"{name}-{params.tasks}-logs"
         shutil.rmtree(logs, ignore_errors=True)
         shutil.copytree(root / "logs", logs, dirs_exist_ok=True)
         print(f"loop: actions never served; logs kept in {logs}", flush=True)
@@ -192,12 +204,7 @@ def _project(root: Path, params: Params, cleanup: contextlib.ExitStack) -> Proje
     began = time.perf_counter()
     images = write_images(documents / IMAGES_DIR, params.tasks)
     print(f"  {len(images)} images written in {time.perf_counter() - began:.0f} s; starting Label Studio", flush=True)
-    (root / "label-studio").mkdir()
-    server = LabelStudioServer(ensure_installed(), data_dir=root / "label-studio", documents_root=documents,
-                               log_path=root / "logs" / "label-studio.log")
-    cleanup.callback(server.stop)
-    server.start()
-    api = LabelStudioApi(server.url, server.credentials.legacy_token)
+    server, api = _start_label_studio(root, documents, cleanup)
     classes = image_classes()
     config = label_config(classes)
     project = api.create_project("headstart bench loop", config)["id"]
@@ -215,6 +222,39 @@ def _project(root: Path, params: Params, cleanup: contextlib.ExitStack) -> Proje
           flush=True)
     return Project(server=server, api=api, id=project, config=config, classes=classes, truth=truth,
                    documents=documents)
+
+
+def _start_label_studio(root: Path, documents: Path,
+                        cleanup: contextlib.ExitStack) -> tuple[LabelStudioServer, LabelStudioApi]:
+    """A fresh Label Studio in `root` (stopped by `cleanup`) serving `documents` as local files, and its admin client."""
+    (root / "label-studio").mkdir()
+    server = LabelStudioServer(ensure_installed(), data_dir=root / "label-studio", documents_root=documents,
+                               log_path=root / "logs" / "label-studio.log")
+    cleanup.callback(server.stop)
+    server.start()
+    return server, LabelStudioApi(server.url, server.credentials.legacy_token)
+
+
+def _text_project(root: Path, params: Params, cleanup: contextlib.ExitStack) -> Project:
+    """A `<Text>` project of `params.tasks` distinct articles, imported inline in one request."""
+    documents = root / "documents"
+    documents.mkdir(parents=True)
+    began = time.perf_counter()
+    texts = loop_texts.make_texts(params.tasks)
+    server, api = _start_label_studio(root, documents, cleanup)
+    classes = loop_texts.classes()
+    config = label_config(classes, object_tag="Text", object_name="text")
+    project = api.create_project("headstart bench loop (text)", config)["id"]
+    api.post(f"/api/projects/{project}/import", [{"text": item.text} for item in texts])
+    label_of = {item.text: item.label for item in texts}
+    truth = {task["id"]: label_of[task["data"]["text"]]
+             for task in sorted(api.tasks(project), key=lambda task: task["id"])}
+    if len(truth) != len(texts):
+        raise RuntimeError(f"Label Studio made {len(truth)} tasks of {len(texts)} texts")
+    print(f"  Label Studio {server.url}: project {project}, {len(truth)} text tasks "
+          f"({time.perf_counter() - began:.0f} s)", flush=True)
+    return Project(server=server, api=api, id=project, config=config, classes=classes, truth=truth,
+                   documents=documents, object_name="text")
 
 
 def _embed_pass(project: Project, proxy: CountingProxy, root: Path, workers: int, params: Params) -> dict:
@@ -241,7 +281,8 @@ def _embed_pass(project: Project, proxy: CountingProxy, root: Path, workers: int
                                f"{stack.log_tail('worker-1')}")
     first = next((job for job in jobs if job.id == job_id), None)
     result = {"workers": workers, "seconds": rounded(seconds, 2), "embedded": embedded,
-              "images_per_s": rounded(embedded / seconds, 1) if seconds else None, "jobs": len(jobs),
+              f"{'texts' if project.object_name == 'text' else 'images'}_per_s":
+              rounded(embedded / seconds, 1) if seconds else None, "jobs": len(jobs),
               "job_kinds": dict(Counter(job.kind for job in jobs)),
               "job_result": first.result if first is not None else None,
               "ls_requests": len(proxy.requests(tag=f"embed-{workers}")),
@@ -265,7 +306,7 @@ def _labeling(project: Project, proxy: CountingProxy, root: Path, params: Params
         annotators = Annotators(project.client, order, project.classes, count=ANNOTATORS, pace_s=PACE_S,
                                 script=Script(mistake_at=max(2, expected // 10), relabel_at=max(6, expected * 3 // 10),
                                               delete_at=max(9, expected // 2)),
-                                keep_unlabeled=len(order) // 2)
+                                keep_unlabeled=len(order) // 2, object_name=project.object_name)
         labeling_started = time.time()
         print(f"  labeling for {params.label_seconds:g} s ({ANNOTATORS} annotators)", flush=True)
         actions = annotators.run(params.label_seconds)
@@ -297,7 +338,7 @@ def _final(project: Project, stack: LoopStack, annotators: Annotators, watcher: 
         task, truth = annotators.take_task()
         sent_at = time.time()
         annotation = api.post(f"/api/tasks/{task}/annotations", {"result": [
-            {"from_name": CONTROL, "to_name": "image", "type": "choices", "value": {"choices": [truth]}}]})["id"]
+            choice(truth, project.object_name)]})["id"]
         annotators.mark_labeled(task, truth, annotation)
         action = Action(kind="create", task=task, label=truth, annotator=-1, sent_at=sent_at,
                         seconds=time.time() - sent_at, annotation=annotation)

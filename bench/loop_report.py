@@ -19,6 +19,7 @@ from bench.harness import goal, median, print_table, read_result, rounded
 from bench.ls_proxy import ProxiedRequest
 
 NAME = "loop"
+TEXT_NAME = "loop-text"  # `python -m bench loop --text`: the same run on a text project
 KEYS = ("tasks", "submit_to_version_p50_s", "submit_to_version_p95_s", "repredict_all_s",
         "ls_requests_per_training", "two_worker_embed_speedup")
 
@@ -41,8 +42,9 @@ class LabelingRun:
 
 
 def summarize(*, tasks: int, label_seconds: float, settle_timeout_s: float, annotators: int,
-              pace_s: tuple[float, float], embed: dict, run: LabelingRun) -> dict:
-    """This mode's section of loop.json: the six keys, their goals, notes and the details behind them."""
+              pace_s: tuple[float, float], embed: dict, run: LabelingRun, media: str = "images") -> dict:
+    """This mode's section of loop.json (loop-text.json for `media` "texts"): the six keys, their goals, notes
+    and the details behind them."""
     actions = run.actions
     first = measure.first_trainable(actions, min_labels_per_class=Settings().min_labels_per_class)
     timed = measure.latencies(actions, run.served, observed_until=run.observed_until)
@@ -109,8 +111,10 @@ def summarize(*, tasks: int, label_seconds: float, settle_timeout_s: float, anno
         "repredict_progress": final.get("progress", []),
     }
     notes = [
-        f"{tasks} tasks of distinct images (bench/loop_images.py); headstart as `headstart up` starts it "
-        "(gunicorn with default settings + 1 `headstart worker`, REPREDICT_UNLABELED=true), own redis-server",
+        (f"{tasks} tasks of distinct images (bench/loop_images.py)" if media == "images" else
+         f"{tasks} tasks of distinct bbc-news articles held in the tasks (bench/loop_texts.py), all-MiniLM-L6-v2")
+        + f"; headstart as `headstart up` starts it (gunicorn with default settings + {Settings().up_workers} "
+        "`headstart worker`s, REPREDICT_UNLABELED=true), own redis-server",
         f"{annotators} annotators, one action every {pace_s[0]:g}-{pace_s[1]:g} s each, for "
         f"{label_seconds:g} s: true classes, plus one mistake, its relabel and one delete",
         "submit_to_version: from sending an action to Label Studio until the first served version (the store's "
@@ -186,17 +190,17 @@ def _requests_by_job(jobs: list[measure.JobRecord], requests: list) -> dict:
     return dict(counts)
 
 
-def write_record(section: dict, *, quick: bool, results_dir: Path) -> dict:
-    """Write this mode's section into NAME.json, keeping the other mode's: the full run (N = 5,000) at the top
+def write_record(section: dict, *, quick: bool, results_dir: Path, name: str = NAME) -> dict:
+    """Write this mode's section into `name`.json, keeping the other mode's: the full run (N = 5,000) at the top
     level, the quick one (N = 1,000) under `quick`."""
-    previous = read_result(NAME, results_dir) or {}
+    previous = read_result(name, results_dir) or {}
     if quick:
         top = {key: value for key, value in previous.items() if key != "quick"} or _not_run()
-        record = {**top, "benchmark": NAME, "quick": section}
+        record = {**top, "benchmark": name, "quick": section}
     else:
-        record = {"benchmark": NAME, **section, "quick": previous.get("quick")}
+        record = {"benchmark": name, **section, "quick": previous.get("quick")}
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{NAME}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (results_dir / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 

@@ -131,26 +131,30 @@ def _text_rows(r: dict) -> list[str]:
     ]
 
 
-def _loop_rows(r: dict) -> list[str]:
+def _loop_rows(r: dict, *, benchmark: str = "loop", inputs: str = "tasks") -> list[str]:
     """The full run (N = 5,000) and the CI-size one (N = 1,000, under `quick`), whichever were measured."""
     rows = []
     for section in (r, r.get("quick") or {}):
         if not section.get("tasks"):
             continue
-        n, load = f"{section['tasks']:,} tasks", section.get("load_average_before", [None])[0]
+        n, load = f"{section['tasks']:,} {inputs}", section.get("load_average_before", [None])[0]
         rows += [
-            f"| loop | {n}, real Label Studio, 3 annotators: submit → version served, p50 (p95) "
+            f"| {benchmark} | {n}, real Label Studio, 3 annotators: submit → version served, p50 (p95) "
             f"| {section['submit_to_version_p50_s']:g} s ({section['submit_to_version_p95_s']:g} s) | | "
             f"1-minute load average {load:g} at the start | p50 ≤ 2 s, p95 ≤ 5 s "
             f"| {_status(section, 'submit_to_version_p50_s')}, {_status(section, 'submit_to_version_p95_s')} |",
-            f"| loop | {n}: promotion → every unlabeled task carries its prediction | {section['repredict_all_s']:g} s "
-            f"| | | ≤ 10 s | {_status(section, 'repredict_all_s')} |",
-            f"| loop | {n}: Label Studio API requests per training (median) | {section['ls_requests_per_training']:g} "
-            "| | | proportional to what changed | |",
-            f"| loop | {n}: first embedding pass, 2 workers vs 1 | {section['two_worker_embed_speedup']:g}× | 1 worker | "
-            f"| ≥ 1.7× | {_status(section, 'two_worker_embed_speedup')} |",
+            f"| {benchmark} | {n}: promotion → every unlabeled task carries its prediction "
+            f"| {section['repredict_all_s']:g} s | | | ≤ 10 s | {_status(section, 'repredict_all_s')} |",
+            f"| {benchmark} | {n}: Label Studio API requests per training (median) "
+            f"| {section['ls_requests_per_training']:g} | | | proportional to what changed | |",
+            f"| {benchmark} | {n}: first embedding pass, 2 workers vs 1 | {section['two_worker_embed_speedup']:g}× "
+            f"| 1 worker | | ≥ 1.7× | {_status(section, 'two_worker_embed_speedup')} |",
         ]
-    return rows or ["| loop | not measured yet | | | | | |"]
+    return rows or [f"| {benchmark} | not measured yet | | | | | |"]
+
+
+def _text_loop_rows(r: dict) -> list[str]:
+    return _loop_rows(r, benchmark="loop (text)", inputs="text tasks")
 
 
 def _accepted(h: dict) -> str:
@@ -185,7 +189,8 @@ def _trust_rows(r: dict) -> list[str]:
 
 
 ROWS = {"retrain": _retrain_rows, "predict": _predict_rows, "accuracy": _accuracy_rows,
-        "webhook": _webhook_rows, "loop": _loop_rows, "gpu": _gpu_rows, "text": _text_rows, "trust": _trust_rows}
+        "webhook": _webhook_rows, "loop": _loop_rows, "gpu": _gpu_rows, "text": _text_rows,
+        "loop-text": _text_loop_rows, "trust": _trust_rows}
 
 
 def _runs(record: dict) -> list[dict]:

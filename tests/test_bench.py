@@ -133,3 +133,15 @@ def test_retention_runs_in_quick_mode(results_dir, monkeypatch, redis_url, redis
     assert 0 < versions["after_bytes"] < versions["before_bytes"]  # version k holds k labels: retention pays
     assert versions["versions_with_detail_after"] <= 4 and versions["versions_kept"] == record["labels"]
     assert all(_positive_number(value) for value in record["per_1000_images"].values())
+
+
+def test_the_text_loop_project_holds_every_article_once_then_distinct_variants_with_their_topics():
+    from bench.loop_texts import make_texts, originals
+
+    articles = originals()
+    texts = make_texts(len(articles) + 300)
+    assert len({item.text for item in texts}) == len(texts)  # N different inputs for the embedding cache
+    assert [(item.text, item.label) for item in texts[:len(articles)]] == articles
+    for item, (text, label) in zip(texts[len(articles):], articles):
+        assert item.label == label and item.text.split("\n\n")[0] == text.split("\n\n")[0]  # same title and topic
+        assert sorted(item.text.split("\n\n")[:-1]) == sorted(text.split("\n\n"))  # the same paragraphs
