@@ -210,7 +210,9 @@ def markdown(results_dir: Path = RESULTS_DIR) -> str:
     gpu = machine.get("gpu") or "no GPU"
     dates = sorted(run["started_at"][:10] for run in runs)
     lines = [
-        f"Measured with `python -m bench all` on {machine.get('cpu') or cpu_model()}, {machine.get('cores')} cores, "
+        "Measured with `python -m bench all` (the loop rows with `python -m bench loop [--quick] [--text]`, the "
+        f"trust rows with `python -m bench trust`) on {machine.get('cpu') or cpu_model()}, "
+        f"{machine.get('cores')} cores, "
         f"{gpu}, torch {machine.get('torch')}, {dates[0]}{'' if dates[0] == dates[-1] else ' to ' + dates[-1]}. "
         f"The machine was shared with other work (1-minute load average {min(loads):g} to {max(loads):g} "
         "around the runs), so each figure is set against its baseline measured in the same run. "
