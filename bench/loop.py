@@ -40,9 +40,8 @@ from backend.common.settings import Settings
 from backend.core.store import ModelStore
 from backend.labelstudio.projects import ProjectRegistry
 from backend.loop.services import build_services
-from bench import loop_measure as measure, loop_report as report
+from bench import loop_measure as measure, loop_report as report, loop_texts
 from bench.annotators import Action, Annotators, Script, choice
-from bench import loop_texts
 from bench.data import label_config
 from bench.harness import REPO, RESULTS_DIR, load_average, machine, rounded
 from bench.label_studio import LabelStudioServer, ensure_installed
