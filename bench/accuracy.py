@@ -6,7 +6,9 @@ and all; 20 seeds), each method is fitted on the same features and scored on all
 
 - headstart: backend.core.candidates.fit_candidate, what every training job runs: the recipe chosen
   per draw by the labels' own cross-validation (never val), fitted and calibrated, with the zero-shot
-  anchor the job passes where every class matches an ImageNet class (`anchor_for`, ZERO_SHOT on);
+  anchor the job passes where every class matches an ImageNet class (`anchor_for`, ZERO_SHOT on), and as the
+  pool of unlabeled tasks the job passes (`backend.loop.retrain.unlabeled_pool`) the features of the rest of
+  `train`, their labels unread (none at k=all; `val` is never in it);
 - ref_logreg: scikit-learn LogisticRegression(C=1);
 - ref_linear: a linear layer trained with Adam, 300 full-batch steps.
 
@@ -92,7 +94,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, zero_shot_only:
                 started = time.perf_counter()
                 candidate = fit_candidate(control=data.CONTROL, classes=classes, multi_label=False, features=x,
                                           labels=[[classes[i]] for i in y.tolist()], task_ids=chosen.tolist(),
-                                          encoder=encoder, anchor=anchor)
+                                          encoder=encoder, anchor=anchor, pool=unlabeled_rest(x_train, chosen))
                 fit_ms.append((time.perf_counter() - started) * 1000)
                 recipes.append(candidate.meta["recipe"])
                 scores["headstart"].append(_accuracy(candidate.head, x_val, y_val))
@@ -215,6 +217,13 @@ def _draw(targets: torch.Tensor, k, seed: int) -> torch.Tensor:
         members = (targets == label).nonzero().flatten().tolist()
         chosen += rng.sample(members, min(k, len(members)))
     return torch.tensor(sorted(chosen))
+
+
+def unlabeled_rest(features: torch.Tensor, chosen) -> torch.Tensor | None:
+    """The features of the examples not drawn (the unlabeled tasks of a project labeled so far), None when all are."""
+    rest = torch.ones(len(features), dtype=torch.bool)
+    rest[torch.as_tensor(chosen, dtype=torch.long)] = False
+    return features[rest] if bool(rest.any()) else None
 
 
 def _accuracy(head: nn.Module, features: torch.Tensor, targets: torch.Tensor) -> float:

@@ -3,7 +3,9 @@
 - accuracy per k (labels per topic, 20 draws, each cell with its gap's standard error): heads the product
   trains (`train_version`, scored through the product's Predictor on all of val) against the dataset
   README's reference heads (logistic regression C=1, and a linear layer trained with Adam) fitted here on
-  the same features, and the recipe the product chose per draw. The features are the product's (FeatureSource into its Redis cache); each article is
+  the same features, and the recipe the product chose per draw. The product's training is given, as the job
+  gives it the project's unlabeled tasks (`unlabeled_pool`), the features of the rest of train (their labels
+  unread); val is never in it. The features are the product's (FeatureSource into its Redis cache); each article is
   embedded once and its vector kept in HEADSTART_BENCH_EMBEDDINGS (default ~/.cache/headstart/bench-embeddings,
   `bench.embedding_files`: one file per encoder key and library versions, one vector per sha256 of the
   text), so a re-run loads them into the product's cache instead of embedding 2,125 articles again.
@@ -35,7 +37,7 @@ from backend.loop.features import MediaItem
 from backend.loop.retrain import retrain_project, train_version
 from backend.loop.services import build_services
 from backend.common.settings import Settings
-from bench.accuracy import _adam_head, _logreg_accuracy, gap_stderr
+from bench.accuracy import _adam_head, _logreg_accuracy, gap_stderr, unlabeled_rest
 from bench.embedding_files import EmbeddingFiles
 from bench.harness import RESULTS_DIR, Run, goal, median, percentile, print_table, rounded
 from bench.resources import BBC_CLASSES, dataset_texts, offline_text_model
@@ -228,7 +230,7 @@ def _accuracy(services, encoder, train, val, params: Params, files: EmbeddingFil
             chosen = _draw(y, k, seed)
             trained = train_version(services.store, project="1", control=CONTROL, classes=list(BBC_CLASSES),
                                     multi_label=False, features=x[chosen], labels=[[train[i][1]] for i in chosen],
-                                    task_ids=chosen, encoder=encoder)
+                                    task_ids=chosen, encoder=encoder, pool=unlabeled_rest(x, chosen))
             services.store.promote("1", CONTROL, trained.number)
             recipes[trained.meta["recipe"]] = recipes.get(trained.meta["recipe"], 0) + 1
             predictions, _ = services.predictor.predict_cached(val_tasks, project="1", label_config=CONFIG)

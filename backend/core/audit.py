@@ -117,21 +117,23 @@ def out_of_fold_probabilities(
 
 def served_recipe_probabilities(
     features: torch.Tensor, targets: torch.Tensor, selection: dict | None, *, num_classes: int, multi_label: bool,
-    anchor: torch.nn.Linear | None = None,
+    anchor: torch.nn.Linear | None = None, pool: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, str]:
     """Calibrated out-of-fold probabilities of the recipe a served head was fitted with (`selection`, the
     version's recipe choice as `Choice.as_dict()` saved it), on the same folds the choice was made on, and that
     recipe's name: what the auto-accept thresholds must come from, since they are applied to that head. Without a
     usable choice (a version saved before recipe choice, or whose recipe this code no longer has), the default
     recipe's (`out_of_fold_probabilities`, named `DEFAULT_RECIPE`). None when a class has too few examples for
-    folds. `anchor`: the control's zero-shot head, which a `zero_shot_anchored` choice is refitted on (without
-    it such a choice falls back to the default recipe too)."""
+    folds. `anchor`: the control's zero-shot head, which a `zero_shot_anchored` choice is refitted on, and `pool`
+    the unlabeled tasks' features a `prototype_refined` choice is (without them such a choice falls back to the
+    default recipe too)."""
     if not selection or not all(name in BY_NAME for name in selection.get("components") or ()) or \
-            (Choice.from_dict(selection).needs_anchor and anchor is None):
+            (Choice.from_dict(selection).needs_anchor and anchor is None) or \
+            (Choice.from_dict(selection).needs_pool and pool is None):
         return out_of_fold_probabilities(features, targets, num_classes=num_classes,
                                          multi_label=multi_label), DEFAULT_RECIPE
     choice = validate_choice(Choice.from_dict(selection), features, targets, num_classes=num_classes,
-                             multi_label=multi_label, anchor=anchor)
+                             multi_label=multi_label, anchor=anchor, pool=pool)
     logits = choice.validation.logits
     if logits is None:
         return None, choice.name

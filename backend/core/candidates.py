@@ -44,48 +44,54 @@ def fit_candidate(
     *, control: str, classes: Sequence[str], multi_label: bool, features: torch.Tensor,
     labels: Sequence[Sequence[str]], task_ids: Sequence[int], encoder: Encoder,
     extra_meta: dict | None = None, family: tuple[Recipe, ...] | None = None, anchor: nn.Linear | None = None,
+    pool: torch.Tensor | None = None,
 ) -> Candidate:
     """Choose the recipe by out-of-fold log-loss, fit it on all labels, calibrated.
 
-    `anchor`: the control's zero-shot head (`backend.core.zero_shot.anchor_for`), or None."""
+    `anchor`: the control's zero-shot head (`backend.core.zero_shot.anchor_for`), or None; `pool`: features of
+    the project's unlabeled tasks (`backend.loop.retrain.unlabeled_pool`), or None."""
     targets = _targets(control, classes, multi_label, features, labels, task_ids)
     started = time.perf_counter()
     choice = choose_recipe(features, targets, num_classes=len(classes), multi_label=multi_label, family=family,
-                           anchor=anchor)
+                           anchor=anchor, pool=pool)
     fit_started = time.perf_counter()
-    head = fit_chosen(choice, features, targets, num_classes=len(classes), multi_label=multi_label, anchor=anchor)
+    head = fit_chosen(choice, features, targets, num_classes=len(classes), multi_label=multi_label, anchor=anchor,
+                      pool=pool)
     return _described(head, choice, choice.validation, control=control, classes=classes, multi_label=multi_label,
                       features=features, targets=targets, labels=labels, task_ids=task_ids, encoder=encoder,
-                      fit_seconds=time.perf_counter() - fit_started, started=started, extra_meta=extra_meta)
+                      fit_seconds=time.perf_counter() - fit_started, started=started,
+                      extra_meta={**(extra_meta or {}), "pool_size": _pool_size(pool)})
 
 
 def fit_provisional(
     *, control: str, classes: Sequence[str], multi_label: bool, features: torch.Tensor,
     labels: Sequence[Sequence[str]], task_ids: Sequence[int], encoder: Encoder, served: nn.Module,
     served_meta: dict, extra_meta: dict | None = None, anchor: nn.Linear | None = None,
+    pool: torch.Tensor | None = None,
 ) -> Candidate:
     """The served version's recipe refitted on the current labels, not yet validated (see module doc)."""
     targets = _targets(control, classes, multi_label, features, labels, task_ids)
     started = time.perf_counter()
     choice = Choice.from_dict(served_meta["selection"])
     head = fit_chosen(choice, features, targets, num_classes=len(classes), multi_label=multi_label, warm=served,
-                      anchor=anchor)
+                      anchor=anchor, pool=pool)
     return _described(head, choice, Validation(folds=0), control=control, classes=classes, multi_label=multi_label,
                       features=features, targets=targets, labels=labels, task_ids=task_ids, encoder=encoder,
-                      fit_seconds=time.perf_counter() - started, started=started, extra_meta=extra_meta,
-                      validated=False)
+                      fit_seconds=time.perf_counter() - started, started=started,
+                      extra_meta={**(extra_meta or {}), "pool_size": _pool_size(pool)}, validated=False)
 
 
 def validate_provisional(
     provisional: Candidate, *, classes: Sequence[str], multi_label: bool, features: torch.Tensor,
     labels: Sequence[Sequence[str]], task_ids: Sequence[int], anchor: nn.Linear | None = None,
+    pool: torch.Tensor | None = None,
 ) -> dict:
     """The metadata completing a provisional version: its recipe cross-validated on the current labels
     (out-of-fold results for the guard, fresh temperatures for the next refit)."""
     targets = encode_targets(labels, classes, multi_label=multi_label)
     started = time.perf_counter()
     choice = validate_choice(provisional.choice, features, targets, num_classes=len(classes), multi_label=multi_label,
-                             anchor=anchor)
+                             anchor=anchor, pool=pool)
     validation = choice.validation
     return {
         "metrics": {**provisional.meta["metrics"], "cv_accuracy": validation.accuracy, "cv_folds": validation.folds},
@@ -96,12 +102,16 @@ def validate_provisional(
     }
 
 
-def is_refit_enough(served_meta: dict, label_count: int, *, anchored: bool = False) -> bool:
+def is_refit_enough(served_meta: dict, label_count: int, *, anchored: bool = False, pooled: bool = False) -> bool:
     """Whether the served version's recipe choice still holds for `label_count` labels: it has one,
-    the labels have grown by less than `RECHOOSE_GROWTH` since it was made, and a choice anchored on
-    the zero-shot head still has one (`anchored`: the control has an anchor now)."""
+    the labels have grown by less than `RECHOOSE_GROWTH` since it was made, a choice anchored on
+    the zero-shot head still has one (`anchored`: the control has an anchor now), and a choice of
+    `prototype_refined` still has unlabeled tasks (`pooled`)."""
     selection = served_meta.get("selection")
-    if not selection or (Choice.from_dict(selection).needs_anchor and not anchored):
+    if not selection:
+        return False
+    choice = Choice.from_dict(selection)
+    if (choice.needs_anchor and not anchored) or (choice.needs_pool and not pooled):
         return False
     return label_count < RECHOOSE_GROWTH * max(int(selection.get("chosen_at_labels", 0)), 1)
 
@@ -116,6 +126,10 @@ def _targets(control, classes, multi_label, features, labels, task_ids) -> torch
             f"it has {sorted(present) or 'none'}."
         )
     return encode_targets(labels, list(classes), multi_label=multi_label)
+
+
+def _pool_size(pool: torch.Tensor | None) -> int:
+    return 0 if pool is None else len(pool)
 
 
 def _out_of_fold(task_ids, validation: Validation) -> dict | None:

@@ -29,11 +29,18 @@ store, the guard and serving never need to know which recipe made a head:
   passed in); hymenoptera's ant/bee is such a project, where zero-shot alone scores 96.7 % and plain
   logistic regression needs all 244 labels to come near it. Folded back into one linear head
   (anchor weights + correction), so serving needs no change.
+- `prototype_refined`: the class prototypes refined on the project's unlabeled tasks (`pool`): a few
+  rounds of soft k-means, each unlabeled task counted toward every prototype by its softmax over the
+  cosines, all of them together weighing `POOL_WEIGHT` times the labels. Where the classes form clusters
+  the encoder already separates (news topics under a sentence encoder), a handful of labels per class
+  names the clusters and the unlabeled tasks place them: on bbc-news at 1 / 2 / 5 labels per topic, 20
+  draws, it scored 17.6 / 15.1 / 5.7 points above logistic regression at C=1. Offered only when the
+  training is given a pool (`backend.loop.retrain.unlabeled_pool`); the pool's labels are never known.
 - `blend`: a weighted sum of several recipes' calibrated logits, the weights fitted on out-of-fold
   log-loss (`backend.core.recipe_choice`).
 
 A new single-choice head blends `SINGLE_CHOICE` (C=1, standardized, prototype), with
-`zero_shot_anchored` too where an anchor exists; multiple choice blends the logistic path
+`zero_shot_anchored` too where an anchor exists and `prototype_refined` where a pool exists; multiple choice blends the logistic path
 (`logreg_std`, the anchored and the closed-form recipe serve single choice only). Every recipe of
 `FAMILY` can still be refitted by name, for versions chosen before.
 """
@@ -49,6 +56,8 @@ from backend.core.head_fitting import HeadRecipe, fit_head
 
 SCALE_FLOOR = 0.01  # `standardized`: variance floor, a share of the mean per-coordinate variance
 PROTOTYPE_SCALE = 20.0  # logits = 20 × cosine similarity before calibration (softmax over cosines is flat)
+POOL_WEIGHT = 3.0  # `prototype_refined`: the unlabeled tasks together weigh 3 × the labels
+POOL_ROUNDS = 5  # `prototype_refined`: soft k-means rounds
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ class Recipe:
     """One member of the family: `kind` says how it is fitted, `C` the logistic regularization."""
 
     name: str
-    kind: str  # "logreg" | "standardized" | "shrunk" | "anchored" | "prototype"
+    kind: str  # "logreg" | "standardized" | "shrunk" | "anchored" | "prototype" | "refined"
     C: float | None = None
 
     def as_dict(self) -> dict:
@@ -69,6 +78,8 @@ class Recipe:
             record.update(variance_shrinkage="empirical Bayes on log variances")
         if self.kind == "anchored":
             record.update(anchor="the backbone's ImageNet classifier restricted to the choices")
+        if self.kind == "refined":
+            record.update(pool="the project's unlabeled tasks", pool_weight=POOL_WEIGHT, rounds=POOL_ROUNDS)
         return record
 
 
@@ -78,9 +89,10 @@ STANDARDIZED = Recipe("logreg_std", "standardized", 1.0)
 PROTOTYPE = Recipe("prototype", "prototype")
 ANCHORED = Recipe("zero_shot_anchored", "anchored", 1.0)
 SHRUNK = Recipe("logreg_std_shrunk", "shrunk", 1.0)
+REFINED = Recipe("prototype_refined", "refined")
 # single choice: logistic regression on the raw and on the standardized features, and the closed form
 SINGLE_CHOICE: tuple[Recipe, ...] = (LOGREG_PATH[0], STANDARDIZED, PROTOTYPE)
-FAMILY: tuple[Recipe, ...] = (*LOGREG_PATH, STANDARDIZED, PROTOTYPE, ANCHORED, SHRUNK)  # every recipe a saved choice may name
+FAMILY: tuple[Recipe, ...] = (*LOGREG_PATH, STANDARDIZED, PROTOTYPE, ANCHORED, SHRUNK, REFINED)  # every recipe a saved choice may name
 BY_NAME = {recipe.name: recipe for recipe in FAMILY}
 
 
@@ -88,19 +100,22 @@ class RecipeFailed(ValueError):
     """A recipe did not produce a usable head (did not converge, or produced NaNs); the reason says which."""
 
 
-def family_for(*, multi_label: bool, anchored: bool = False) -> tuple[Recipe, ...]:
+def family_for(*, multi_label: bool, anchored: bool = False, pooled: bool = False) -> tuple[Recipe, ...]:
     """The recipes a new choice is made among (a saved choice may name any recipe of `FAMILY`);
-    `anchored`: a zero-shot anchor exists for the control (single choice only)."""
+    `anchored`: a zero-shot anchor exists for the control; `pooled`: unlabeled tasks' features are given
+    (both single choice only)."""
     if multi_label:
         return LOGREG_PATH
-    return (ANCHORED, *SINGLE_CHOICE) if anchored else SINGLE_CHOICE
+    return (*((ANCHORED,) if anchored else ()), *SINGLE_CHOICE, *((REFINED,) if pooled else ()))
 
 
 def fit_recipe(recipe: Recipe, features: torch.Tensor, targets: torch.Tensor, *, num_classes: int,
-               multi_label: bool, warm: nn.Linear | None = None, anchor: nn.Linear | None = None) -> nn.Linear:
+               multi_label: bool, warm: nn.Linear | None = None, anchor: nn.Linear | None = None,
+               pool: torch.Tensor | None = None) -> nn.Linear:
     """A head of raw logits fitted by `recipe`; raises RecipeFailed when its result is not usable.
 
-    `anchor`: the zero-shot head of raw logits `zero_shot_anchored` starts from (None: that recipe fails)."""
+    `anchor`: the zero-shot head of raw logits `zero_shot_anchored` starts from (None: that recipe fails);
+    `pool`: features of unlabeled tasks, which `prototype_refined` places its prototypes with (None: it fails)."""
     if recipe.kind == "logreg":
         try:
             head = fit_head(features, targets, num_classes=num_classes, multi_label=multi_label,
@@ -115,6 +130,8 @@ def fit_recipe(recipe: Recipe, features: torch.Tensor, targets: torch.Tensor, *,
         head = _anchored(recipe, features, targets, num_classes, warm, anchor)
     elif recipe.kind == "prototype":
         head = _prototype(features, targets, num_classes)
+    elif recipe.kind == "refined":
+        head = _refined_prototype(features, targets, num_classes, pool)
     else:
         raise RecipeFailed(f"unknown recipe kind {recipe.kind!r}")
     check_finite(head, recipe.name)
@@ -213,3 +230,23 @@ def _prototype(features, targets, num_classes) -> nn.Linear:
     bias = torch.where(counts > 0, -(directions @ center), torch.tensor(-1e4))
     return linear(directions, bias)
 
+
+
+def _refined_prototype(features, targets, num_classes, pool: torch.Tensor | None) -> nn.Linear:
+    """Cosine prototypes: the labels' class means, then `POOL_ROUNDS` rounds of soft k-means in which the pool's
+    tasks add their features to each prototype in proportion to softmax(PROTOTYPE_SCALE × cosine)."""
+    if pool is None or len(pool) == 0:
+        raise RecipeFailed("prototype_refined needs the features of unlabeled tasks, and none were given")
+    if pool.shape[1] != features.shape[1]:
+        raise RecipeFailed(f"prototype_refined: the pool has {pool.shape[1]} features per task, the labels "
+                           f"{features.shape[1]}")
+    features, pool = nn.functional.normalize(features.float(), dim=1), nn.functional.normalize(pool.float(), dim=1)
+    labeled_sums = nn.functional.one_hot(targets, num_classes).float().T @ features
+    pool_share = POOL_WEIGHT * len(targets) / len(pool)  # the weight of one unlabeled task
+    prototypes = nn.functional.normalize(labeled_sums, dim=1)
+    for _ in range(POOL_ROUNDS):
+        membership = torch.softmax(PROTOTYPE_SCALE * pool @ prototypes.T, dim=1)
+        prototypes = nn.functional.normalize(labeled_sums + pool_share * membership.T @ pool, dim=1)
+    present = labeled_sums.abs().sum(1) > 0  # a class without labels never wins
+    bias = torch.where(present, torch.tensor(0.0), torch.tensor(-1e4))
+    return linear(PROTOTYPE_SCALE * prototypes, bias)

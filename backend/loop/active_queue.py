@@ -113,7 +113,7 @@ def next_front(services: Services, project: str) -> Front | str:
     encoder = services.predictor.encoder_for(served, spec)
     data = services.tasks.data(project)
     task_ids = sorted(data)
-    items = [MediaItem(task, _url(data[task], spec.data_key), inline=spec.inline) for task in task_ids]
+    items = [MediaItem.of_task(task, data[task], spec.data_key, inline=spec.inline) for task in task_ids]
     vectors = services.features.cached(project, items, encoder)
     rows = [i for i, vector in enumerate(vectors) if isinstance(vector, torch.Tensor)]
     if not rows:
@@ -224,8 +224,3 @@ def queue_status(services: Services, project: str) -> dict:
             "sampling": raw.get("sampling", "unknown"), "strategy": raw.get("strategy", ""),
             "guide": raw.get("guide", ""),
             "tag": raw.get("tag", ""), "note": raw.get("note", "")}
-
-
-def _url(data: dict, key: str) -> str:
-    value = data.get(key)
-    return value if isinstance(value, str) else ""

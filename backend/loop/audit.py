@@ -32,7 +32,7 @@ from backend.core.store import HeadVersion
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
 from backend.loop.features import MediaItem
 from backend.loop.repredict import unlabeled_task_ids
-from backend.loop.retrain import current_head, zero_shot_anchor
+from backend.loop.retrain import current_head, unlabeled_pool, zero_shot_anchor
 from backend.loop.services import Services
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ def audit_control(services: Services, project: str, spec: HeadSpec) -> dict:
         targets = encode_targets(labels, spec.classes, multi_label=spec.multi_label)
         served, recipe = served_recipe_probabilities(features, targets, head.meta.get("selection"),
                                                      num_classes=len(spec.classes), multi_label=spec.multi_label,
-                                                     anchor=zero_shot_anchor(services, spec, encoder))
+                                                     anchor=zero_shot_anchor(services, spec, encoder),
+                                                     pool=unlabeled_pool(services, project, spec, encoder))
         if served is not None:
             record["out_of_fold"] = {"tasks": task_ids, "classes": list(spec.classes), "recipe": recipe,
                                      "probabilities": [[round(p, 5) for p in row] for row in served.tolist()],
@@ -123,8 +124,7 @@ def machine_labels(services: Services, project: str, spec: HeadSpec, head: HeadV
     """Task id → (the served head's label above its class threshold, or None; its confidence), for tasks whose
     input is embedded under the head's encoder."""
     data = services.tasks.data(project, task_ids)
-    items = [MediaItem(task, value if isinstance(value := data[task].get(spec.data_key), str) else "", spec.inline)
-             for task in task_ids if task in data]
+    items = [MediaItem.of_task(task, data[task], spec.data_key, inline=spec.inline) for task in task_ids if task in data]
     encoder = services.encoders.for_key(head.meta["backbone"], head.backbone_key)
     vectors = services.features.cached(project, items, encoder) if items else []
     kept = [(item.task_id, vector) for item, vector in zip(items, vectors) if vector is not None]

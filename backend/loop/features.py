@@ -47,6 +47,12 @@ class MediaItem:
     url: str
     inline: bool = False
 
+    @classmethod
+    def of_task(cls, task_id: int, data: dict, key: str, *, inline: bool = False) -> "MediaItem":
+        """The input `key` names in a task's `data` (a missing or non-text value: "", which fails as a bad input)."""
+        value = data.get(key)
+        return cls(task_id, value if isinstance(value, str) else "", inline)
+
     def inline_bytes(self) -> bytes:
         return self.url.encode("utf-8", "surrogatepass")  # a lone surrogate fails as "not UTF-8" in prepare
 

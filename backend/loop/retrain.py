@@ -23,7 +23,7 @@ from backend.common.errors import HeadMismatch, HeadstartError, NotEnoughLabels
 from backend.core.candidates import Candidate, fit_candidate, fit_provisional, is_refit_enough, validate_provisional
 from backend.core.encoders import Encoder
 from backend.core.head_fitting import Validation
-from backend.core.recipe_choice import NoUsableRecipe
+from backend.core.recipe_choice import Choice, NoUsableRecipe
 from backend.core.promotion import decide
 from backend.core.store import HeadVersion, ModelStore
 from backend.core.zero_shot import anchor_for
@@ -36,6 +36,10 @@ from backend.loop.predictor import check_head_matches
 from backend.loop.services import Services
 
 log = logging.getLogger(__name__)
+
+# at most this many unlabeled tasks' features are given to a training (`unlabeled_pool`), spread evenly over the
+# project's task ids: enough to place the prototypes of `prototype_refined`, and a bounded cost per fit
+POOL_CAP = 2000
 
 
 def retrain_project(services: Services, project: str, *, job_id: str) -> dict:
@@ -119,12 +123,14 @@ def retrain_control(services: Services, project: str, spec: HeadSpec, *, job_id:
                 "reason": "the served version was trained on exactly these labels"}
     extra = {"job_id": job_id, "unknown_labels": unknown, "media_errors": media_errors, "label_snapshot": snapshot}
     anchor = zero_shot_anchor(services, spec, encoder)
-    if can_promote_first(current, encoder, len(labels), anchored=anchor is not None):
+    pool = unlabeled_pool(services, project, spec, encoder) \
+        if uses_pool(current, encoder, len(labels), anchored=anchor is not None) else None
+    if can_promote_first(current, encoder, len(labels), anchored=anchor is not None, pooled=pool is not None):
         return promote_then_validate(services, project, spec, current, features=features, labels=labels,
-                                     task_ids=task_ids, encoder=encoder, extra_meta=extra, anchor=anchor)
+                                     task_ids=task_ids, encoder=encoder, extra_meta=extra, anchor=anchor, pool=pool)
     candidate = fit_candidate(
         control=spec.control, classes=spec.classes, multi_label=spec.multi_label, features=features,
-        labels=labels, task_ids=task_ids, encoder=encoder, extra_meta=extra, anchor=anchor,
+        labels=labels, task_ids=task_ids, encoder=encoder, extra_meta=extra, anchor=anchor, pool=pool,
     )
     current_features = features if current is None or current.backbone_key == encoder.key else \
         features_under(services, project, current, examples, inline=spec.inline)
@@ -153,23 +159,49 @@ def zero_shot_anchor(services: Services, spec: HeadSpec, encoder: Encoder) -> to
                       multi_label=spec.multi_label, weights_file=services.encoders.weights_file)
 
 
+def unlabeled_pool(services: Services, project: str, spec: HeadSpec, encoder: Encoder) -> torch.Tensor | None:
+    """Cached features (under `encoder`) of the project's tasks no one has labeled, at most `POOL_CAP` of them evenly
+    spread over the task ids, for `prototype_refined`; None for multiple choice, or when none is cached yet. Only
+    what the embedding chunks have already cached: a training never embeds unlabeled tasks itself."""
+    if spec.multi_label:
+        return None
+    data = services.tasks.data(project)
+    labeled = {record["task"] for record in services.labels.records(project) if not record.get("cancelled")}
+    unlabeled = sorted(task for task in data if task not in labeled)
+    if len(unlabeled) > POOL_CAP:
+        step = len(unlabeled) / POOL_CAP
+        unlabeled = [unlabeled[int(i * step)] for i in range(POOL_CAP)]
+    items = [MediaItem.of_task(task, data[task], spec.data_key, inline=spec.inline) for task in unlabeled]
+    vectors = [vector for vector in services.features.cached(project, items, encoder) if isinstance(vector, torch.Tensor)]
+    return torch.stack(vectors) if vectors else None
+
+
+def uses_pool(current: HeadVersion | None, encoder: Encoder, label_count: int, *, anchored: bool) -> bool:
+    """Whether this training reads the unlabeled tasks: it chooses a recipe anew, or refits a served choice of
+    `prototype_refined` (a refit of any other recipe does not, and saves the read)."""
+    if not can_promote_first(current, encoder, label_count, anchored=anchored, pooled=True):
+        return True
+    return Choice.from_dict(current.meta["selection"]).needs_pool
+
+
 def can_promote_first(current: HeadVersion | None, encoder: Encoder, label_count: int, *,
-                      anchored: bool = False) -> bool:
+                      anchored: bool = False, pooled: bool = False) -> bool:
     """Only the labels changed since the served version (same encoder, a validated recipe choice that
     still holds): its recipe can be refitted and served at once, and validated right after."""
     return (current is not None and current.backbone_key == encoder.key and current.meta.get("validated", True)
-            and is_refit_enough(current.meta, label_count, anchored=anchored))
+            and is_refit_enough(current.meta, label_count, anchored=anchored, pooled=pooled))
 
 
 def promote_then_validate(services: Services, project: str, spec: HeadSpec, current: HeadVersion, *,
                           features: torch.Tensor, labels: list, task_ids: list[int], encoder: Encoder,
-                          extra_meta: dict, anchor: torch.nn.Linear | None = None) -> dict:
+                          extra_meta: dict, anchor: torch.nn.Linear | None = None,
+                          pool: torch.Tensor | None = None) -> dict:
     """Serve the served recipe refitted on the new labels at once (one warm-started fit), then run
     the guard's validation in the same job: roll back to `current` if the new version validates worse."""
     provisional = fit_provisional(control=spec.control, classes=spec.classes, multi_label=spec.multi_label,
                                   features=features, labels=labels, task_ids=task_ids, encoder=encoder,
                                   served=current.head, served_meta=current.meta, extra_meta=extra_meta,
-                                  anchor=anchor)
+                                  anchor=anchor, pool=pool)
     pending = {"promote": True, "reason": "promoted before validation: only labels changed; validating",
                "candidate_score": None, "current_score": None}
     number = services.store.save(project, spec.control, provisional.head,
@@ -182,17 +214,19 @@ def promote_then_validate(services: Services, project: str, spec: HeadSpec, curr
         return {"status": "superseded", "version": number, "reason": saved.get("status_reason"), "labels": len(labels)}
     log.info("project %s %s-v%d: promoted before validation", project, spec.control, number)
     return settle_provisional(services, project, spec, current, provisional, number, features=features,
-                              labels=labels, task_ids=task_ids, anchor=anchor)
+                              labels=labels, task_ids=task_ids, anchor=anchor, pool=pool)
 
 
 def settle_provisional(services: Services, project: str, spec: HeadSpec, current: HeadVersion,
                        provisional: Candidate, number: int, *, features: torch.Tensor, labels: list,
-                       task_ids: list[int], anchor: torch.nn.Linear | None = None) -> dict:
+                       task_ids: list[int], anchor: torch.nn.Linear | None = None,
+                       pool: torch.Tensor | None = None) -> dict:
     """Validate version `number` (served before validation) against `current`, the version it replaced:
     keep it, or roll back to `current`."""
     try:
         updates = validate_provisional(provisional, classes=spec.classes, multi_label=spec.multi_label,
-                                       features=features, labels=labels, task_ids=task_ids, anchor=anchor)
+                                       features=features, labels=labels, task_ids=task_ids, anchor=anchor,
+                                       pool=pool)
     except NoUsableRecipe as exc:
         services.store.withdraw(project, spec.control, number, back_to=current.number, updates={"validated": False},
                                 reason=f"rolled back: validation failed: {exc}")
@@ -288,11 +322,12 @@ class TrainedVersion:
 def train_version(
     store: ModelStore, *, project: str, control: str, classes: Sequence[str], multi_label: bool,
     features: torch.Tensor, labels: Sequence[Sequence[str]], task_ids: Sequence[int], encoder: Encoder,
-    extra_meta: dict | None = None,
+    extra_meta: dict | None = None, pool: torch.Tensor | None = None,
 ) -> TrainedVersion:
-    """Fit a candidate and save it unserved, without the guard (for seeding versions in tests and benchmarks)."""
+    """Fit a candidate and save it unserved, without the guard (for seeding versions in tests and benchmarks);
+    `pool`: unlabeled tasks' features, as `unlabeled_pool` gives the training job."""
     candidate: Candidate = fit_candidate(control=control, classes=classes, multi_label=multi_label,
                                          features=features, labels=labels, task_ids=task_ids, encoder=encoder,
-                                         extra_meta=extra_meta)
+                                         extra_meta=extra_meta, pool=pool)
     number = store.save(project, control, candidate.head, candidate.meta)
     return TrainedVersion(number=number, meta=store.meta(project, control, number), validation=candidate.validation)
