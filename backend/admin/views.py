@@ -239,6 +239,7 @@ def version_view(meta: dict, current: int | None) -> dict:
         "classes": meta.get("classes"),
         "recipe": meta.get("recipe") if isinstance(meta.get("recipe"), str) else None,
         "selection": meta.get("selection"),  # the choice and its out-of-fold evidence, shown on hover
+        "unlabeled_read": meta.get("pool_size"),  # unlabeled tasks' features the training placed prototypes with
         "cv_accuracy": metrics.get("cv_accuracy"),
         "cv_folds": metrics.get("cv_folds"),
         "train_accuracy": metrics.get("train_accuracy"),

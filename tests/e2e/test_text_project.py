@@ -2,7 +2,8 @@
 
 A backend + worker pair of its own (Redis database 2) runs with TEXT_ENCODER set to the offline
 all-MiniLM-L6-v2 folder. Flow: import tasks → connect → label 2 articles per topic → a version
-appears by itself → "Retrieve Predictions" scores the evaluation articles → one more submit retrains.
+appears by itself → "Retrieve Predictions" scores the evaluation articles → one more submit retrains, its
+recipe chosen with the unlabeled articles Retrieve Predictions embedded (`prototype_refined`).
 """
 
 from __future__ import annotations
@@ -77,3 +78,10 @@ def test_a_text_project_trains_predicts_and_retrains(ls_api, text_pair):
     session.annotate_next(per_class=1)  # one more article per topic: each submit asks for a retrain
     retrained = session.wait_until_settled(session.expected_training_set())
     assert retrained["version"] > last and retrained["label_count"] == len(session.annotations)
+    # the trainings after Retrieve Predictions chose their recipe with the unlabeled articles it embedded
+    selection = retrained["selection"]
+    print(f"retrained: {selection['recipe']} (weights {selection['weights']}), {retrained['pool_size']} unlabeled "
+          f"articles read")
+    assert "prototype_refined" in selection["evidence"], selection
+    if "prototype_refined" in selection["components"]:
+        assert retrained["pool_size"] == EVAL_TASKS
