@@ -369,13 +369,16 @@ def _final(project: Project, stack: LoopStack, annotators: Annotators, watcher: 
 
 
 def _wait_for_version(stack: LoopStack, project: Project, action: Action, timeout_s: float) -> dict | None:
-    """The first finished (promoted or rejected) version trained on `action`, or None after `timeout_s`."""
+    """The first settled version trained on `action` (rejected, or promoted and validated: a version served
+    before its validation may still be rolled back, and its predictions would then never all arrive), or None
+    after `timeout_s`."""
     store = ModelStore(stack.redis)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for meta in store.versions(str(project.id), CONTROL):
-            if meta.get("created_at", 0) > action.sent_at and meta.get("status") in ("promoted", "rejected") \
-                    and measure.reflects(meta, action):
+            settled = meta.get("status") == "rejected" or \
+                (meta.get("status") == "promoted" and meta.get("validated", True) is not False)
+            if meta.get("created_at", 0) > action.sent_at and settled and measure.reflects(meta, action):
                 return meta
         time.sleep(0.1)
     return None
