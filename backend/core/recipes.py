@@ -33,15 +33,16 @@ store, the guard and serving never need to know which recipe made a head:
   rounds of soft k-means, each unlabeled task counted toward every prototype by its softmax over the
   cosines, all of them together weighing `POOL_WEIGHT` times the labels. Where the classes form clusters
   the encoder already separates (news topics under a sentence encoder), a handful of labels per class
-  names the clusters and the unlabeled tasks place them: on bbc-news at 1 / 2 / 5 labels per topic, 20
-  draws, it scored 17.6 / 15.1 / 5.7 points above logistic regression at C=1. Offered only when the
-  training is given a pool (`backend.loop.retrain.unlabeled_pool`); the pool's labels are never known.
+  names the clusters and the unlabeled tasks place them: on bbc-news at 1 / 2 labels per topic, 20 draws,
+  the rest of train as the pool, it alone scored 17.6 / 15.1 points above logistic regression at C=1. Offered
+  only when the training is given a pool (`backend.loop.retrain.unlabeled_pool`); its labels are never known.
 - `blend`: a weighted sum of several recipes' calibrated logits, the weights fitted on out-of-fold
   log-loss (`backend.core.recipe_choice`).
 
 A new single-choice head blends `SINGLE_CHOICE` (C=1, standardized, prototype), with
-`zero_shot_anchored` too where an anchor exists and `prototype_refined` where a pool exists; multiple choice blends the logistic path
-(`logreg_std`, the anchored and the closed-form recipe serve single choice only). Every recipe of
+`zero_shot_anchored` too where an anchor exists and `prototype_refined` where a pool exists; multiple
+choice blends the logistic path (`logreg_std`, the anchored and the closed-form recipes serve single
+choice only). Every recipe of
 `FAMILY` can still be refitted by name, for versions chosen before.
 """
 

@@ -28,6 +28,7 @@ from backend.core.audit import (Audit, accepted, auto_accept_thresholds, judge_l
                                 out_of_fold_probabilities, served_recipe_probabilities)
 from backend.core.head_fitting import encode_targets
 from backend.core.heads import head_probabilities
+from backend.core.recipe_choice import Choice
 from backend.core.store import HeadVersion
 from backend.labelstudio.labeling_config import HeadSpec, parse_label_config
 from backend.loop.features import MediaItem
@@ -93,10 +94,12 @@ def audit_control(services: Services, project: str, spec: HeadSpec) -> dict:
     if probabilities is not None:
         # auto-accept: the served head's own recipe out of fold, since its thresholds are applied to that head
         targets = encode_targets(labels, spec.classes, multi_label=spec.multi_label)
-        served, recipe = served_recipe_probabilities(features, targets, head.meta.get("selection"),
+        selection = head.meta.get("selection")
+        pool = unlabeled_pool(services, project, spec, encoder) \
+            if selection and Choice.from_dict(selection).needs_pool else None
+        served, recipe = served_recipe_probabilities(features, targets, selection,
                                                      num_classes=len(spec.classes), multi_label=spec.multi_label,
-                                                     anchor=zero_shot_anchor(services, spec, encoder),
-                                                     pool=unlabeled_pool(services, project, spec, encoder))
+                                                     anchor=zero_shot_anchor(services, spec, encoder), pool=pool)
         if served is not None:
             record["out_of_fold"] = {"tasks": task_ids, "classes": list(spec.classes), "recipe": recipe,
                                      "probabilities": [[round(p, 5) for p in row] for row in served.tolist()],
@@ -124,7 +127,8 @@ def machine_labels(services: Services, project: str, spec: HeadSpec, head: HeadV
     """Task id → (the served head's label above its class threshold, or None; its confidence), for tasks whose
     input is embedded under the head's encoder."""
     data = services.tasks.data(project, task_ids)
-    items = [MediaItem.of_task(task, data[task], spec.data_key, inline=spec.inline) for task in task_ids if task in data]
+    items = [MediaItem.of_task(task, data[task], spec.data_key, inline=spec.inline)
+             for task in task_ids if task in data]
     encoder = services.encoders.for_key(head.meta["backbone"], head.backbone_key)
     vectors = services.features.cached(project, items, encoder) if items else []
     kept = [(item.task_id, vector) for item, vector in zip(items, vectors) if vector is not None]

@@ -172,7 +172,8 @@ def unlabeled_pool(services: Services, project: str, spec: HeadSpec, encoder: En
         step = len(unlabeled) / POOL_CAP
         unlabeled = [unlabeled[int(i * step)] for i in range(POOL_CAP)]
     items = [MediaItem.of_task(task, data[task], spec.data_key, inline=spec.inline) for task in unlabeled]
-    vectors = [vector for vector in services.features.cached(project, items, encoder) if isinstance(vector, torch.Tensor)]
+    vectors = [vector for vector in services.features.cached(project, items, encoder)
+               if isinstance(vector, torch.Tensor)]
     return torch.stack(vectors) if vectors else None
 
 
