@@ -115,13 +115,26 @@ class LabelStudioApi:
                 handle.close()
         return body["task_ids"] if "task_ids" in body else []
 
-    def add_local_storage(self, project: int, path: Path) -> dict:
-        """A local-files storage over `path` (a subdirectory of LOCAL_FILES_DOCUMENT_ROOT), synced."""
+    def add_local_storage(self, project: int, path: Path, *, timeout_s: float = 120) -> dict:
+        """A local-files storage over `path` (a subdirectory of LOCAL_FILES_DOCUMENT_ROOT), synced: returns once
+        the sync has completed. Label Studio runs the sync as a background job when it finds a Redis (it looks on
+        localhost:6379 by default), so the sync request may answer while tasks are still being created."""
         storage = self.post("/api/storages/localfiles", {
             "project": project, "path": str(path), "use_blob_urls": True,
             "regex_filter": r".*\.(jpe?g|JPE?G)$", "title": "e2e images"})
         self.post(f"/api/storages/localfiles/{storage['id']}/sync")
-        return storage
+        deadline = time.monotonic() + timeout_s
+        while True:
+            storage = self.get(f"/api/storages/localfiles/{storage['id']}")
+            if storage.get("status") in (None, "completed"):
+                return storage
+            if storage["status"] in ("failed", "completed_with_errors"):
+                raise RuntimeError(f"Label Studio's sync of the local-files storage {path} ended "
+                                   f"{storage['status']}: {storage.get('traceback') or storage.get('meta')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Label Studio's sync of the local-files storage {path} is still "
+                                   f"{storage['status']!r} after {timeout_s:g} s")
+            time.sleep(0.2)
 
     # annotations
 
