@@ -115,22 +115,29 @@ class LabelStudioApi:
                 handle.close()
         return body["task_ids"] if "task_ids" in body else []
 
-    def add_local_storage(self, project: int, path: Path, *, timeout_s: float = 120) -> dict:
-        """A local-files storage over `path` (a subdirectory of LOCAL_FILES_DOCUMENT_ROOT), synced: returns once
-        the sync has completed. Label Studio runs the sync as a background job when it finds a Redis (it looks on
-        localhost:6379 by default), so the sync request may answer while tasks are still being created."""
+    def add_local_storage(self, project: int, path: Path, *, timeout_s: float = 120, attempts: int = 3) -> dict:
+        """A local-files storage over `path` (a subdirectory of LOCAL_FILES_DOCUMENT_ROOT), synced: returns once a
+        sync has completed. The sync request can answer before every task exists (a sync already under way makes
+        it return at once) or after a sync that failed part way (its status then says `failed`, e.g. on a busy
+        SQLite); a failed sync is run again, which adds only the files not yet imported."""
         storage = self.post("/api/storages/localfiles", {
             "project": project, "path": str(path), "use_blob_urls": True,
             "regex_filter": r".*\.(jpe?g|JPE?G)$", "title": "e2e images"})
-        self.post(f"/api/storages/localfiles/{storage['id']}/sync")
-        deadline = time.monotonic() + timeout_s
-        while True:
-            storage = self.get(f"/api/storages/localfiles/{storage['id']}")
+        for _ in range(attempts):
+            self.post(f"/api/storages/localfiles/{storage['id']}/sync")
+            storage = self._settled_storage(storage["id"], path, timeout_s)
             if storage.get("status") in (None, "completed"):
                 return storage
-            if storage["status"] in ("failed", "completed_with_errors"):
-                raise RuntimeError(f"Label Studio's sync of the local-files storage {path} ended "
-                                   f"{storage['status']}: {storage.get('traceback') or storage.get('meta')}")
+        raise RuntimeError(f"Label Studio's sync of the local-files storage {path} ended {storage['status']} "
+                           f"{attempts} times: {storage.get('traceback') or storage.get('meta')}")
+
+    def _settled_storage(self, storage_id: int, path: Path, timeout_s: float) -> dict:
+        """The storage once its sync is no longer queued or in progress."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            storage = self.get(f"/api/storages/localfiles/{storage_id}")
+            if storage.get("status") not in ("queued", "in_progress"):
+                return storage
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Label Studio's sync of the local-files storage {path} is still "
                                    f"{storage['status']!r} after {timeout_s:g} s")
