@@ -69,7 +69,8 @@ def test_the_job_places_the_prototypes_with_the_project_s_unlabeled_tasks(settin
     project, (spec,) = "11", parse_label_config(TEXT_CONFIG)
     services.projects.remember(project, TEXT_CONFIG)
     train, val = dataset_texts("train"), dataset_texts("val")[::VAL_STEP]
-    labeled = [i for cls in BBC_CLASSES for i in [j for j, (_, c) in enumerate(train) if c == cls][:POOL_LABELS_PER_TOPIC]]
+    labeled = [i for cls in BBC_CLASSES
+               for i in [j for j, (_, c) in enumerate(train) if c == cls][:POOL_LABELS_PER_TOPIC]]
     unlabeled = [i for i in range(0, len(train), 6) if i not in labeled][:POOL_TASKS + UNEMBEDDED_TASKS]
     services.tasks.put_many(project, [{"id": i, "data": {"text": train[i][0]}} for i in unlabeled + labeled])
     encoder = services.encoders.for_input("text")

@@ -215,11 +215,15 @@ def linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
     return head
 
 
-def _class_means(features: torch.Tensor, targets: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _class_sums(features: torch.Tensor, targets: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class, the sum of its labeled features and how many there are."""
     one_hot = nn.functional.one_hot(targets, num_classes).float()
-    counts = one_hot.sum(0)
-    means = (one_hot.T @ features.float()) / counts.clamp(min=1).unsqueeze(1)
-    return means, counts
+    return one_hot.T @ features.float(), one_hot.sum(0)
+
+
+def _class_means(features: torch.Tensor, targets: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    sums, counts = _class_sums(features, targets, num_classes)
+    return sums / counts.clamp(min=1).unsqueeze(1), counts
 
 
 def _prototype(features, targets, num_classes) -> nn.Linear:
@@ -232,7 +236,6 @@ def _prototype(features, targets, num_classes) -> nn.Linear:
     return linear(directions, bias)
 
 
-
 def _refined_prototype(features, targets, num_classes, pool: torch.Tensor | None) -> nn.Linear:
     """Cosine prototypes: the labels' class means, then `POOL_ROUNDS` rounds of soft k-means in which the pool's
     tasks add their features to each prototype in proportion to softmax(PROTOTYPE_SCALE × cosine)."""
@@ -242,12 +245,11 @@ def _refined_prototype(features, targets, num_classes, pool: torch.Tensor | None
         raise RecipeFailed(f"prototype_refined: the pool has {pool.shape[1]} features per task, the labels "
                            f"{features.shape[1]}")
     features, pool = nn.functional.normalize(features.float(), dim=1), nn.functional.normalize(pool.float(), dim=1)
-    labeled_sums = nn.functional.one_hot(targets, num_classes).float().T @ features
+    labeled_sums, counts = _class_sums(features, targets, num_classes)
     pool_share = POOL_WEIGHT * len(targets) / len(pool)  # the weight of one unlabeled task
     prototypes = nn.functional.normalize(labeled_sums, dim=1)
     for _ in range(POOL_ROUNDS):
         membership = torch.softmax(PROTOTYPE_SCALE * pool @ prototypes.T, dim=1)
         prototypes = nn.functional.normalize(labeled_sums + pool_share * membership.T @ pool, dim=1)
-    present = labeled_sums.abs().sum(1) > 0  # a class without labels never wins
-    bias = torch.where(present, torch.tensor(0.0), torch.tensor(-1e4))
+    bias = torch.where(counts > 0, torch.tensor(0.0), torch.tensor(-1e4))  # a class without labels never wins
     return linear(PROTOTYPE_SCALE * prototypes, bias)
