@@ -1,4 +1,4 @@
-"""`python -m bench all|retrain|predict|accuracy|webhook|gpu|text|loop|active|trust|retention|table [--quick]`."""
+"""`python -m bench all|retrain|predict|accuracy|webhook|gpu|text|loop|active|trust|guard|retention|table [--quick]`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ BENCHMARKS = ("retrain", "predict", "accuracy", "webhook", "gpu", "text")
 LABEL_STUDIO_BENCHMARKS = ("loop", "active")
 # not part of `all` either: the label audit's measurement, minutes of cross-validation per cell (bench/README.md)
 AUDIT_BENCHMARKS = ("trust",)
+# nor this one: the promotion guard's noise, minutes of trainings one label apart (bench/README.md)
+GUARD_BENCHMARKS = ("guard",)
 # nor this one: Redis memory, not time (bench/README.md)
 MEMORY_BENCHMARKS = ("retention",)
 
@@ -21,7 +23,7 @@ MEMORY_BENCHMARKS = ("retention",)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("name", choices=("all", *BENCHMARKS, *LABEL_STUDIO_BENCHMARKS, *AUDIT_BENCHMARKS,
-                                               *MEMORY_BENCHMARKS, "table"),
+                                         *GUARD_BENCHMARKS, *MEMORY_BENCHMARKS, "table"),
                         help="a benchmark, all of them but loop (then the table), or only the table")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, to check the code runs (results are not meaningful; they go to a "

@@ -188,9 +188,21 @@ def _trust_rows(r: dict) -> list[str]:
     return rows
 
 
+def _guard_rows(r: dict) -> list[str]:
+    """The promotion guard's noise: labels two versions one label apart disagree on, folds by task id vs reshuffled."""
+    return [f"| guard | {r['trainings_per_set']} one-label-more trainings per set ({', '.join(r['sets'])}): labels "
+            f"on which the new and the served version's out-of-fold results differ; trainings rejected "
+            f"| {r['disagreements']['stable']}; {r['rejected']['stable']} rejected "
+            f"| folds reshuffled per training: {r['disagreements']['reshuffled']}; "
+            f"{r['rejected']['reshuffled']} rejected "
+            f"| ratio {r['disagreement_ratio']:g} | ratio ≤ 0.5, rejected ≤ baseline "
+            f"| {_status(r, 'disagreement_ratio')}, {_status(r, 'rejected_extra')} |"]
+
+
 ROWS = {"retrain": _retrain_rows, "predict": _predict_rows, "accuracy": _accuracy_rows,
         "webhook": _webhook_rows, "loop": _loop_rows, "gpu": _gpu_rows, "text": _text_rows,
-        "loop-text": _text_loop_rows, "trust": _trust_rows}
+        "loop-text": _text_loop_rows, "trust": _trust_rows,
+        "guard": _guard_rows}
 
 
 def _runs(record: dict) -> list[dict]:
@@ -211,7 +223,8 @@ def markdown(results_dir: Path = RESULTS_DIR) -> str:
     dates = sorted(run["started_at"][:10] for run in runs)
     lines = [
         "Measured with `python -m bench all` (the loop rows with `python -m bench loop [--quick] [--text]`, the "
-        f"trust rows with `python -m bench trust`) on {machine.get('cpu') or cpu_model()}, "
+        "trust and guard rows with `python -m bench trust` and `python -m bench guard`) on "
+        f"{machine.get('cpu') or cpu_model()}, "
         f"{machine.get('cores')} cores, "
         f"{gpu}, torch {machine.get('torch')}, {dates[0]}{'' if dates[0] == dates[-1] else ' to ' + dates[-1]}. "
         f"The machine was shared with other work (1-minute load average {min(loads):g} to {max(loads):g} "

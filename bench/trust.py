@@ -16,13 +16,11 @@ product's features (MobileNetV2, as `accuracy` embeds them):
   realized there against the true labels, its gap to the target in points, and the coverage.
 Not through Redis, RQ and Label Studio: tests/test_audit_loop.py and tests/e2e/test_label_audit.py check that
 path; this measures the numbers. Features are cached in HEADSTART_BENCH_FEATURES
-(default ~/.cache/headstart/bench-features.pt) after the first embedding.
+(default ~/.cache/headstart/bench-features.pt) after the first embedding (`bench.cached_features`).
 """
 
 from __future__ import annotations
 
-import functools
-import os
 import random
 import statistics
 from dataclasses import dataclass
@@ -35,11 +33,8 @@ from backend.core.audit import (auto_accept_thresholds, judge_labels, out_of_fol
 from backend.core.candidates import fit_candidate
 from backend.core.head_fitting import encode_targets
 from backend.core.heads import head_probabilities
-from backend.core.image_encoder import load_image_encoder
 from backend.core.torch_runtime import set_torch_threads
-from backend.core.zero_shot import ZeroShotClassifiers, anchor_for
-from bench import data
-from bench.accuracy import _embed
+from bench.cached_features import EncoderRecord, image_features, zero_shot_anchor
 from bench.harness import RESULTS_DIR, Run, goal, print_table, rounded
 
 NAME = "trust"
@@ -63,7 +58,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
     params = QUICK if quick else FULL
     bench_run = Run(NAME, quick=quick, results_dir=results_dir)
     set_torch_threads(1)
-    features = _features(params)
+    features = image_features(SETS, params.per_class_cap)
     cells, rows = {name: {} for name in SETS}, []
     # the headline cells (all labels, 10 % noise) first; results are written after every cell, so a run stopped
     # early keeps what it measured (`complete` says whether the whole grid ran)
@@ -161,11 +156,12 @@ def _trial(x_train, y_train, x_val, y_val, classes, *, k, noise: float, seed: in
                       baseline_topn_precision=len(set(baseline) & wrong) / len(wrong),
                       cut_precision=len(flagged & wrong) / len(flagged) if flagged else None,
                       cut_recall=len(flagged & wrong) / len(wrong))
-    anchor = _anchor(classes)
+    anchor = zero_shot_anchor(classes)
+    task_ids = list(range(len(labels)))
     candidate = fit_candidate(control="label", classes=classes, multi_label=False, features=x, labels=labels,
-                              task_ids=list(range(len(labels))), encoder=_EncoderRecord(), anchor=anchor)
+                              task_ids=task_ids, encoder=EncoderRecord(), anchor=anchor)
     served_oof, _ = served_recipe_probabilities(x, given, candidate.meta["selection"], num_classes=len(classes),
-                                                multi_label=False, anchor=anchor)
+                                                multi_label=False, anchor=anchor, keys=task_ids)
     if served_oof is None:
         return result
     thresholds = auto_accept_thresholds(served_oof, labels, classes, multi_label=False, target=TARGET)
@@ -207,59 +203,3 @@ def _baseline_ranking(x: torch.Tensor, given: torch.Tensor, seed: int) -> list[i
     column = {c: i for i, c in enumerate(present)}
     given_probability = probabilities[np.arange(len(given)), [column[int(c)] for c in given]]
     return np.argsort(given_probability, kind="stable").tolist()
-
-
-@functools.lru_cache(maxsize=4)
-def _anchor_of(classes: tuple[str, ...]):
-    return anchor_for(ZeroShotClassifiers(), "mobilenet_v2", classes)
-
-
-def _anchor(classes):
-    """The zero-shot head the training and audit jobs pass for these classes (ZERO_SHOT on), or None."""
-    return _anchor_of(tuple(classes))
-
-
-class _EncoderRecord:
-    """What `fit_candidate` records about the encoder (the features are already embedded)."""
-
-    name = key = "mobilenet_v2"
-    modality = "image"
-    feature_dim = 1280
-    parameter_count = 0
-
-    @staticmethod
-    def preprocessing() -> dict:
-        return {}
-
-
-def _features(params: Params) -> dict:
-    """Per set: (train features, targets), (val features, targets), classes; cached across runs."""
-    cache = Path(os.environ.get("HEADSTART_BENCH_FEATURES", Path.home() / ".cache" / "headstart" / "bench-features.pt"))
-    stored = torch.load(cache, weights_only=False) if cache.exists() else {}
-    encoder, out = None, {}
-    for name in SETS:
-        classes = data.classes_of(data.images(name, "train"))
-        splits = []
-        for split in ("train", "val"):
-            items = data.images(name, split)
-            if (name, split) in stored and len(stored[(name, split)][0]) == len(items):
-                splits.append(_capped(*stored[(name, split)], params.per_class_cap))
-                continue
-            if params.per_class_cap is not None:  # quick: embed only the capped images, cache nothing
-                items = [item for cls in classes for item in [i for i in items if i[1] == cls][:params.per_class_cap]]
-            encoder = encoder or load_image_encoder("mobilenet_v2")
-            embedded = (_embed(encoder, items), torch.tensor([classes.index(cls) for _, cls in items]))
-            if params.per_class_cap is None:
-                stored[(name, split)] = embedded
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(stored, cache)
-            splits.append(embedded)
-        out[name] = (splits[0], splits[1], classes)
-    return out
-
-
-def _capped(x: torch.Tensor, y: torch.Tensor, cap: int | None):
-    if cap is None:
-        return x, y
-    keep = [i for c in sorted(set(y.tolist())) for i in (y == c).nonzero().flatten().tolist()[:cap]]
-    return x[keep], y[keep]

@@ -206,11 +206,12 @@ def test_auto_accept_probabilities_are_the_served_recipes_own_out_of_fold(hymeno
     features, truth = hymenoptera_train
     given, _ = _flip(truth, 0.1, seed=0)
     labels = [[CLASSES[int(c)]] for c in given]
+    task_ids = [100 + 3 * i for i in range(len(labels))]
     candidate = fit_candidate(control="label", classes=CLASSES, multi_label=False, features=features, labels=labels,
-                              task_ids=list(range(len(labels))), encoder=encoders.get(), family=(BY_NAME[recipe],))
+                              task_ids=task_ids, encoder=encoders.get(), family=(BY_NAME[recipe],))
     assert candidate.meta["recipe"] == recipe
     served, name = served_recipe_probabilities(features, given, candidate.meta["selection"], num_classes=2,
-                                               multi_label=False)
+                                               multi_label=False, keys=task_ids)
     assert name == recipe
     chosen_on = torch.softmax(candidate.validation.logits, dim=1)  # what the choice scored the recipe on
     assert torch.allclose(served, chosen_on, atol=1e-3)

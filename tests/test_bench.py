@@ -125,6 +125,19 @@ def test_trust_runs_in_quick_mode(results_dir, tmp_path, monkeypatch):
         assert 0 <= record[name]["topn_precision"] <= 1 and 0 <= record[name]["baseline_topn_precision"] <= 1
 
 
+def test_guard_runs_in_quick_mode(results_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADSTART_BENCH_FEATURES", str(tmp_path / "none.pt"))  # embed the quick subset itself
+    record = importlib.import_module("bench.guard").run(quick=True, results_dir=results_dir)
+    assert json.loads((results_dir / "guard.json").read_text()) == record
+    for name in ("flowers12", "hymenoptera"):
+        for arm in ("stable", "reshuffled"):
+            cell = record["sets"][name][arm]
+            classes = 12 if name == "flowers12" else 2
+            assert cell["trainings"] == 7 and cell["per_seed"][0]["labels_at_end"] == 3 * classes + 6
+            assert 0 <= cell["rejected"] < cell["trainings"] and 0 < cell["val_accuracy"] <= 100
+    assert "| guard |" in table.markdown(results_dir)
+
+
 def test_retention_runs_in_quick_mode(results_dir, monkeypatch, redis_url, redis):
     monkeypatch.setenv("HEADSTART_BENCH_REDIS_URL", redis_url)  # the test database (flushed around each test)
     record = importlib.import_module("bench.retention").run(quick=True, results_dir=results_dir)

@@ -51,3 +51,45 @@ def test_a_head_that_loses_many_examples_is_rejected(redis, encoders, hymenopter
     decision = decide(bad.meta, current, task_ids=ids, labels=[[n] for n in labels], current_features=features)
     assert not decision.promote and decision.reason.startswith("rejected")
     assert decision.candidate_score < decision.current_score
+
+
+def test_a_label_keeps_its_fold_when_other_labels_come_and_go():
+    """With task ids as keys, once a class has STABLE_FOLD_MIN labels a new or removed label moves no other label
+    to another fold (the guard then compares two versions label by label on the same folds); the order the labels
+    come in does not matter; smaller classes are dealt over every fold."""
+    from backend.core.head_fitting import STABLE_FOLD_MIN, stratified_folds
+
+    def fold_of(task_ids, classes):
+        folds = stratified_folds(torch.tensor(classes), multi_label=False, seed=0, keys=task_ids)
+        return {task_ids[int(i)]: number for number, fold in enumerate(folds) for i in fold}
+
+    task_ids = [1000 + 3 * i for i in range(3 * STABLE_FOLD_MIN)]  # 1.5 x STABLE_FOLD_MIN per class, ids with gaps
+    classes = [i % 2 for i in range(len(task_ids))]
+    before = fold_of(task_ids, classes)
+    assert len(set(before.values())) == 5
+    grown = fold_of(task_ids + [1001], classes + [0])
+    assert {task: grown[task] for task in before} == before
+    shrunk = fold_of(task_ids[1:], classes[1:])
+    assert shrunk == {task: before[task] for task in task_ids[1:]}
+    order = list(reversed(range(len(task_ids))))
+    assert fold_of([task_ids[i] for i in order], [classes[i] for i in order]) == before
+
+    few = fold_of([7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    for cls_tasks in ([7, 8, 9, 10, 11], [12, 13, 14, 15, 16]):  # five labels, five folds: one each
+        assert sorted(few[task] for task in cls_tasks) == [0, 1, 2, 3, 4]
+
+
+def test_the_same_labels_in_another_order_validate_the_same(redis, encoders, hymenoptera_features):
+    """The training job's out-of-fold results depend on which tasks hold which labels, not on the order the
+    labels are read in: the folds follow the task ids."""
+    features, labels = hymenoptera_features
+    store, encoder = ModelStore(redis), encoders.get()
+    ids = [5000 + 7 * i for i in range(len(labels))]
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(3)).tolist()
+    first = train_version(store, project="2", control="label", classes=["ants", "bees"], multi_label=False,
+                          features=features, labels=[[n] for n in labels], task_ids=ids, encoder=encoder)
+    shuffled = train_version(store, project="2", control="label", classes=["ants", "bees"], multi_label=False,
+                             features=features[order], labels=[[labels[i]] for i in order],
+                             task_ids=[ids[i] for i in order], encoder=encoder)
+    assert first.meta["out_of_fold_correct"] == shuffled.meta["out_of_fold_correct"]
+    assert first.meta["selection"]["weights"] == shuffled.meta["selection"]["weights"]

@@ -117,7 +117,7 @@ def out_of_fold_probabilities(
 
 def served_recipe_probabilities(
     features: torch.Tensor, targets: torch.Tensor, selection: dict | None, *, num_classes: int, multi_label: bool,
-    anchor: torch.nn.Linear | None = None, pool: torch.Tensor | None = None,
+    anchor: torch.nn.Linear | None = None, pool: torch.Tensor | None = None, keys: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor | None, str]:
     """Calibrated out-of-fold probabilities of the recipe a served head was fitted with (`selection`, the
     version's recipe choice as `Choice.as_dict()` saved it), on the same folds the choice was made on, and that
@@ -126,14 +126,14 @@ def served_recipe_probabilities(
     recipe's (`out_of_fold_probabilities`, named `DEFAULT_RECIPE`). None when a class has too few examples for
     folds. `anchor`: the control's zero-shot head, which a `zero_shot_anchored` choice is refitted on, and `pool`
     the unlabeled tasks' features a `prototype_refined` choice is (without them such a choice falls back to the
-    default recipe too)."""
+    default recipe too). `keys`: the labels' task ids, as the training passed them, for the same folds."""
     if not selection or not all(name in BY_NAME for name in selection.get("components") or ()) or \
             (Choice.from_dict(selection).needs_anchor and anchor is None) or \
             (Choice.from_dict(selection).needs_pool and pool is None):
         return out_of_fold_probabilities(features, targets, num_classes=num_classes,
                                          multi_label=multi_label), DEFAULT_RECIPE
     choice = validate_choice(Choice.from_dict(selection), features, targets, num_classes=num_classes,
-                             multi_label=multi_label, anchor=anchor, pool=pool)
+                             multi_label=multi_label, anchor=anchor, pool=pool, keys=keys)
     logits = choice.validation.logits
     if logits is None:
         return None, choice.name

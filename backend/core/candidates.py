@@ -53,7 +53,7 @@ def fit_candidate(
     targets = _targets(control, classes, multi_label, features, labels, task_ids)
     started = time.perf_counter()
     choice = choose_recipe(features, targets, num_classes=len(classes), multi_label=multi_label, family=family,
-                           anchor=anchor, pool=pool)
+                           anchor=anchor, pool=pool, keys=task_ids)
     fit_started = time.perf_counter()
     head = fit_chosen(choice, features, targets, num_classes=len(classes), multi_label=multi_label, anchor=anchor,
                       pool=pool)
@@ -91,7 +91,7 @@ def validate_provisional(
     targets = encode_targets(labels, classes, multi_label=multi_label)
     started = time.perf_counter()
     choice = validate_choice(provisional.choice, features, targets, num_classes=len(classes), multi_label=multi_label,
-                             anchor=anchor, pool=pool)
+                             anchor=anchor, pool=pool, keys=task_ids)
     validation = choice.validation
     return {
         "metrics": {**provisional.meta["metrics"], "cv_accuracy": validation.accuracy, "cv_folds": validation.folds},

@@ -17,6 +17,8 @@ from backend.core.heads import build_head, head_probabilities
 from backend.common.errors import NotEnoughLabels
 
 MAX_FOLDS = 5
+STABLE_FOLD_MIN = 4 * MAX_FOLDS  # a class with this many labels keeps each label's fold (`stratified_folds`)
+_MASK64 = (1 << 64) - 1
 LBFGS_MAX_ITER = 100
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.02, 20.0
 
@@ -137,7 +139,7 @@ def cross_validate(
     recipe: HeadRecipe = HeadRecipe(),
 ) -> Validation:
     """Stratified k-fold (k ≤ 5) out-of-fold correctness; None when a class has one example."""
-    folds = _stratified_folds(targets, multi_label=multi_label, seed=recipe.seed)
+    folds = stratified_folds(targets, multi_label=multi_label, seed=recipe.seed)
     if folds is None:
         return Validation(folds=0)
     correct = [False] * features.shape[0]
@@ -186,20 +188,48 @@ def calibrate(head: nn.Linear, temperature: float) -> None:
         head.bias /= temperature
 
 
-def _stratified_folds(targets: torch.Tensor, *, multi_label: bool, seed: int) -> list[torch.Tensor] | None:
+def stratified_folds(targets: torch.Tensor, *, multi_label: bool, seed: int,
+                     keys: Sequence[int] | None = None) -> list[torch.Tensor] | None:
+    """Up to `MAX_FOLDS` folds (index tensors), every class spread over them; None when a class has one example.
+
+    With `keys` (the examples' task ids) each example's fold follows from its key, so the folds of two trainings
+    agree: in a class of `STABLE_FOLD_MIN` labels or more a label's fold is its key's hash modulo the fold count,
+    and a new label moves no other one (the guard compares a candidate with the served version label by label,
+    and with reshuffled folds that comparison moved by chance: a version could lose five examples it did not
+    change); in a smaller class the labels are dealt in turn in their keys' hash order, which keeps every fold
+    holding some of the class. Without keys, each class is shuffled by `seed` and dealt in turn."""
     strata = _strata(targets, multi_label=multi_label)
     counts = torch.bincount(strata)
     smallest = int(counts[counts > 0].min())
     if smallest < 2 or len(counts[counts > 0]) < 2 and not multi_label:
         return None
+    if keys is not None and len(keys) != len(targets):
+        raise ValueError(f"{len(keys)} keys for {len(targets)} examples")
     fold_count = min(MAX_FOLDS, smallest)
     generator = torch.Generator().manual_seed(seed)
     assignment = torch.empty_like(strata)
     for stratum in strata.unique():
         members = (strata == stratum).nonzero().flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
+        if keys is None:
+            members = members[torch.randperm(len(members), generator=generator)]
+        else:
+            hashes = [_key_hash(int(keys[i]), seed) for i in members.tolist()]
+            by_hash = [h % fold_count for h in hashes]
+            if len(members) >= STABLE_FOLD_MIN and len(set(by_hash)) > 1:
+                assignment[members] = torch.tensor(by_hash, dtype=assignment.dtype)
+                continue
+            members = members[sorted(range(len(members)), key=hashes.__getitem__)]
         assignment[members] = torch.arange(len(members)) % fold_count
-    return [(assignment == fold).nonzero().flatten() for fold in range(fold_count)]
+    folds = [(assignment == fold).nonzero().flatten() for fold in range(fold_count)]
+    return [fold for fold in folds if len(fold)]
+
+
+def _key_hash(key: int, seed: int) -> int:
+    """A well-mixed 64-bit hash of (key, seed) (splitmix64), the same in every process (unlike `hash`)."""
+    value = (key * 0x9E3779B97F4A7C15 + seed * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
 
 
 def _strata(targets: torch.Tensor, *, multi_label: bool) -> torch.Tensor:

@@ -9,7 +9,11 @@ was trained on (unchanged since), and by its real prediction for labels it never
 by comparing two noisy means: the candidate is rejected only when the examples it gets wrong and
 the current head gets right outnumber the reverse by more than chance explains (one-sided, about
 2 %). Re-shuffled folds alone therefore almost never block a new label from being served, while a
-backbone or recipe that really transfers worse is kept out.
+backbone or recipe that really transfers worse is kept out. The folds are not reshuffled either: a
+label's fold follows from its task id (`head_fitting.stratified_folds`), so the examples the two
+versions disagree on are mostly those the new labels changed: `python -m bench guard` counted 268
+such examples over 900 one-label-more trainings against 1,405 with the folds reshuffled per
+training, and 0 rejections of a true label against 4.
 """
 
 from __future__ import annotations

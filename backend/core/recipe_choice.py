@@ -41,12 +41,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from backend.common.errors import HeadstartError
-from backend.core.head_fitting import Validation, _stratified_folds, fit_temperature
+from backend.core.head_fitting import Validation, fit_temperature, stratified_folds
 from backend.core.recipes import (ANCHORED, BY_NAME, REFINED, Recipe, RecipeFailed, check_finite, family_for,
                                   fit_recipe, linear)
 
@@ -117,15 +118,17 @@ def default_choice(*, multi_label: bool, label_count: int, anchored: bool = Fals
 
 def choose_recipe(features: torch.Tensor, targets: torch.Tensor, *, num_classes: int, multi_label: bool,
                   family: tuple[Recipe, ...] | None = None, seed: int = 0,
-                  anchor: nn.Linear | None = None, pool: torch.Tensor | None = None) -> Choice:
+                  anchor: nn.Linear | None = None, pool: torch.Tensor | None = None,
+                  keys: Sequence[int] | None = None) -> Choice:
     """Score every recipe of `family` out of fold and return their blend (or the one recipe it keeps), with
     the evidence.
 
     `anchor`: the control's zero-shot head (`backend.core.zero_shot.anchor_for`), or None; `pool`: features of
-    the project's unlabeled tasks (`backend.loop.retrain.unlabeled_pool`), or None."""
+    the project's unlabeled tasks (`backend.loop.retrain.unlabeled_pool`), or None; `keys`: the labels' task ids,
+    which fix each label's fold from one training to the next (`stratified_folds`)."""
     anchored = anchor is not None and not multi_label
     pooled = pool is not None and len(pool) > 0 and not multi_label
-    folds = _stratified_folds(targets, multi_label=multi_label, seed=seed)
+    folds = stratified_folds(targets, multi_label=multi_label, seed=seed, keys=keys)
     if folds is None:
         return default_choice(multi_label=multi_label, label_count=len(targets), anchored=anchored, pooled=pooled)
     family = family or family_for(multi_label=multi_label, anchored=anchored, pooled=pooled)
@@ -158,10 +161,10 @@ def choose_recipe(features: torch.Tensor, targets: torch.Tensor, *, num_classes:
 
 def validate_choice(choice: Choice, features: torch.Tensor, targets: torch.Tensor, *, num_classes: int,
                     multi_label: bool, seed: int = 0, anchor: nn.Linear | None = None,
-                    pool: torch.Tensor | None = None) -> Choice:
+                    pool: torch.Tensor | None = None, keys: Sequence[int] | None = None) -> Choice:
     """Cross-validate only the chosen recipe (the cheap path between re-choices): fresh temperatures
-    and out-of-fold results for it, the choice itself kept."""
-    folds = _stratified_folds(targets, multi_label=multi_label, seed=seed)
+    and out-of-fold results for it, the choice itself kept. `keys` as for `choose_recipe`."""
+    folds = stratified_folds(targets, multi_label=multi_label, seed=seed, keys=keys)
     if folds is None:
         return replace(choice, temperatures=dict(choice.temperatures), validation=Validation(folds=0))
     recipes = tuple(BY_NAME[name] for name in choice.components)

@@ -99,7 +99,8 @@ def audit_control(services: Services, project: str, spec: HeadSpec) -> dict:
             if selection and Choice.from_dict(selection).needs_pool else None
         served, recipe = served_recipe_probabilities(features, targets, selection,
                                                      num_classes=len(spec.classes), multi_label=spec.multi_label,
-                                                     anchor=zero_shot_anchor(services, spec, encoder), pool=pool)
+                                                     anchor=zero_shot_anchor(services, spec, encoder), pool=pool,
+                                                     keys=task_ids)
         if served is not None:
             record["out_of_fold"] = {"tasks": task_ids, "classes": list(spec.classes), "recipe": recipe,
                                      "probabilities": [[round(p, 5) for p in row] for row in served.tolist()],
