@@ -1,5 +1,6 @@
-"""`guard`: how much chance moves the promotion guard's comparison, with each label's fold fixed by its task id
-(the product) against folds reshuffled at every training (the baseline: the same code, given fresh task ids).
+"""`guard`: how much chance moves the promotion guard's comparison and the label audit's suspects, with each label's
+fold fixed by its task id (the product) against folds reshuffled at every training (the baseline: the same code,
+given fresh task ids).
 
 On each shared image set (cached MobileNetV2 features), labels arrive one at a time in a random order (3 orders per
 set), from 3 per class, every label true; after each, the training job's own functions run as `retrain_control` runs them: the
@@ -13,7 +14,13 @@ choice (`fit_candidate`, with the zero-shot anchor and the unlabeled rest of tra
   should serve as well), and `val_accuracy_end` after each order's last training, averaged.
 Baseline: before each training the task ids are replaced by a fresh random permutation of other ids, and mapped
 back for the guard, so the folds differ at every training as they did before they followed the task ids.
-Goal: `disagreement_ratio` (product over baseline, all sets) ≤ 0.5, and no more rejections than the baseline.
+The audit part (`audit`): with 10 % of the set's train labels flipped, the last `audits` labels arrive one at a time
+and after each the audit job's suspects are computed (`out_of_fold_probabilities` + `judge_labels`, as
+`backend.loop.audit` runs them). `churn`: labels present in two consecutive audits that are a suspect in one and not
+the other, summed; each is a suspect marker written or deleted in Label Studio, and a flag an annotator sees come
+and go although nothing about that label changed.
+Goals: `disagreement_ratio` and `churn_ratio` (product over baseline, all sets) ≤ 0.5, and no more rejections than
+the baseline.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from backend.core.audit import judge_labels, out_of_fold_probabilities
 from backend.core.candidates import fit_candidate, fit_provisional, is_refit_enough, validate_provisional
 from backend.core.heads import head_probabilities
 from backend.core.promotion import current_results, decide
@@ -43,11 +51,13 @@ START_PER_CLASS = 3
 class Params:
     trainings: int
     seeds: int  # label orders per set
+    audits: int  # one-label-more audits per set and arm
     per_class_cap: int | None = None
 
 
-FULL = Params(trainings=150, seeds=3)
-QUICK = Params(trainings=6, seeds=1, per_class_cap=8)
+FULL = Params(trainings=150, seeds=3, audits=60)
+QUICK = Params(trainings=6, seeds=1, audits=4, per_class_cap=8)
+FLIPPED = 0.1  # audit part: share of the labels flipped to another class
 
 
 def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
@@ -61,14 +71,20 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
     totals = {arm: sum(cells[name][arm]["disagreements"] for name in SETS) for arm in ARMS}
     rejected = {arm: sum(cells[name][arm]["rejected"] for name in SETS) for arm in ARMS}
     ratio = rounded(totals["stable"] / totals["reshuffled"], 3) if totals["reshuffled"] else None
+    audits = {name: {arm: _audit_churn(*features[name][0], features[name][2], arm=arm, audits=params.audits)
+                     for arm in ARMS} for name in SETS}
+    churn = {arm: sum(audits[name][arm]["churn"] for name in SETS) for arm in ARMS}
+    churn_ratio = rounded(churn["stable"] / churn["reshuffled"], 3) if churn["reshuffled"] else None
     results = {"sets": cells, "trainings_per_set": params.trainings * params.seeds, "seeds": params.seeds,
                "disagreements": totals,
                "rejected": rejected, "disagreement_ratio": ratio,
-               "rejected_extra": rejected["stable"] - rejected["reshuffled"]}
+               "rejected_extra": rejected["stable"] - rejected["reshuffled"],
+               "audit": audits, "audits_per_set": params.audits, "churn": churn, "churn_ratio": churn_ratio}
     notes = ["labels arrive one at a time (random order, true labels) from 3 per class; the job's functions on cached "
              "features; disagreements: labels whose out-of-fold result differs between the new and the served "
              "version, summed over trainings; reshuffled: the same code given fresh task ids at every training"]
     record = bench_run.finish(results, goals={"disagreement_ratio": goal(ratio, 0.5, at_least=False),
+                                              "churn_ratio": goal(churn_ratio, 0.5, at_least=False),
                                               "rejected_extra": goal(results["rejected_extra"], 0, at_least=False)},
                               notes=notes)
     print_table(f"guard: {params.seeds} × {params.trainings} one-label-more trainings per set",
@@ -77,6 +93,11 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
                   f"{cell['val_accuracy']}, {cell['val_accuracy_end']}", cell["seconds"]]
                  for name in SETS for arm, cell in cells[name].items()])
     print(f"disagreement ratio (stable / reshuffled): {ratio}")
+    print_table(f"audit: {params.audits} one-label-more audits per set, {FLIPPED:.0%} of the labels flipped",
+                ["set", "arm", "suspects per audit", "churn"],
+                [[name, arm, cell["suspects_per_audit"], cell["churn"]] for name in SETS
+                 for arm, cell in audits[name].items()])
+    print(f"churn ratio (stable / reshuffled): {churn_ratio}")
     return record
 
 
@@ -109,6 +130,32 @@ def _labeling(train, val, classes, *, arm: str, trainings: int, seed: int = 0) -
     return {"trainings": len(arriving) + 1, "labels_at_end": len(labeled), "disagreements": disagreements,
             "rejected": rejected, "val_accuracy": round(sum(accuracies) / len(accuracies), 2),
             "val_accuracy_end": round(accuracies[-1], 2), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _audit_churn(x_train, y_train, classes, *, arm: str, audits: int, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    order = list(range(len(y_train)))
+    rng.shuffle(order)
+    given = y_train.clone()
+    for row in rng.sample(range(len(given)), round(FLIPPED * len(given))):
+        given[row] = rng.choice([c for c in range(len(classes)) if c != int(y_train[row])])
+    aliases = random.Random(seed + 1)
+    previous, previous_ids, churn, flagged_total = None, set(), 0, 0
+    first = max(len(order) - audits, 2 * len(classes))
+    for count in range(first, len(order) + 1):
+        task_ids = sorted(order[:count])
+        keys = task_ids if arm == "stable" else aliases.sample(range(10**6), len(task_ids))
+        probabilities = out_of_fold_probabilities(x_train[task_ids], given[task_ids], num_classes=len(classes),
+                                                  multi_label=False, keys=keys)
+        audit = judge_labels(probabilities, [[classes[int(c)]] for c in given[task_ids]], classes, multi_label=False)
+        flagged = {task_ids[suspect.index] for suspect in audit.suspects}
+        flagged_total += len(flagged)
+        if previous is not None:
+            churn += len((flagged ^ previous) & previous_ids)
+        previous, previous_ids = flagged, set(task_ids)
+    runs = len(order) + 1 - first
+    return {"audits": runs, "labels_at_end": len(order), "flipped": round(FLIPPED * len(given)),
+            "suspects_per_audit": round(flagged_total / runs, 1), "churn": churn}
 
 
 def _summed(runs: list[dict]) -> dict:

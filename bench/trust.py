@@ -138,7 +138,8 @@ def _trial(x_train, y_train, x_val, y_val, classes, *, k, noise: float, seed: in
     for row in flipped:
         given[row] = rng.choice([c for c in range(len(classes)) if c != int(truth[row])])
     labels = [[classes[int(c)]] for c in given]
-    probabilities = out_of_fold_probabilities(x, given, num_classes=len(classes), multi_label=False)
+    task_ids = list(chosen)  # the drawn train indices stand for the labeled tasks' ids
+    probabilities = out_of_fold_probabilities(x, given, num_classes=len(classes), multi_label=False, keys=task_ids)
     audit = judge_labels(probabilities, labels, classes, multi_label=False)
     wrong = set(flipped)
     result = {"labels": len(chosen), "flipped": len(wrong), "suspects": None, "topn_precision": None,
@@ -157,7 +158,6 @@ def _trial(x_train, y_train, x_val, y_val, classes, *, k, noise: float, seed: in
                       cut_precision=len(flagged & wrong) / len(flagged) if flagged else None,
                       cut_recall=len(flagged & wrong) / len(wrong))
     anchor = zero_shot_anchor(classes)
-    task_ids = list(range(len(labels)))
     candidate = fit_candidate(control="label", classes=classes, multi_label=False, features=x, labels=labels,
                               task_ids=task_ids, encoder=EncoderRecord(), anchor=anchor)
     served_oof, _ = served_recipe_probabilities(x, given, candidate.meta["selection"], num_classes=len(classes),

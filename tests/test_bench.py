@@ -135,6 +135,7 @@ def test_guard_runs_in_quick_mode(results_dir, tmp_path, monkeypatch):
             classes = 12 if name == "flowers12" else 2
             assert cell["trainings"] == 7 and cell["per_seed"][0]["labels_at_end"] == 3 * classes + 6
             assert 0 <= cell["rejected"] < cell["trainings"] and 0 < cell["val_accuracy"] <= 100
+        assert record["audit"][name]["stable"]["audits"] == 5 and record["audit"][name]["reshuffled"]["churn"] >= 0
     assert "| guard |" in table.markdown(results_dir)
 
 

@@ -99,14 +99,15 @@ class Audit:
 
 def out_of_fold_probabilities(
     features: torch.Tensor, targets: torch.Tensor, *, num_classes: int, multi_label: bool,
-    recipe: HeadRecipe = HeadRecipe(), repeats: int = OOF_REPEATS,
+    recipe: HeadRecipe = HeadRecipe(), repeats: int = OOF_REPEATS, keys: Sequence[int] | None = None,
 ) -> torch.Tensor | None:
     """Calibrated probabilities of every example from heads that never saw it (k-fold, `repeats`
-    shuffles averaged); None when a class has too few examples for folds."""
+    fold assignments averaged); None when a class has too few examples for folds. `keys`: the labels' task ids,
+    which keep each label in its fold from one audit to the next, so a new label does not reshuffle the suspects."""
     runs = []
     for repeat in range(repeats):
         validation = cross_validate(features, targets, num_classes=num_classes, multi_label=multi_label,
-                                    recipe=dataclasses.replace(recipe, seed=recipe.seed + repeat))
+                                    recipe=dataclasses.replace(recipe, seed=recipe.seed + repeat), keys=keys)
         if validation.logits is None:
             return None
         temperature = fit_temperature(validation.logits, targets, multi_label=multi_label)
@@ -131,7 +132,7 @@ def served_recipe_probabilities(
             (Choice.from_dict(selection).needs_anchor and anchor is None) or \
             (Choice.from_dict(selection).needs_pool and pool is None):
         return out_of_fold_probabilities(features, targets, num_classes=num_classes,
-                                         multi_label=multi_label), DEFAULT_RECIPE
+                                         multi_label=multi_label, keys=keys), DEFAULT_RECIPE
     choice = validate_choice(Choice.from_dict(selection), features, targets, num_classes=num_classes,
                              multi_label=multi_label, anchor=anchor, pool=pool, keys=keys)
     logits = choice.validation.logits

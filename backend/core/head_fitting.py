@@ -136,10 +136,11 @@ def predicted_correctly(
 
 def cross_validate(
     features: torch.Tensor, targets: torch.Tensor, *, num_classes: int, multi_label: bool,
-    recipe: HeadRecipe = HeadRecipe(),
+    recipe: HeadRecipe = HeadRecipe(), keys: Sequence[int] | None = None,
 ) -> Validation:
-    """Stratified k-fold (k ≤ 5) out-of-fold correctness; None when a class has one example."""
-    folds = stratified_folds(targets, multi_label=multi_label, seed=recipe.seed)
+    """Stratified k-fold (k ≤ 5) out-of-fold correctness; None when a class has one example. `keys`: the labels'
+    task ids, which fix each label's fold (`stratified_folds`)."""
+    folds = stratified_folds(targets, multi_label=multi_label, seed=recipe.seed, keys=keys)
     if folds is None:
         return Validation(folds=0)
     correct = [False] * features.shape[0]

@@ -6,7 +6,8 @@ a head, so a training never waits for it. It reads the label mirror the training
 the cached features (it embeds nothing), computes its own out-of-fold probabilities with the head
 fitting functions (`backend.core.audit`: the default recipe's for the suspects, the served head's recipe's for
 auto-accept, whose thresholds are applied to that head), and changes no label: a suspect stays a suspect until a
-person corrects it, and the next training's audit then drops it, marker included.
+person corrects it, and the next training's audit then drops it, marker included. Each label keeps its fold from
+one audit to the next (the folds follow the task ids), so a new label does not make other suspects come and go.
 
 In Label Studio each suspect is a prediction of model version `headstart-suspect` on its task, whose
 result is the suggested label, `score` the suggested label's probability and `mislabeling` the
@@ -81,7 +82,7 @@ def audit_control(services: Services, project: str, spec: HeadSpec) -> dict:
     features = torch.stack([vectors[i] for i in rows])
     labels = [example.choices for example in examples]
     task_ids = [example.task_id for example in examples]
-    probabilities = _oof(features, labels, spec)
+    probabilities = _oof(features, labels, task_ids, spec)
     audit: Audit = judge_labels(probabilities, labels, spec.classes, multi_label=spec.multi_label)
     conflicts = near_duplicate_conflicts(features, labels)
     record.update(judged=audit.judged, reason=audit.reason, conflicts=[
@@ -186,9 +187,11 @@ def sync_markers(services: Services, project: str, specs: dict[str, HeadSpec], r
     return {"written": written, "cleared": deleted, "standing": len(wanted)}
 
 
-def _oof(features: torch.Tensor, labels: list[list[str]], spec: HeadSpec) -> torch.Tensor | None:
+def _oof(features: torch.Tensor, labels: list[list[str]], task_ids: list[int],
+         spec: HeadSpec) -> torch.Tensor | None:
     present = {name for names in labels for name in names}
     if not spec.multi_label and len(present) < 2:
         return None
     targets = encode_targets(labels, spec.classes, multi_label=spec.multi_label)
-    return out_of_fold_probabilities(features, targets, num_classes=len(spec.classes), multi_label=spec.multi_label)
+    return out_of_fold_probabilities(features, targets, num_classes=len(spec.classes), multi_label=spec.multi_label,
+                                     keys=task_ids)
