@@ -1,4 +1,5 @@
-"""`python -m bench all|retrain|predict|accuracy|webhook|gpu|text|loop|active|trust|guard|retention|table [--quick]`."""
+"""`python -m bench all|retrain|predict|accuracy|webhook|gpu|text|loop|active|trust|guard|retention|table
+[--quick]`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ BENCHMARKS = ("retrain", "predict", "accuracy", "webhook", "gpu", "text")
 LABEL_STUDIO_BENCHMARKS = ("loop", "active")
 # not part of `all` either: the label audit's measurement, minutes of cross-validation per cell (bench/README.md)
 AUDIT_BENCHMARKS = ("trust",)
-# nor this one: the promotion guard's noise, minutes of trainings one label apart (bench/README.md)
+# nor this one: the guard's and the audit's noise, minutes of trainings one label apart (bench/README.md)
 GUARD_BENCHMARKS = ("guard",)
 # nor this one: Redis memory, not time (bench/README.md)
 MEMORY_BENCHMARKS = ("retention",)

@@ -2,23 +2,23 @@
 fold fixed by its task id (the product) against folds reshuffled at every training (the baseline: the same code,
 given fresh task ids).
 
-On each shared image set (cached MobileNetV2 features), labels arrive one at a time in a random order (3 orders per
-set), from 3 per class, every label true; after each, the training job's own functions run as `retrain_control` runs them: the
-served recipe refitted and validated (`fit_provisional`, `validate_provisional`) while its choice holds, else a new
-choice (`fit_candidate`, with the zero-shot anchor and the unlabeled rest of train as the pool), then the guard
-(`decide`) against the served version. Per set and arm:
-- `disagreements`: summed over the trainings and orders, the labels on which the new version's out-of-fold result and the
-  served version's differ (gained + lost): the noise the guard's paired test has to see through;
+On each shared image set (cached MobileNetV2 features), labels arrive one at a time in a random order (3 orders
+per set), from 3 per class, every label true; after each, the training job's own functions run as `retrain_control`
+runs them: the served recipe refitted and validated (`fit_provisional`, `validate_provisional`) while its choice
+holds, else a new choice (`fit_candidate`, with the zero-shot anchor and the unlabeled rest of train as the pool),
+then the guard (`decide`) against the served version. Per set and arm:
+- `disagreements`: summed over the trainings and orders, the labels on which the new version's out-of-fold result
+  and the served version's differ (gained + lost): the noise the guard's paired test has to see through;
 - `rejected`: trainings the guard rejected; every label is true, so each one held a label back for nothing;
 - `val_accuracy`: the served version's accuracy on all of val, averaged over the trainings and orders (both arms
   should serve as well), and `val_accuracy_end` after each order's last training, averaged.
 Baseline: before each training the task ids are replaced by a fresh random permutation of other ids, and mapped
 back for the guard, so the folds differ at every training as they did before they followed the task ids.
-The audit part (`audit`): with 10 % of the set's train labels flipped, the last `audits` labels arrive one at a time
-and after each the audit job's suspects are computed (`out_of_fold_probabilities` + `judge_labels`, as
-`backend.loop.audit` runs them). `churn`: labels present in two consecutive audits that are a suspect in one and not
-the other, summed; each is a suspect marker written or deleted in Label Studio, and a flag an annotator sees come
-and go although nothing about that label changed.
+The audit part (`audit`): with 10 % of the set's train labels flipped, the last `audits` labels arrive one at a
+time and after each the audit job's suspects are computed (`out_of_fold_probabilities` + `judge_labels`, as
+`backend.loop.audit` runs them). `churn`: labels present in two consecutive audits that are a suspect in one and
+not the other, summed; each is a suspect marker written or deleted in Label Studio, and a flag an annotator sees
+come and go although nothing about that label changed.
 Goals: `disagreement_ratio` and `churn_ratio` (product over baseline, all sets) ≤ 0.5, and no more rejections than
 the baseline.
 """

@@ -197,8 +197,8 @@ def _guard_rows(r: dict) -> list[str]:
             f"{r['rejected']['reshuffled']} rejected "
             f"| ratio {r['disagreement_ratio']:g} | ratio ≤ 0.5, rejected ≤ baseline "
             f"| {_status(r, 'disagreement_ratio')}, {_status(r, 'rejected_extra')} |",
-            f"| guard | {r['audits_per_set']} one-label-more label audits per set, 10 % of the labels flipped: suspects "
-            f"that appear or vanish on labels nothing changed (markers written or deleted in Label Studio) "
+            f"| guard | {r['audits_per_set']} one-label-more label audits per set, 10 % of the labels flipped: "
+            f"suspects that appear or vanish on labels nothing changed (markers written or deleted in Label Studio) "
             f"| {r['churn']['stable']} | folds reshuffled per audit: {r['churn']['reshuffled']} "
             f"| ratio {r['churn_ratio']:g} | ratio ≤ 0.5 | {_status(r, 'churn_ratio')} |"]
 
