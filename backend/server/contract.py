@@ -128,16 +128,23 @@ def _answer_or_leave(hub, project: str, tasks: list[dict], results: list[dict]) 
     the version twice)."""
     answered: dict[str, list[int]] = {}
     for task, result in zip(tasks, results):
-        identifier = task.get("id")
-        if result["result"] and isinstance(identifier, int) and not isinstance(identifier, bool):
+        identifier = _task_id(task)
+        if result["result"] and identifier is not None:
             answered.setdefault(result["model_version"], []).append(identifier)
     try:
         held = {version: PredictionLedger(hub.redis).answer(project, version, ids) for version, ids in answered.items()}
     except RedisError as exc:
         log.warning("project %s: answered predictions not recorded, Redis is unreachable: %s", project, exc)
         return results
-    return [[] if result["result"] and task.get("id") in held.get(result["model_version"], ()) else result
+    return [[] if result["result"] and _task_id(task) in held.get(result["model_version"], ()) else result
             for task, result in zip(tasks, results)]
+
+
+def _task_id(task: dict) -> int | None:
+    """The task's id when it is one Label Studio could have sent (an integer), else None: a list or an object there
+    is bad input, answered like a task without an id."""
+    identifier = task.get("id")
+    return identifier if isinstance(identifier, int) and not isinstance(identifier, bool) else None
 
 
 def _first_project(tasks: list[dict]):
