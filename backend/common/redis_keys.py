@@ -224,7 +224,8 @@ def admin_failures(client: str) -> str:
 
 
 def active(project_id: str) -> str:
-    """hash {sampling, note, tag, strategy, front (JSON task ids), round, refreshed_at}: P's queue state."""
+    """hash {sampling, note, tag, strategy, front (JSON task ids), round, refreshed_at, target, target_looked_at}:
+    P's queue state."""
     return f"{PREFIX}:active:{project_id}"
 
 

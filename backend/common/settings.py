@@ -113,7 +113,9 @@ SETTINGS: tuple[Setting, ...] = (
             "quiet spell trains at once; a burst of submits coalesces into about one training per interval."),
     Setting("LABEL_CHECK_S", "label_check_s", "30", float,
             "A training also looks for label changes no webhook announced (one Label Studio request) when "
-            "the last look is this many seconds old. 0: only after START_TRAINING."),
+            "the last look is this many seconds old, and a queue refresh re-reads the project's model version "
+            "and ML backends (two requests; it points the project back at headstart's backend when deleting a "
+            "prediction set in Label Studio cleared it). 0: only after START_TRAINING, and the queue's first look."),
     Setting("REPREDICT_UNLABELED", "repredict_unlabeled", "true", _bool,
             "After a promotion, predict every unlabeled task and write the predictions into "
             "Label Studio."),

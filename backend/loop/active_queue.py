@@ -192,11 +192,17 @@ def publish_front(services: Services, project: str, front: list[int], scores: di
 
 
 def _target(services: Services, client, project: str) -> str | None:
-    """The ML backend id to rename (or DIRECT: set the project's model_version), looked up once and remembered;
-    None (with a note) when the project's model_version belongs to someone else."""
+    """The ML backend id to rename (or DIRECT: set the project's model_version), remembered and looked up again
+    when the last look is LABEL_CHECK_S old; None (with a note) when the project's model_version belongs to
+    someone else.
+
+    Looking again is what repairs a project Label Studio changed without telling: deleting any prediction set
+    (Settings → Predictions, `DELETE /api/projects/{id}/model-versions/`) clears the project's model_version
+    while it names an ML backend (1.23.2 `Project.delete_predictions`), and renaming the backend no longer
+    carries it along, so the queue would stop following headstart until the look points it back."""
     key = redis_keys.active(project)
-    cached = services.redis.hget(key, "target")
-    if cached is not None:
+    cached, looked_at = services.redis.hmget(key, ["target", "target_looked_at"])
+    if cached is not None and not _look_again(services.settings.label_check_s, looked_at):
         return cached.decode()
     settings = read_queue_settings(client, project)
     if settings.backend_id is None and settings.model_version and not settings.model_version.startswith(TAG_PREFIX):
@@ -209,8 +215,15 @@ def _target(services: Services, client, project: str) -> str | None:
     services.redis.hset(key, "looked_up", 1)  # this refresh also read the project and its backends
     target = (json.dumps({"id": settings.backend_id, "url": settings.backend_url}) if settings.backend_id is not None
               else DIRECT)
-    services.redis.hset(key, "target", target)
+    services.redis.hset(key, mapping={"target": target, "target_looked_at": time.time()})
     return target
+
+
+def _look_again(check_every_s: float, looked_at: bytes | None) -> bool:
+    """Whether the remembered target is old enough to be looked up again (LABEL_CHECK_S 0: never)."""
+    if not check_every_s:
+        return False
+    return looked_at is None or time.time() - float(looked_at) >= check_every_s
 
 
 def queue_status(services: Services, project: str) -> dict:

@@ -2,7 +2,8 @@
 
 With ACTIVE_LEARNING on (the session's backend), the labeling stream (`GET /api/projects/{id}/next`)
 serves headstart's first pick, and a second annotator at once another of its picks, before any head exists
-and after; annotators still see the served version's prediction. With it off (a second backend),
+and after; annotators still see the served version's prediction, and deleting a prediction set in Label
+Studio (which clears the project's model version) does not stop it. With it off (a second backend),
 the project's sampling, model version and order are left as Label Studio had them.
 """
 
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 from redis import Redis
 
 from backend.common import redis_keys
+from backend.common.settings import Settings
 from tests.e2e.conftest import start_pair
 from tests.e2e.labeling_session import CONTROL, OBJECT, image_file_of
 from tests.e2e.ls_api import LabelStudioApi
@@ -153,6 +156,31 @@ def test_after_labels_the_queue_follows_the_new_head_and_shows_its_prediction(ls
                       processes=headstart.processes)
     assert version.startswith("label-v")
     assert second["id"] in front and second["id"] != task["id"]
+
+
+def test_deleting_a_prediction_set_in_label_studio_does_not_stop_the_queue(ls_api, label_studio, headstart, active):
+    project, truth = active["project"], active["truth"]
+    state = queue_state(headstart.redis_url, project)
+    fronts = [version for version in ls_api.get(f"/api/projects/{project}/model-versions/")
+              if version.startswith("headstart-next-") and version != state["tag"]]
+    assert fronts, "no earlier front to delete"
+    oldest = min(fronts, key=lambda version: int(version.rsplit("-", 1)[1]))
+    # what an admin cleaning up does in Settings → Predictions; Label Studio 1.23.2 then clears the project's
+    # model_version (it named the ML backend), and renaming the backend no longer carries it along
+    ls_api.delete(f"/api/projects/{project}/model-versions/", json={"model_version": oldest})
+    assert not ls_api.get(f"/api/projects/{project}")["model_version"]
+    assert oldest not in ls_api.get(f"/api/projects/{project}/model-versions/")
+    # the next training's refresh looks the project up again once its last look is LABEL_CHECK_S old
+    state = queue_state(headstart.redis_url, project)
+    time.sleep(max(0.0, float(state.get("target_looked_at", 0)) + Settings.from_env().label_check_s - time.time()))
+    pick = next(task for task in json.loads(state["front"]) if task not in active.get("held", set()))
+    ls_api.annotate(pick, CONTROL, OBJECT, truth[pick])
+    state = wait_for_front(ls_api, headstart, project, after_round=int(state["round"]))
+    assert ls_api.backend(active["backend"])["title"] == state["tag"]
+    # a fresh annotator (the others hold tasks locked): Label Studio serves from headstart's front again
+    fresh = LabelStudioApi(label_studio.url, label_studio.add_user("annotator4@headstart.test"))
+    served = next_task(fresh, project)
+    assert served["id"] in json.loads(state["front"]), (served["id"], state["front"])
 
 
 def test_with_active_learning_off_the_project_is_left_alone(ls_api, e2e_redis, documents_root, e2e_root, pytestconfig):
