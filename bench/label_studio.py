@@ -111,20 +111,25 @@ class LabelStudioServer:
         """Create another user of the organization (an annotator) in the running server's database; its legacy
         token. The API cannot: a new user's token is only readable by that user."""
         token = secrets.token_hex(20)
-        script = (
-            "import os, sys, label_studio\n"
-            "sys.path.insert(0, os.path.dirname(label_studio.__file__))\n"
-            "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'core.settings.label_studio')\n"
-            "import django; django.setup()\n"
+        self.run_in_django(
             "from organizations.models import Organization\n"
             "from rest_framework.authtoken.models import Token\n"
             "from users.models import User\n"
             "user = User.objects.create_user(email=sys.argv[1], password=sys.argv[2])\n"
             "org = Organization.objects.first(); org.add_user(user)\n"
             "user.active_organization = org; user.save()\n"
-            "Token.objects.filter(user=user).delete(); Token.objects.create(user=user, key=sys.argv[3])\n"
-        )
-        python = self.executable.parent / "python"
-        subprocess.run([str(python), "-c", script, email, secrets.token_urlsafe(16), token], check=True,
-                       env=self.process.env, cwd=self.data_dir, capture_output=True, timeout=300)
+            "Token.objects.filter(user=user).delete(); Token.objects.create(user=user, key=sys.argv[3])\n",
+            email, secrets.token_urlsafe(16), token)
         return token
+
+    def run_in_django(self, code: str, *args: str) -> str:
+        """Run `code` in Label Studio's own Python with its Django set up on this server's database (`sys.argv[1:]`
+        are `args`); its stdout. For states the API cannot make, such as a user's token."""
+        script = ("import os, sys, label_studio\n"
+                  "sys.path.insert(0, os.path.dirname(label_studio.__file__))\n"
+                  "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'core.settings.label_studio')\n"
+                  "import django; django.setup()\n" + code)
+        python = self.executable.parent / "python"
+        done = subprocess.run([str(python), "-c", script, *args], check=True, env=self.process.env, cwd=self.data_dir,
+                              capture_output=True, timeout=300, text=True)
+        return done.stdout

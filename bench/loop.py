@@ -55,6 +55,7 @@ CONTROL = "label"
 IMAGES_DIR = "loop"
 POLL_S = 0.5
 FINAL_TRIES = 3
+SLOW_ACTION_S = 15.0  # an action served later than this after its submit keeps the run's logs (`keep_logs_because`)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,17 @@ class Project:
         return env
 
 
+def keep_logs_because(details: dict) -> str:
+    """Why this run's logs are worth keeping ("" when they are not): actions never served, or one served later
+    than SLOW_ACTION_S after its submit (an outlier a p95 hides)."""
+    if details["unserved_actions"]:
+        return "actions never served"
+    slowest = details.get("submit_to_version_max_s")
+    if slowest is not None and slowest > SLOW_ACTION_S:
+        return f"an action waited {slowest:g} s for its version (over SLOW_ACTION_S = {SLOW_ACTION_S:g} s)"
+    return ""
+
+
 def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, tasks: int | None = None,
         text: bool = False) -> dict:
     params = params_for(quick=quick, tasks=tasks)
@@ -187,11 +199,12 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, tasks: int | No
     record = report.write_record(section, quick=quick, results_dir=results_dir, name=name)
     report.plot(section, loop, results_dir / f"{name}-{params.tasks}.png")  # a measured run at either size
     report.print_summary(section)
-    if section["details"]["unserved_actions"]:  # keep what tells why (the workers' and backend's logs)
+    why = keep_logs_because(section["details"])
+    if why:  # keep what tells why (the workers' and backend's logs)
         logs = results_dir / f"{name}-{params.tasks}-logs"
         shutil.rmtree(logs, ignore_errors=True)
         shutil.copytree(root / "logs", logs, dirs_exist_ok=True)
-        print(f"loop: actions never served; logs kept in {logs}", flush=True)
+        print(f"loop: {why}; logs kept in {logs}", flush=True)
     shutil.rmtree(root, ignore_errors=True)
     return record
 

@@ -6,8 +6,8 @@ Every read is one page of Label Studio 1.23.2's task list, `GET /api/tasks` (the
   plain `Task.total_annotations__gt` lookup; the count excludes cancelled annotations). The
   `only_annotated=true` parameter is **not** honoured by 1.23.2: it pages through every task.
 - `selectedItems: {"all": false, "included": [ids]}` (`TaskQuerySet.prepared`: `id__in`, always
-  within the project) to read tasks by id. An empty `included` list would select every task, so it
-  is never sent.
+  within the project) to read tasks by id, without the filter (`tasks_by_id` says why). An empty
+  `included` list would select every task, so it is never sent.
 - `ordering: ["-tasks:updated_at"]` (`apply_ordering`): the most recently changed tasks first. A
   task's `updated_at` moves whenever one of its annotations is saved or deleted
   (label_studio/tasks/models.py, `Annotation.update_task`).
@@ -67,12 +67,18 @@ class LabelReader:
 
     def tasks_by_id(self, task_ids: list[int]) -> list[dict]:
         """These tasks of the project, with their annotations; tasks Label Studio no longer has (or that have
-        no non-cancelled annotation left) are absent from the answer."""
+        no non-cancelled annotation left) are absent from the answer.
+
+        Whether a task is annotated is read from its annotations, not from the `total_annotations` counter
+        that ANNOTATED filters on: Label Studio 1.23.2's prediction import recounts the counters from a read
+        made before it writes them back (`tasks/functions.py`, `update_tasks_counters`), so an annotation
+        saved meanwhile is counted 0 until the next import recounts its task. Filtered by the counter, the
+        task a webhook just announced stayed invisible (`bench loop --text`: 49 s for one label)."""
         tasks: list[dict] = []
         for start in range(0, len(task_ids), IDS_PER_REQUEST):
             chunk = task_ids[start:start + IDS_PER_REQUEST]
-            query = {"filters": ANNOTATED, "selectedItems": {"all": False, "included": chunk}}
-            tasks += self._page(query, page=1, page_size=len(chunk))[0]
+            query = {"selectedItems": {"all": False, "included": chunk}}
+            tasks += [task for task in self._page(query, page=1, page_size=len(chunk))[0] if _annotated(task)]
         return tasks
 
     def recently_updated(self, since: datetime | None, *, page_size: int = RECENT_PAGE_SIZE
@@ -127,6 +133,11 @@ def updated_at(task: dict) -> datetime | None:
         except ValueError:
             return None
     return value if isinstance(value, datetime) and value.tzinfo is not None else None
+
+
+def _annotated(task: dict) -> bool:
+    """Whether the task holds an annotation that is not cancelled (what `total_annotations` counts)."""
+    return any(not _plain(annotation).get("was_cancelled") for annotation in task.get("annotations") or [])
 
 
 def _plain(value):

@@ -19,7 +19,10 @@ An annotation a webhook announced as created or updated that Label Studio's answ
 `EXPECT_ATTEMPTS` reads and `EXPECT_MIN_AGE_S` seconds since its webhook (at most `EXPECT_MAX_ATTEMPTS` reads):
 the webhook can arrive before Label Studio's task list shows the annotation (seen under load in
 `python -m bench loop`: first labels never trained on, then labels found only by the 30 s check). One still
-missing after that was deleted since, or the webhook was not Label Studio's.
+missing after that was deleted since, or the webhook was not Label Studio's. (The cause found since: a
+prediction import running while the annotation was saved wrote its task's annotation count back as 0, and
+the reads filtered by that count. Reads by id no longer do, `LabelReader.tasks_by_id`; the check and the full
+read still do, so a label whose count was lost is missed by them until an import recounts its task.)
 Nothing is written unless Label Studio answered: when it is slow or down the training raises
 `LabelStudioUnavailable` (RQ retries it with backoff) and the hints stay pending.
 """
