@@ -21,8 +21,9 @@ the webhook can arrive before Label Studio's task list shows the annotation (see
 `python -m bench loop`: first labels never trained on, then labels found only by the 30 s check). One still
 missing after that was deleted since, or the webhook was not Label Studio's. (The cause found since: a
 prediction import running while the annotation was saved wrote its task's annotation count back as 0, and
-the reads filtered by that count. Reads by id no longer do, `LabelReader.tasks_by_id`; the check and the full
-read still do, so a label whose count was lost is missed by them until an import recounts its task.)
+the reads filtered by that count. Reads by id no longer do, `LabelReader.tasks_by_id`, and a full read
+confirms by id the labels the mirror holds that its filtered list left out, so it drops none of them; the
+check's filtered list still misses a new label whose count was lost, until an import recounts its task.)
 Nothing is written unless Label Studio answered: when it is slow or down the training raises
 `LabelStudioUnavailable` (RQ retries it with backoff) and the hints stay pending.
 """
@@ -114,12 +115,16 @@ def _full_read(reader: LabelReader, labels: LabelStore, projects: ProjectRegistr
     started = labels.begin_full_read(project)
     config = config or reader.label_config()
     tasks, totals = reader.annotated_tasks()
+    listed = {task.get("id") for task in tasks}
+    unlisted = sorted({record["task"] for record in labels.records(project) if not record.get("cancelled")} - listed)
+    if unlisted:  # labels the list left out: deleted, or a task whose annotation count Label Studio lost
+        tasks += reader.tasks_by_id(unlisted)
     if config:
         projects.remember(project, config)
     newest = max(filter(None, map(updated_at, tasks)), default=None)
     labels.replace_all(project, _records(tasks), started=started, config=config or None,
                        watermark=newest.isoformat() if newest else None)
-    if totals is not None and totals.tasks != len({task.get("id") for task in tasks}):
+    if totals is not None and totals.tasks != len(listed):
         # the list changed while it was read: let the next training check the result
         labels.add_hints(project, check=True)
     _note(done, "full", tasks)

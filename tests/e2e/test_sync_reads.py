@@ -121,7 +121,8 @@ def test_what_each_training_reads_from_a_real_label_studio(ls_api, sdk, project,
     ls_api.delete_annotation(project["annotations"][tasks[3]])  # no webhook either
     labels.add_hints(key, check=True)
     read = measured["START_TRAINING after a missed deletion"] = refresh_mirror(sdk, labels, projects, key)
-    assert (read["reads"], read["ls_requests"]) == (["check", "full"], 3) and tasks[3] not in examples()
+    # the full read confirms by id the label its list left out (deleted here)
+    assert (read["reads"], read["ls_requests"]) == (["check", "full"], 4) and tasks[3] not in examples()
 
     labels.add_hints(key, tasks=[tasks[0]])  # hinted, then deleted before the training confirms it
     ls_api.delete(f"/api/tasks/{tasks[0]}/")
@@ -163,6 +164,11 @@ def test_a_label_whose_count_label_studio_lost_is_read_when_announced(ls_api, sd
     read = refresh_mirror(sdk, labels, projects, key)
     assert read["reads"] == ["hints"] and read["tasks_read"] == 1
     assert labels.is_confirmed(key, fresh["id"], annotation_record(fresh, {}))
+    assert {e.task_id: e.choices for e in labels.examples(key, SPEC)[0]}[task] == ["bees"]
+
+    labels.mark_stale(key)  # a full read while the count is still lost (Redis lost hints, a disagreeing check)
+    read = refresh_mirror(sdk, labels, projects, key)
+    assert read["reads"] == ["full"] and read["ls_requests"] == 3  # config, the list, the unlisted label by id
     assert {e.task_id: e.choices for e in labels.examples(key, SPEC)[0]}[task] == ["bees"]
     redis.close()
 
