@@ -316,6 +316,10 @@ class LabelStore:
     def records(self, project: str) -> list[dict]:
         return [json.loads(raw) for raw in self.redis.hvals(self._key(project))]
 
+    def labeled_tasks(self, project: str) -> set[int]:
+        """The tasks holding a non-cancelled annotation in the mirror."""
+        return {record["task"] for record in self.records(project) if not record.get("cancelled")}
+
     def examples(self, project: str, spec: HeadSpec) -> tuple[list[Example], int]:
         """The winning labels for `spec`, one per task, and how many choices were unknown to it."""
         winners: dict[int, dict] = {}

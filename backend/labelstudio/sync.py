@@ -116,7 +116,7 @@ def _full_read(reader: LabelReader, labels: LabelStore, projects: ProjectRegistr
     config = config or reader.label_config()
     tasks, totals = reader.annotated_tasks()
     listed = {task.get("id") for task in tasks}
-    unlisted = sorted({record["task"] for record in labels.records(project) if not record.get("cancelled")} - listed)
+    unlisted = sorted(labels.labeled_tasks(project) - listed)
     if unlisted:  # labels the list left out: deleted, or a task whose annotation count Label Studio lost
         tasks += reader.tasks_by_id(unlisted)
     if config:

@@ -120,7 +120,7 @@ def next_front(services: Services, project: str) -> Front | str:
         return "no task embedded yet"
     ids = [task_ids[i] for i in rows]
     features = torch.stack([vectors[i] for i in rows])
-    labeled_tasks = {r["task"] for r in services.labels.records(project) if not r.get("cancelled")}
+    labeled_tasks = services.labels.labeled_tasks(project)
     labeled = [task in labeled_tasks for task in ids]
     examples, _ = services.labels.examples(project, spec)
     counts = [sum(name in example.choices for example in examples) for name in spec.classes]
@@ -231,7 +231,7 @@ def queue_status(services: Services, project: str) -> dict:
     guiding it), note."""
     raw = {k.decode(): v.decode() for k, v in services.redis.hgetall(redis_keys.active(project)).items()}
     indexed = set(services.tasks.data(project))
-    labeled = {r["task"] for r in services.labels.records(project) if not r.get("cancelled")} & indexed
+    labeled = services.labels.labeled_tasks(project) & indexed
     front = [task for task in json.loads(raw.get("front", "[]")) if task not in labeled]
     return {"labeled": len(labeled), "unlabeled": len(indexed) - len(labeled), "current": len(front),
             "sampling": raw.get("sampling", "unknown"), "strategy": raw.get("strategy", ""),

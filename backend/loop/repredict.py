@@ -129,7 +129,7 @@ return held
 
 def unlabeled_task_ids(services: Services, project: str) -> list[int]:
     """Indexed tasks without a (non-cancelled) annotation in the label mirror."""
-    labeled = {record["task"] for record in services.labels.records(project) if not record.get("cancelled")}
+    labeled = services.labels.labeled_tasks(project)
     return sorted(task for task in services.tasks.data(project) if task not in labeled)
 
 

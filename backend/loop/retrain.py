@@ -166,7 +166,7 @@ def unlabeled_pool(services: Services, project: str, spec: HeadSpec, encoder: En
     if spec.multi_label:
         return None
     data = services.tasks.data(project)
-    labeled = {record["task"] for record in services.labels.records(project) if not record.get("cancelled")}
+    labeled = services.labels.labeled_tasks(project)
     unlabeled = sorted(task for task in data if task not in labeled)
     if len(unlabeled) > POOL_CAP:
         step = len(unlabeled) / POOL_CAP
