@@ -10,8 +10,8 @@ from backend.core.candidates import is_refit_enough
 from backend.core.recipe_choice import (BLEND, MIN_BLEND_WEIGHT, Choice, NoUsableRecipe, choose_recipe, fit_chosen,
                                         validate_choice)
 from backend.core.recipes import _coordinate_scale, _shrunk_scale
-from backend.core.recipes import (ANCHORED, BY_NAME, FAMILY, LOGREG_PATH, SINGLE_CHOICE, STANDARDIZED, Recipe,
-                                  RecipeFailed, family_for, fit_recipe, linear)
+from backend.core.recipes import (ANCHORED, BY_NAME, FAMILY, LOGREG_PATH, SELF_TRAIN_CONFIDENCE, SELF_TRAINED,
+                                  SINGLE_CHOICE, STANDARDIZED, Recipe, RecipeFailed, family_for, fit_recipe, linear)
 from backend.core.zero_shot import ZeroShotClassifiers, anchor_for, match_choices
 
 
@@ -242,3 +242,46 @@ def test_the_shrunk_standardization_keeps_only_the_variance_differences_the_labe
         kept = float(torch.corrcoef(torch.stack([shrunk.log(), full.log()]))[0, 1]) if n > 3 else None
         ratio = float((shrunk.log().std() / full.log().std()))
         assert expected[0] <= ratio <= expected[1], (n, ratio, kept)
+
+
+def test_self_training_refits_with_the_unlabeled_tasks_it_is_sure_of(hymenoptera_features):
+    """`logreg_std_selftrained` is `logreg_std` fitted again on the labels plus every unlabeled task the first fit
+    gives SELF_TRAIN_CONFIDENCE or more, labeled with its predicted class (the pool's own labels are never passed)."""
+    x, y, pool, _ = split(hymenoptera_features, 5)
+    first = fit_recipe(STANDARDIZED, x, y, num_classes=2, multi_label=False)
+    confidence, predicted = torch.softmax(first(pool), dim=1).max(dim=1)
+    sure = confidence >= SELF_TRAIN_CONFIDENCE
+    print(f"\n{int(sure.sum())} of {len(pool)} unlabeled photos are sure enough to count as labels")
+    assert 0 < int(sure.sum()) < len(pool)
+    expected = fit_recipe(STANDARDIZED, torch.cat([x, pool[sure]]), torch.cat([y, predicted[sure]]), num_classes=2,
+                          multi_label=False)
+    head = fit_recipe(SELF_TRAINED, x, y, num_classes=2, multi_label=False, pool=pool)
+    assert torch.allclose(head(pool), expected(pool), atol=1e-2)  # within L-BFGS's tolerance (warm-started)
+    assert SELF_TRAINED in family_for(multi_label=False, pooled=True)
+    assert SELF_TRAINED not in family_for(multi_label=False) + family_for(multi_label=True, pooled=True)
+    assert SELF_TRAINED.as_dict()["pseudo_label_confidence"] == SELF_TRAIN_CONFIDENCE
+
+
+def test_self_training_with_no_unlabeled_task_sure_enough_is_the_standardized_head(hymenoptera_features,
+                                                                                   monkeypatch):
+    x, y, pool, _ = split(hymenoptera_features, 5)
+    monkeypatch.setattr("backend.core.recipes.SELF_TRAIN_CONFIDENCE", 1.01)
+    head = fit_recipe(SELF_TRAINED, x, y, num_classes=2, multi_label=False, pool=pool)
+    assert torch.allclose(head(pool), fit_recipe(STANDARDIZED, x, y, num_classes=2, multi_label=False)(pool), atol=1e-4)
+
+
+def test_self_training_without_unlabeled_tasks_fails_and_its_choice_asks_for_them(hymenoptera_features):
+    x, y, _, _ = split(hymenoptera_features, 5)
+    with pytest.raises(RecipeFailed, match="logreg_std_selftrained needs the features of unlabeled tasks"):
+        fit_recipe(SELF_TRAINED, x, y, num_classes=2, multi_label=False, pool=None)
+    with pytest.raises(RecipeFailed, match="the pool has 3 features per task"):
+        fit_recipe(SELF_TRAINED, x, y, num_classes=2, multi_label=False, pool=torch.randn(4, 3))
+    selection = {"recipe": BLEND, "components": ["logreg_std", "logreg_std_selftrained"],
+                 "weights": {"logreg_std": 0.5, "logreg_std_selftrained": 0.5},
+                 "temperatures": {"logreg_std": 1.0, "logreg_std_selftrained": 1.0, BLEND: 1.0},
+                 "chosen_at_labels": len(y)}
+    assert Choice.from_dict(selection).needs_pool
+    assert not Choice.from_dict({**selection, "components": ["logreg_std"]}).needs_pool
+    # a refit of such a choice needs the unlabeled tasks: without any, the next training chooses again
+    assert is_refit_enough({"selection": selection}, len(y), pooled=True)
+    assert not is_refit_enough({"selection": selection}, len(y), pooled=False)

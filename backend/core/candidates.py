@@ -105,8 +105,8 @@ def validate_provisional(
 def is_refit_enough(served_meta: dict, label_count: int, *, anchored: bool = False, pooled: bool = False) -> bool:
     """Whether the served version's recipe choice still holds for `label_count` labels: it has one,
     the labels have grown by less than `RECHOOSE_GROWTH` since it was made, a choice anchored on
-    the zero-shot head still has one (`anchored`: the control has an anchor now), and a choice of
-    `prototype_refined` still has unlabeled tasks (`pooled`)."""
+    the zero-shot head still has one (`anchored`: the control has an anchor now), and a choice that
+    uses the unlabeled tasks (`prototype_refined`, `logreg_std_selftrained`) still has some (`pooled`)."""
     selection = served_meta.get("selection")
     if not selection:
         return False

@@ -36,11 +36,22 @@ store, the guard and serving never need to know which recipe made a head:
   names the clusters and the unlabeled tasks place them: on bbc-news at 1 / 2 labels per topic, 20 draws,
   the rest of train as the pool, it alone scored 17.6 / 15.1 points above logistic regression at C=1. Offered
   only when the training is given a pool (`backend.loop.retrain.unlabeled_pool`); its labels are never known.
+- `logreg_std_selftrained`: one round of self-training on the project's unlabeled tasks (`pool`): `logreg_std`
+  fitted on the labels predicts the pool, and is fitted again on the labels plus every unlabeled task it
+  predicts with a probability of at least `SELF_TRAIN_CONFIDENCE` (0.9), each counted as a label of its predicted
+  class (at most `SELF_TRAIN_MAX`, 500, spread evenly over them: with 1,000 flowers12-like labels and a pool of
+  2,000 it fits in 0.37 s against 0.17 s for logreg_std, 0.55 s without the cap; the bench's cells moved by
+  ≤ 0.11 point with it). Where the labels leave a class's region thinly covered, the confident unlabeled tasks around them fill
+  it in: on flowers12, 20 draws, the rest of train as the pool, the blend with it scored 84.4 / 94.4 / 95.5 /
+  96.1 % at 2 / 5 / 10 / 20 labels per class against 83.8 / 92.4 / 94.1 / 95.9 % without it (hymenoptera and
+  bbc-news: within ±0.2 points, bbc-news k=20 +0.5). Offered only when the training is given a pool, like
+  `prototype_refined`; the pool's labels are never known, and the out-of-fold scores judge it like any recipe.
 - `blend`: a weighted sum of several recipes' calibrated logits, the weights fitted on out-of-fold
   log-loss (`backend.core.recipe_choice`).
 
 A new single-choice head blends `SINGLE_CHOICE` (C=1, standardized, prototype), with
-`zero_shot_anchored` too where an anchor exists and `prototype_refined` where a pool exists; multiple
+`zero_shot_anchored` too where an anchor exists and `POOLED` (`prototype_refined`, `logreg_std_selftrained`)
+where a pool exists; multiple
 choice blends the logistic path (`logreg_std`, the anchored and the closed-form recipes serve single
 choice only). Every recipe of
 `FAMILY` can still be refitted by name, for versions chosen before.
@@ -59,6 +70,8 @@ SCALE_FLOOR = 0.01  # `standardized`: variance floor, a share of the mean per-co
 PROTOTYPE_SCALE = 20.0  # logits = 20 × cosine similarity before calibration (softmax over cosines is flat)
 POOL_WEIGHT = 3.0  # `prototype_refined`: the unlabeled tasks together weigh 3 × the labels
 POOL_ROUNDS = 5  # `prototype_refined`: soft k-means rounds
+SELF_TRAIN_CONFIDENCE = 0.9  # `logreg_std_selftrained`: an unlabeled task this sure of its class counts as a label
+SELF_TRAIN_MAX = 500  # ... at most this many of them, evenly spread over the sure ones: a bounded cost per fit
 
 
 @dataclass(frozen=True)
@@ -66,14 +79,19 @@ class Recipe:
     """One member of the family: `kind` says how it is fitted, `C` the logistic regularization."""
 
     name: str
-    kind: str  # "logreg" | "standardized" | "shrunk" | "anchored" | "prototype" | "refined"
+    kind: str  # "logreg" | "standardized" | "shrunk" | "anchored" | "prototype" | "refined" | "selftrained"
     C: float | None = None
+
+    @property
+    def uses_pool(self) -> bool:
+        """Whether fitting it needs the features of the project's unlabeled tasks."""
+        return self.kind in ("refined", "selftrained")
 
     def as_dict(self) -> dict:
         record = {"name": self.name, "kind": self.kind}
         if self.C is not None:
             record.update(C=self.C, optimizer="lbfgs", class_balanced=True)
-        if self.kind in ("standardized", "shrunk"):
+        if self.kind in ("standardized", "shrunk", "selftrained"):
             record.update(standardized=True, variance_floor=SCALE_FLOOR)
         if self.kind == "shrunk":
             record.update(variance_shrinkage="empirical Bayes on log variances")
@@ -81,6 +99,9 @@ class Recipe:
             record.update(anchor="the backbone's ImageNet classifier restricted to the choices")
         if self.kind == "refined":
             record.update(pool="the project's unlabeled tasks", pool_weight=POOL_WEIGHT, rounds=POOL_ROUNDS)
+        if self.kind == "selftrained":
+            record.update(pool="the project's unlabeled tasks", rounds=1, pseudo_label_confidence=SELF_TRAIN_CONFIDENCE,
+                          pseudo_labels_max=SELF_TRAIN_MAX)
         return record
 
 
@@ -91,9 +112,11 @@ PROTOTYPE = Recipe("prototype", "prototype")
 ANCHORED = Recipe("zero_shot_anchored", "anchored", 1.0)
 SHRUNK = Recipe("logreg_std_shrunk", "shrunk", 1.0)
 REFINED = Recipe("prototype_refined", "refined")
+SELF_TRAINED = Recipe("logreg_std_selftrained", "selftrained", 1.0)
+POOLED: tuple[Recipe, ...] = (REFINED, SELF_TRAINED)  # the recipes offered where unlabeled tasks' features are given
 # single choice: logistic regression on the raw and on the standardized features, and the closed form
 SINGLE_CHOICE: tuple[Recipe, ...] = (LOGREG_PATH[0], STANDARDIZED, PROTOTYPE)
-FAMILY: tuple[Recipe, ...] = (*LOGREG_PATH, STANDARDIZED, PROTOTYPE, ANCHORED, SHRUNK, REFINED)  # every recipe a saved choice may name
+FAMILY: tuple[Recipe, ...] = (*LOGREG_PATH, STANDARDIZED, PROTOTYPE, ANCHORED, SHRUNK, *POOLED)  # every recipe a saved choice may name
 BY_NAME = {recipe.name: recipe for recipe in FAMILY}
 
 
@@ -107,7 +130,7 @@ def family_for(*, multi_label: bool, anchored: bool = False, pooled: bool = Fals
     (both single choice only)."""
     if multi_label:
         return LOGREG_PATH
-    return (*((ANCHORED,) if anchored else ()), *SINGLE_CHOICE, *((REFINED,) if pooled else ()))
+    return (*((ANCHORED,) if anchored else ()), *SINGLE_CHOICE, *(POOLED if pooled else ()))
 
 
 def fit_recipe(recipe: Recipe, features: torch.Tensor, targets: torch.Tensor, *, num_classes: int,
@@ -116,7 +139,8 @@ def fit_recipe(recipe: Recipe, features: torch.Tensor, targets: torch.Tensor, *,
     """A head of raw logits fitted by `recipe`; raises RecipeFailed when its result is not usable.
 
     `anchor`: the zero-shot head of raw logits `zero_shot_anchored` starts from (None: that recipe fails);
-    `pool`: features of unlabeled tasks, which `prototype_refined` places its prototypes with (None: it fails)."""
+    `pool`: features of unlabeled tasks, which `prototype_refined` places its prototypes with and
+    `logreg_std_selftrained` pseudo-labels (None: they fail)."""
     if recipe.kind == "logreg":
         try:
             head = fit_head(features, targets, num_classes=num_classes, multi_label=multi_label,
@@ -133,6 +157,8 @@ def fit_recipe(recipe: Recipe, features: torch.Tensor, targets: torch.Tensor, *,
         head = _prototype(features, targets, num_classes)
     elif recipe.kind == "refined":
         head = _refined_prototype(features, targets, num_classes, pool)
+    elif recipe.kind == "selftrained":
+        head = _self_trained(recipe, features, targets, num_classes, warm, pool)
     else:
         raise RecipeFailed(f"unknown recipe kind {recipe.kind!r}")
     check_finite(head, recipe.name)
@@ -153,6 +179,31 @@ def _standardized(recipe: Recipe, features, targets, num_classes, warm) -> nn.Li
         raise RecipeFailed(f"{recipe.name} did not converge (non-finite loss: {exc})") from None
     weight = fitted.weight / scale
     return linear(weight, fitted.bias - weight @ mean)
+
+
+def _self_trained(recipe: Recipe, features, targets, num_classes, warm, pool: torch.Tensor | None) -> nn.Linear:
+    """`logreg_std` on the labels, then on the labels plus the unlabeled tasks it is at least
+    SELF_TRAIN_CONFIDENCE sure of (at most SELF_TRAIN_MAX, spread evenly over them in the pool's order), each labeled
+    with its predicted class (the standardizing follows both)."""
+    _check_pool(recipe, features, pool)
+    first = _standardized(STANDARDIZED, features, targets, num_classes, warm)
+    with torch.no_grad():
+        confidence, predicted = torch.softmax(first(pool.float()), dim=1).max(dim=1)
+    sure = (confidence >= SELF_TRAIN_CONFIDENCE).nonzero().flatten()
+    if len(sure) == 0:
+        return first
+    if len(sure) > SELF_TRAIN_MAX:
+        sure = sure[torch.linspace(0, len(sure) - 1, SELF_TRAIN_MAX).long()]
+    return _standardized(recipe, torch.cat([features.float(), pool.float()[sure]]), torch.cat([targets, predicted[sure]]),
+                         num_classes, warm if warm is not None else first)
+
+
+def _check_pool(recipe: Recipe, features: torch.Tensor, pool: torch.Tensor | None) -> None:
+    if pool is None or len(pool) == 0:
+        raise RecipeFailed(f"{recipe.name} needs the features of unlabeled tasks, and none were given")
+    if pool.shape[1] != features.shape[1]:
+        raise RecipeFailed(f"{recipe.name}: the pool has {pool.shape[1]} features per task, the labels "
+                           f"{features.shape[1]}")
 
 
 def _anchored(recipe: Recipe, features, targets, num_classes, warm, anchor: nn.Linear | None) -> nn.Linear:
@@ -239,11 +290,7 @@ def _prototype(features, targets, num_classes) -> nn.Linear:
 def _refined_prototype(features, targets, num_classes, pool: torch.Tensor | None) -> nn.Linear:
     """Cosine prototypes: the labels' class means, then `POOL_ROUNDS` rounds of soft k-means in which the pool's
     tasks add their features to each prototype in proportion to softmax(PROTOTYPE_SCALE × cosine)."""
-    if pool is None or len(pool) == 0:
-        raise RecipeFailed("prototype_refined needs the features of unlabeled tasks, and none were given")
-    if pool.shape[1] != features.shape[1]:
-        raise RecipeFailed(f"prototype_refined: the pool has {pool.shape[1]} features per task, the labels "
-                           f"{features.shape[1]}")
+    _check_pool(REFINED, features, pool)
     features, pool = nn.functional.normalize(features.float(), dim=1), nn.functional.normalize(pool.float(), dim=1)
     labeled_sums, counts = _class_sums(features, targets, num_classes)
     pool_share = POOL_WEIGHT * len(targets) / len(pool)  # the weight of one unlabeled task

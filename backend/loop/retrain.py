@@ -38,7 +38,7 @@ from backend.loop.services import Services
 log = logging.getLogger(__name__)
 
 # at most this many unlabeled tasks' features are given to a training (`unlabeled_pool`), spread evenly over the
-# project's task ids: enough to place the prototypes of `prototype_refined`, and a bounded cost per fit
+# project's task ids: enough for the recipes that use them (`recipes.POOLED`), and a bounded cost per fit
 POOL_CAP = 2000
 
 
@@ -161,7 +161,7 @@ def zero_shot_anchor(services: Services, spec: HeadSpec, encoder: Encoder) -> to
 
 def unlabeled_pool(services: Services, project: str, spec: HeadSpec, encoder: Encoder) -> torch.Tensor | None:
     """Cached features (under `encoder`) of the project's tasks no one has labeled, at most `POOL_CAP` of them evenly
-    spread over the task ids, for `prototype_refined`; None for multiple choice, or when none is cached yet. Only
+    spread over the task ids, for the recipes that use them (`recipes.POOLED`); None for multiple choice, or when none is cached yet. Only
     what the embedding chunks have already cached: a training never embeds unlabeled tasks itself."""
     if spec.multi_label:
         return None
@@ -178,8 +178,9 @@ def unlabeled_pool(services: Services, project: str, spec: HeadSpec, encoder: En
 
 
 def uses_pool(current: HeadVersion | None, encoder: Encoder, label_count: int, *, anchored: bool) -> bool:
-    """Whether this training reads the unlabeled tasks: it chooses a recipe anew, or refits a served choice of
-    `prototype_refined` (a refit of any other recipe does not, and saves the read)."""
+    """Whether this training reads the unlabeled tasks: it chooses a recipe anew, or refits a served choice that
+    uses them (`prototype_refined`, `logreg_std_selftrained`; a refit of any other recipe does not, and saves the
+    read)."""
     if not can_promote_first(current, encoder, label_count, anchored=anchored, pooled=True):
         return True
     return Choice.from_dict(current.meta["selection"]).needs_pool
