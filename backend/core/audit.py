@@ -126,8 +126,8 @@ def served_recipe_probabilities(
     usable choice (a version saved before recipe choice, or whose recipe this code no longer has), the default
     recipe's (`out_of_fold_probabilities`, named `DEFAULT_RECIPE`). None when a class has too few examples for
     folds. `anchor`: the control's zero-shot head, which a `zero_shot_anchored` choice is refitted on, and `pool`
-    the unlabeled tasks' features a choice that uses them (`recipes.POOLED`) is (without them such a choice falls back to the
-    default recipe too). `keys`: the labels' task ids, as the training passed them, for the same folds."""
+    the unlabeled tasks' features a choice that uses them (`recipes.POOLED`) is (without them such a choice falls
+    back to the default recipe too). `keys`: the labels' task ids, as the training passed them, for the same folds."""
     if not selection or not all(name in BY_NAME for name in selection.get("components") or ()) or \
             (Choice.from_dict(selection).needs_anchor and anchor is None) or \
             (Choice.from_dict(selection).needs_pool and pool is None):

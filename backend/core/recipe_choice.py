@@ -29,8 +29,7 @@ against 72 to 95 % for the best reference). A poor match gets little weight.
 Where the training is given the features of the project's unlabeled tasks (a `pool`), the family also holds
 `prototype_refined`, the class prototypes placed with them, and `logreg_std_selftrained`, the standardized logistic
 regression refitted with the unlabeled tasks it is sure of as labels. `prototype_refined` is the recipe without
-validation too: at one
-label per class, 20 draws, it scored 17.6 / 5.9 points above the better reference on bbc-news / flowers12, where
+validation too: at one label per class, 20 draws, it scored 17.6 / 5.9 points above the better reference on bbc-news / flowers12, where
 `logreg_std_shrunk` scores +0.0 / +0.2. The pool's labels are never known; it changes only where the
 prototypes sit, and the out-of-fold scores judge that like any recipe.
 

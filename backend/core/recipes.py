@@ -41,11 +41,12 @@ store, the guard and serving never need to know which recipe made a head:
   predicts with a probability of at least `SELF_TRAIN_CONFIDENCE` (0.9), each counted as a label of its predicted
   class (at most `SELF_TRAIN_MAX`, 500, spread evenly over them: with 1,000 flowers12-like labels and a pool of
   2,000 it fits in 0.37 s against 0.17 s for logreg_std, 0.55 s without the cap; the bench's cells moved by
-  ≤ 0.11 point with it). Where the labels leave a class's region thinly covered, the confident unlabeled tasks around them fill
-  it in: on flowers12, 20 draws, the rest of train as the pool, the blend with it scored 84.4 / 94.4 / 95.5 /
-  96.1 % at 2 / 5 / 10 / 20 labels per class against 83.8 / 92.4 / 94.1 / 95.9 % without it (hymenoptera and
-  bbc-news: within ±0.2 points, bbc-news k=20 +0.5). Offered only when the training is given a pool, like
-  `prototype_refined`; the pool's labels are never known, and the out-of-fold scores judge it like any recipe.
+  ≤ 0.11 point with it). Where the labels cover a class's region thinly, the confident unlabeled tasks around
+  them fill it in: on flowers12, 20 draws, the rest of train as the pool, the blend with it scored 84.4 / 94.3 /
+  95.5 / 96.1 % at 2 / 5 / 10 / 20 labels per class against 83.8 / 92.4 / 94.2 / 95.9 % without it (bbc-news
+  k=10 / 20: +0.1 / +0.3; hymenoptera: within the draws' noise; `bench/README.md`). Offered only when the
+  training is given a pool, like `prototype_refined`; the pool's labels are never known, and the out-of-fold
+  scores judge it like any recipe.
 - `blend`: a weighted sum of several recipes' calibrated logits, the weights fitted on out-of-fold
   log-loss (`backend.core.recipe_choice`).
 
@@ -100,8 +101,8 @@ class Recipe:
         if self.kind == "refined":
             record.update(pool="the project's unlabeled tasks", pool_weight=POOL_WEIGHT, rounds=POOL_ROUNDS)
         if self.kind == "selftrained":
-            record.update(pool="the project's unlabeled tasks", rounds=1, pseudo_label_confidence=SELF_TRAIN_CONFIDENCE,
-                          pseudo_labels_max=SELF_TRAIN_MAX)
+            record.update(pool="the project's unlabeled tasks", rounds=1,
+                          pseudo_label_confidence=SELF_TRAIN_CONFIDENCE, pseudo_labels_max=SELF_TRAIN_MAX)
         return record
 
 
@@ -116,7 +117,8 @@ SELF_TRAINED = Recipe("logreg_std_selftrained", "selftrained", 1.0)
 POOLED: tuple[Recipe, ...] = (REFINED, SELF_TRAINED)  # the recipes offered where unlabeled tasks' features are given
 # single choice: logistic regression on the raw and on the standardized features, and the closed form
 SINGLE_CHOICE: tuple[Recipe, ...] = (LOGREG_PATH[0], STANDARDIZED, PROTOTYPE)
-FAMILY: tuple[Recipe, ...] = (*LOGREG_PATH, STANDARDIZED, PROTOTYPE, ANCHORED, SHRUNK, *POOLED)  # every recipe a saved choice may name
+# every recipe a saved choice may name
+FAMILY: tuple[Recipe, ...] = (*LOGREG_PATH, STANDARDIZED, PROTOTYPE, ANCHORED, SHRUNK, *POOLED)
 BY_NAME = {recipe.name: recipe for recipe in FAMILY}
 
 
@@ -194,8 +196,8 @@ def _self_trained(recipe: Recipe, features, targets, num_classes, warm, pool: to
         return first
     if len(sure) > SELF_TRAIN_MAX:
         sure = sure[torch.linspace(0, len(sure) - 1, SELF_TRAIN_MAX).long()]
-    return _standardized(recipe, torch.cat([features.float(), pool.float()[sure]]), torch.cat([targets, predicted[sure]]),
-                         num_classes, warm if warm is not None else first)
+    return _standardized(recipe, torch.cat([features.float(), pool.float()[sure]]),
+                         torch.cat([targets, predicted[sure]]), num_classes, warm if warm is not None else first)
 
 
 def _check_pool(recipe: Recipe, features: torch.Tensor, pool: torch.Tensor | None) -> None:

@@ -161,8 +161,9 @@ def zero_shot_anchor(services: Services, spec: HeadSpec, encoder: Encoder) -> to
 
 def unlabeled_pool(services: Services, project: str, spec: HeadSpec, encoder: Encoder) -> torch.Tensor | None:
     """Cached features (under `encoder`) of the project's tasks no one has labeled, at most `POOL_CAP` of them evenly
-    spread over the task ids, for the recipes that use them (`recipes.POOLED`); None for multiple choice, or when none is cached yet. Only
-    what the embedding chunks have already cached: a training never embeds unlabeled tasks itself."""
+    spread over the task ids, for the recipes that use them (`recipes.POOLED`); None for multiple choice, or when
+    none is cached yet. Only what the embedding chunks have already cached: a training never embeds unlabeled tasks
+    itself."""
     if spec.multi_label:
         return None
     data = services.tasks.data(project)
