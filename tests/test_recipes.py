@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backend.core import recipe_choice as recipe_choice_module, recipes as recipes_module
 from backend.core.head_fitting import encode_targets
 from backend.core.candidates import is_refit_enough
 from backend.core.recipe_choice import (BLEND, MIN_BLEND_WEIGHT, Choice, NoUsableRecipe, choose_recipe, fit_chosen,
@@ -268,6 +269,36 @@ def test_self_training_with_no_unlabeled_task_sure_enough_is_the_standardized_he
     monkeypatch.setattr("backend.core.recipes.SELF_TRAIN_CONFIDENCE", 1.01)
     head = fit_recipe(SELF_TRAINED, x, y, num_classes=2, multi_label=False, pool=pool)
     assert torch.allclose(head(pool), fit_recipe(STANDARDIZED, x, y, num_classes=2, multi_label=False)(pool), atol=1e-4)
+
+
+def test_self_training_builds_on_the_standardized_head_already_fitted_beside_it(hymenoptera_features, monkeypatch):
+    """Where `logreg_std` is fitted on the same fold (a choice among the family, or a blend of both), the
+    self-trained recipe takes that head as its first stage instead of fitting it again: one fit fewer per fold,
+    the same out-of-fold scores and the same served head."""
+    x, y, pool, _ = split(hymenoptera_features, 10)
+    fits = []
+    real_fit = recipes_module.fit_head
+    monkeypatch.setattr(recipes_module, "fit_head", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    first = fit_recipe(STANDARDIZED, x, y, num_classes=2, multi_label=False)
+    alone = fit_recipe(SELF_TRAINED, x, y, num_classes=2, multi_label=False, pool=pool)
+    fits.clear()
+    reused = fit_recipe(SELF_TRAINED, x, y, num_classes=2, multi_label=False, pool=pool,
+                        fitted={STANDARDIZED.name: first})
+    assert len(fits) == 1 and torch.equal(reused.weight, alone.weight) and torch.equal(reused.bias, alone.bias)
+
+    keys = list(range(len(y)))
+    choice = choose_recipe(x, y, num_classes=2, multi_label=False, family=(STANDARDIZED, SELF_TRAINED), pool=pool,
+                           keys=keys)
+    fits.clear()
+    validated = validate_choice(choice, x, y, num_classes=2, multi_label=False, pool=pool, keys=keys)
+    folds = validated.validation.folds
+    assert folds >= 2 and len(fits) == 2 * folds  # logreg_std, then only the self-trained refit, per fold
+    monkeypatch.setattr(recipe_choice_module, "fit_recipe",
+                        lambda *a, fitted=None, **k: recipes_module.fit_recipe(*a, **k))  # nothing reused
+    fits.clear()
+    unshared = validate_choice(choice, x, y, num_classes=2, multi_label=False, pool=pool, keys=keys)
+    assert len(fits) == 3 * folds
+    assert torch.equal(unshared.validation.logits, validated.validation.logits)
 
 
 def test_self_training_without_unlabeled_tasks_fails_and_its_choice_asks_for_them(hymenoptera_features):

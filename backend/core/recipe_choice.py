@@ -194,6 +194,7 @@ def fit_chosen(choice: Choice, features: torch.Tensor, targets: torch.Tensor, *,
     features, for a choice of `prototype_refined`."""
     weight = torch.zeros(num_classes, features.shape[1])
     bias = torch.zeros(num_classes)
+    fitted: dict[str, nn.Linear] = {}  # the parts fitted cold, which a later part may build on (`fit_recipe`)
     for name in choice.components:
         temperature = choice.temperatures.get(name, 1.0)
         start = None
@@ -201,9 +202,11 @@ def fit_chosen(choice: Choice, features: torch.Tensor, targets: torch.Tensor, *,
             start = linear(warm.weight * temperature, warm.bias * temperature)
         try:
             part = fit_recipe(BY_NAME[name], features, targets, num_classes=num_classes, multi_label=multi_label,
-                              warm=start, anchor=anchor, pool=pool)
+                              warm=start, anchor=anchor, pool=pool, fitted=fitted)
         except RecipeFailed as exc:
             raise NoUsableRecipe(f"the chosen recipe {name} failed on all labels: {exc}") from None
+        if start is None:
+            fitted[name] = part
         weight += choice.weight_of(name) * part.weight / temperature
         bias += choice.weight_of(name) * part.bias / temperature
     blend_temperature = choice.temperatures.get(BLEND, 1.0) if len(choice.components) > 1 else 1.0
@@ -256,13 +259,14 @@ def _out_of_fold_logits(recipes, features, targets, folds, *, num_classes, multi
         mask = torch.ones(len(targets), dtype=torch.bool)
         mask[held_out] = False
         previous_logistic = None  # the C path: each fit starts where the smaller C ended
+        fitted: dict[str, nn.Linear] = {}  # this fold's heads fitted cold, which a later recipe may build on
         for recipe in recipes:
             if recipe.name in skipped:
                 continue
+            warm = previous_logistic if recipe.kind == "logreg" else None
             try:
                 head = fit_recipe(recipe, features[mask], targets[mask], num_classes=num_classes,
-                                  multi_label=multi_label, warm=previous_logistic if recipe.kind == "logreg" else None,
-                                  anchor=anchor, pool=pool)
+                                  multi_label=multi_label, warm=warm, anchor=anchor, pool=pool, fitted=fitted)
                 with torch.no_grad():
                     logits = head(features[held_out])
                 if not torch.isfinite(logits).all():
@@ -272,6 +276,8 @@ def _out_of_fold_logits(recipes, features, targets, folds, *, num_classes, multi
                 log.warning("head recipe %s skipped: %s", recipe.name, exc)
                 continue
             raw[recipe.name][held_out] = logits
+            if warm is None:
+                fitted[recipe.name] = head
             if recipe.kind == "logreg":
                 previous_logistic = head
     return {name: logits for name, logits in raw.items() if name not in skipped}, skipped

@@ -60,6 +60,7 @@ choice only). Every recipe of
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -137,12 +138,14 @@ def family_for(*, multi_label: bool, anchored: bool = False, pooled: bool = Fals
 
 def fit_recipe(recipe: Recipe, features: torch.Tensor, targets: torch.Tensor, *, num_classes: int,
                multi_label: bool, warm: nn.Linear | None = None, anchor: nn.Linear | None = None,
-               pool: torch.Tensor | None = None) -> nn.Linear:
+               pool: torch.Tensor | None = None, fitted: Mapping[str, nn.Linear] | None = None) -> nn.Linear:
     """A head of raw logits fitted by `recipe`; raises RecipeFailed when its result is not usable.
 
     `anchor`: the zero-shot head of raw logits `zero_shot_anchored` starts from (None: that recipe fails);
     `pool`: features of unlabeled tasks, which `prototype_refined` places its prototypes with and
-    `logreg_std_selftrained` pseudo-labels (None: they fail)."""
+    `logreg_std_selftrained` pseudo-labels (None: they fail); `fitted`: heads of other recipes already fitted,
+    without a warm start, on these same features and targets, by name (`logreg_std_selftrained` takes
+    `logreg_std`'s as its first stage instead of fitting it again; the result is the same)."""
     if recipe.kind == "logreg":
         try:
             head = fit_head(features, targets, num_classes=num_classes, multi_label=multi_label,
@@ -160,7 +163,8 @@ def fit_recipe(recipe: Recipe, features: torch.Tensor, targets: torch.Tensor, *,
     elif recipe.kind == "refined":
         head = _refined_prototype(features, targets, num_classes, pool)
     elif recipe.kind == "selftrained":
-        head = _self_trained(recipe, features, targets, num_classes, warm, pool)
+        first = (fitted or {}).get(STANDARDIZED.name) if warm is None else None
+        head = _self_trained(recipe, features, targets, num_classes, warm, pool, first=first)
     else:
         raise RecipeFailed(f"unknown recipe kind {recipe.kind!r}")
     check_finite(head, recipe.name)
@@ -183,12 +187,14 @@ def _standardized(recipe: Recipe, features, targets, num_classes, warm) -> nn.Li
     return linear(weight, fitted.bias - weight @ mean)
 
 
-def _self_trained(recipe: Recipe, features, targets, num_classes, warm, pool: torch.Tensor | None) -> nn.Linear:
-    """`logreg_std` on the labels, then on the labels plus the unlabeled tasks it is at least
-    SELF_TRAIN_CONFIDENCE sure of (at most SELF_TRAIN_MAX, spread evenly over them in the pool's order), each labeled
-    with its predicted class (the standardizing follows both)."""
+def _self_trained(recipe: Recipe, features, targets, num_classes, warm, pool: torch.Tensor | None, *,
+                  first: nn.Linear | None = None) -> nn.Linear:
+    """`logreg_std` on the labels (`first`, where it is already fitted), then on the labels plus the unlabeled tasks
+    it is at least SELF_TRAIN_CONFIDENCE sure of (at most SELF_TRAIN_MAX, spread evenly over them in the pool's
+    order), each labeled with its predicted class (the standardizing follows both)."""
     _check_pool(recipe, features, pool)
-    first = _standardized(STANDARDIZED, features, targets, num_classes, warm)
+    if first is None:
+        first = _standardized(STANDARDIZED, features, targets, num_classes, warm)
     with torch.no_grad():
         confidence, predicted = torch.softmax(first(pool.float()), dim=1).max(dim=1)
     sure = (confidence >= SELF_TRAIN_CONFIDENCE).nonzero().flatten()
