@@ -29,9 +29,9 @@ against 72 to 95 % for the best reference). A poor match gets little weight.
 Where the training is given the features of the project's unlabeled tasks (a `pool`), the family also holds
 `prototype_refined`, the class prototypes placed with them, and `logreg_std_selftrained`, the standardized logistic
 regression refitted with the unlabeled tasks it is sure of as labels. `prototype_refined` is the recipe without
-validation too: at one label per class, 20 draws, it scored 17.6 / 5.9 points above the better reference on bbc-news / flowers12, where
-`logreg_std_shrunk` scores +0.0 / +0.2. The pool's labels are never known; it changes only where the
-prototypes sit, and the out-of-fold scores judge that like any recipe.
+validation too: at one label per class, 20 draws, it scored 17.6 / 5.9 points above the better reference on
+bbc-news / flowers12, where `logreg_std_shrunk` scores +0.0 / +0.2. The pool's labels are never known; it changes
+only where the prototypes sit, and the out-of-fold scores judge that like any recipe.
 
 A choice is a plain record (`Choice.as_dict()`, saved in each version's `selection` metadata) so the
 next training can refit the same recipes with the same weights and temperatures without choosing again.
@@ -191,7 +191,7 @@ def fit_chosen(choice: Choice, features: torch.Tensor, targets: torch.Tensor, *,
 
     `warm`: the served head of the same choice (calibrated), to warm-start a logistic fit from;
     `anchor`: the zero-shot head, for a choice of `zero_shot_anchored`; `pool`: the unlabeled tasks'
-    features, for a choice of `prototype_refined`."""
+    features, for a choice that uses them (`recipes.POOLED`)."""
     weight = torch.zeros(num_classes, features.shape[1])
     bias = torch.zeros(num_classes)
     fitted: dict[str, nn.Linear] = {}  # the parts fitted cold, which a later part may build on (`fit_recipe`)

@@ -50,12 +50,10 @@ store, the guard and serving never need to know which recipe made a head:
 - `blend`: a weighted sum of several recipes' calibrated logits, the weights fitted on out-of-fold
   log-loss (`backend.core.recipe_choice`).
 
-A new single-choice head blends `SINGLE_CHOICE` (C=1, standardized, prototype), with
-`zero_shot_anchored` too where an anchor exists and `POOLED` (`prototype_refined`, `logreg_std_selftrained`)
-where a pool exists; multiple
-choice blends the logistic path (`logreg_std`, the anchored and the closed-form recipes serve single
-choice only). Every recipe of
-`FAMILY` can still be refitted by name, for versions chosen before.
+A new single-choice head blends `SINGLE_CHOICE` (C=1, standardized, prototype), with `zero_shot_anchored` too
+where an anchor exists and `POOLED` (`prototype_refined`, `logreg_std_selftrained`) where a pool exists; multiple
+choice blends the logistic path (`logreg_std`, the anchored and the closed-form recipes serve single choice only).
+Every recipe of `FAMILY` can still be refitted by name, for versions chosen before.
 """
 
 from __future__ import annotations
@@ -86,8 +84,8 @@ class Recipe:
 
     @property
     def uses_pool(self) -> bool:
-        """Whether fitting it needs the features of the project's unlabeled tasks."""
-        return self.kind in ("refined", "selftrained")
+        """Whether fitting it needs the features of the project's unlabeled tasks (it is one of `POOLED`)."""
+        return self in POOLED
 
     def as_dict(self) -> dict:
         record = {"name": self.name, "kind": self.kind}
