@@ -232,19 +232,24 @@ def _accuracy(head: nn.Module, features: torch.Tensor, targets: torch.Tensor) ->
 
 
 def _logreg_accuracy(x, y, x_val, y_val) -> float:
+    return 100.0 * float((logreg_predictions(x, y, x_val) == y_val).float().mean())
+
+
+def logreg_predictions(x, y, x_val) -> torch.Tensor:
+    """The reference logistic regression (scikit-learn, C=1) fitted on (x, y): its class for each row of x_val."""
     from sklearn.linear_model import LogisticRegression
 
     model = LogisticRegression(C=1.0, max_iter=5000)
     model.fit(x.numpy(), y.numpy())
-    return 100.0 * float((model.predict(x_val.numpy()) == y_val.numpy()).mean())
+    return torch.as_tensor(model.predict(x_val.numpy()))
 
 
-def _adam_head(x, y, num_classes: int, seed: int) -> nn.Linear:
+def _adam_head(x, y, num_classes: int, seed: int, steps: int = ADAM_STEPS) -> nn.Linear:
     torch.manual_seed(seed)
     head = nn.Linear(x.shape[1], num_classes)
     optimizer = torch.optim.Adam(head.parameters(), lr=ADAM_LR)
     with torch.enable_grad():
-        for _ in range(ADAM_STEPS):
+        for _ in range(steps):
             optimizer.zero_grad()
             nn.functional.cross_entropy(head(x), y).backward()
             optimizer.step()

@@ -23,7 +23,7 @@ KEYS = {
     "accuracy": ("sets", "worst_gap", "zero_shot", "zero_shot_mean_score", "zero_shot_matches"),
     "webhook": ("events", "p50_ms", "p99_ms", "errors", "jobs_enqueued"),
     "gpu": ("run",),
-    "text": ("worst_gap", "embed_ratio", "retrain_s", "predict_uncached_p50_ms", "predict_cached_p50_ms"),
+    "text": ("worst_gap", "worst_gap_stderrs", "embed_ratio", "retrain_s", "predict_uncached_p50_ms", "predict_cached_p50_ms"),
 }
 
 
@@ -62,7 +62,7 @@ def test_benchmark_runs_in_quick_mode(name, results_dir):
     elif name == "webhook":
         assert written["events"] > 0 and written["errors"] == 0 and written["jobs_enqueued"] >= 1
     elif name == "text":
-        assert all(_positive_number(written[key]) for key in KEYS[name][1:])
+        assert all(_positive_number(written[key]) for key in KEYS[name][2:])
         assert all(run["status"] == "promoted" for run in written["retrain_runs"])
     else:
         assert written["run"] is True or "cuda" in written["reason"].lower()
@@ -159,3 +159,21 @@ def test_the_text_loop_project_holds_every_article_once_then_distinct_variants_w
     for item, (text, label) in zip(texts[len(articles):], articles):
         assert item.label == label and item.text.split("\n\n")[0] == text.split("\n\n")[0]  # same title and topic
         assert sorted(item.text.split("\n\n")[:-1]) == sorted(text.split("\n\n"))  # the same paragraphs
+
+
+def test_text_gap_is_judged_in_standard_errors_over_articles_for_a_single_draw():
+    """k=all has one draw: its gap's spread comes from the per-article paired differences, and a cell below
+    the reference with no spread to judge by fails the goal outright."""
+    import torch
+
+    from bench.text import article_gap_stderr, worst_gap_in_stderrs
+
+    hits = {"headstart": torch.tensor([True, False, True, True]),
+            "ref_logreg": torch.tensor([False, True, True, True]),
+            "ref_linear": torch.tensor([False, False, True, True])}
+    assert article_gap_stderr(hits) == 40.82  # differences +1, -1, 0, 0 against logreg: sd sqrt(2/3) / sqrt(4)
+    cells = {"1": {"headstart": 80.0, "ref_logreg": 70.0, "ref_linear": 75.0, "gap_stderr": 2.0},
+             "all": {"headstart": 97.3, "ref_logreg": 97.07, "ref_linear": 97.52, "gap_stderr": 0.44}}
+    assert worst_gap_in_stderrs(cells) == -0.5
+    cells["all"]["gap_stderr"] = 0.0
+    assert worst_gap_in_stderrs(cells) == float("-inf")
