@@ -266,8 +266,9 @@ def _cell(scores: dict[str, list[float]], *, labels: int) -> dict:
 
 
 def gap_stderr(scores: dict[str, list[float]]) -> float | None:
-    """The standard error of headstart minus the better reference (by mean), from the per-draw paired
-    differences; None with a single draw."""
+    """The standard error of headstart minus the better reference (by mean), from the paired differences of
+    the lists' items: per draw, or (`bench text` at k=all) per example of one draw, each scored 0 or 100;
+    None with a single item."""
     reference = max(("ref_logreg", "ref_linear"), key=lambda name: statistics.fmean(scores[name]))
     differences = [ours - theirs for ours, theirs in zip(scores["headstart"], scores[reference])]
     if len(differences) < 2:

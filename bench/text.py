@@ -253,21 +253,14 @@ def _accuracy(services, encoder, train, val, params: Params, files: EmbeddingFil
         cells[str(k)].update({f"{name}_std": round(statistics.pstdev(values), 2) for name, values in scores.items()})
         if len(scores["headstart"]) > 1:
             cells[str(k)].update(gap_stderr=gap_stderr(scores), gap_stderr_over="draws")
-        else:
-            cells[str(k)].update(gap_stderr=article_gap_stderr(hits), gap_stderr_over="articles")
+        else:  # one draw (k=all): the paired differences are the articles'
+            per_article = {name: (100.0 * correct.float()).tolist() for name, correct in hits.items()}
+            cells[str(k)].update(gap_stderr=gap_stderr(per_article), gap_stderr_over="articles")
         cells[str(k)]["recipes"] = recipes
         if k == "all":
             cells[str(k)]["recipe_evidence"] = trained.meta["selection"].get("evidence", {})
             cells[str(k)]["ref_linear_by_steps"] = _adam_by_steps(x, y, x_val, y_val)
     return cells, source
-
-
-def article_gap_stderr(hits: dict[str, torch.Tensor]) -> float:
-    """The standard error (in points) of the product's accuracy minus the better reference's on one draw,
-    from the per-article paired differences (each -1, 0 or +1): what a single-draw cell's gap is worth."""
-    reference = max(("ref_logreg", "ref_linear"), key=lambda name: float(hits[name].float().mean()))
-    differences = hits["headstart"].float() - hits[reference].float()
-    return round(100.0 * float(differences.std()) / len(differences) ** 0.5, 2)
 
 
 def _adam_by_steps(x, y, x_val, y_val) -> dict[str, float]:

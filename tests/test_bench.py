@@ -23,7 +23,8 @@ KEYS = {
     "accuracy": ("sets", "worst_gap", "zero_shot", "zero_shot_mean_score", "zero_shot_matches"),
     "webhook": ("events", "p50_ms", "p99_ms", "errors", "jobs_enqueued"),
     "gpu": ("run",),
-    "text": ("worst_gap", "worst_gap_stderrs", "embed_ratio", "retrain_s", "predict_uncached_p50_ms", "predict_cached_p50_ms"),
+    "text": ("worst_gap", "worst_gap_stderrs", "embed_ratio", "retrain_s", "predict_uncached_p50_ms",
+             "predict_cached_p50_ms"),
 }
 
 
@@ -162,16 +163,14 @@ def test_the_text_loop_project_holds_every_article_once_then_distinct_variants_w
 
 
 def test_text_gap_is_judged_in_standard_errors_over_articles_for_a_single_draw():
-    """k=all has one draw: its gap's spread comes from the per-article paired differences, and a cell below
-    the reference with no spread to judge by fails the goal outright."""
-    import torch
+    """k=all has one draw: its gap's spread comes from the per-article paired differences (each article scored
+    0 or 100), and a cell below the reference with no spread to judge by fails the goal outright."""
+    from bench.accuracy import gap_stderr
+    from bench.text import worst_gap_in_stderrs
 
-    from bench.text import article_gap_stderr, worst_gap_in_stderrs
-
-    hits = {"headstart": torch.tensor([True, False, True, True]),
-            "ref_logreg": torch.tensor([False, True, True, True]),
-            "ref_linear": torch.tensor([False, False, True, True])}
-    assert article_gap_stderr(hits) == 40.82  # differences +1, -1, 0, 0 against logreg: sd sqrt(2/3) / sqrt(4)
+    per_article = {"headstart": [100.0, 0.0, 100.0, 100.0], "ref_logreg": [0.0, 100.0, 100.0, 100.0],
+                   "ref_linear": [0.0, 0.0, 100.0, 100.0]}
+    assert gap_stderr(per_article) == 40.82  # differences +1, -1, 0, 0 against logreg: sd sqrt(2/3) / sqrt(4)
     cells = {"1": {"headstart": 80.0, "ref_logreg": 70.0, "ref_linear": 75.0, "gap_stderr": 2.0},
              "all": {"headstart": 97.3, "ref_logreg": 97.07, "ref_linear": 97.52, "gap_stderr": 0.44}}
     assert worst_gap_in_stderrs(cells) == -0.5
