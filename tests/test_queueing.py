@@ -16,7 +16,7 @@ from backend.server.app import create_app
 from backend.core.store import ModelStore
 from tests.helpers import HYMENOPTERA, REPO, dataset_images
 from tests.loop_helpers import annotation_event, local_url, set_up
-from backend.common.queues import TRAIN_QUEUE, TrainingScheduler, queue
+from backend.common.queues import BURST_REQUESTS, TRAIN_QUEUE, TrainingScheduler, queue
 
 PROJECT = 9
 
@@ -56,6 +56,32 @@ def test_requests_during_a_real_run_queue_nothing_until_it_finishes(redis, loop_
     assert queue(TRAIN_QUEUE, redis).count == 0
     assert scheduler.finish("3", job.id) is True
     assert queue(TRAIN_QUEUE, redis).count == 1
+
+
+def test_a_training_waits_out_the_interval_only_in_a_burst(redis, loop_settings):
+    """At an annotator's pace (a few submits within an interval) the next training starts at once; in a burst it
+    starts TRAIN_MIN_INTERVAL_S after the last one, so the burst coalesces."""
+    scheduler = TrainingScheduler(redis, loop_settings.replace(train_min_interval_s=30))
+    job = started_training(scheduler, redis)  # its request counts
+    for _ in range(BURST_REQUESTS - 1):
+        scheduler.request("3", reason="ANNOTATION_CREATED")
+    assert scheduler.finish("3", job.id) is True  # re-queued; a request passed on is not a new one
+    assert scheduler.seconds_until_next_start("3") == 0.0
+    scheduler.request("3", reason="ANNOTATION_CREATED")
+    assert 29 < scheduler.seconds_until_next_start("3") <= 30
+    assert scheduler.seconds_until_next_start("4") == 0.0  # another project's counts are its own
+
+
+def test_a_burst_is_counted_within_one_interval(redis, loop_settings):
+    scheduler = TrainingScheduler(redis, loop_settings.replace(train_min_interval_s=0.3))
+    job = started_training(scheduler, redis)
+    for _ in range(BURST_REQUESTS):
+        scheduler.request("3", reason="ANNOTATION_CREATED")
+    assert scheduler.finish("3", job.id) is True
+    assert 0 < scheduler.seconds_until_next_start("3") <= 0.3
+    time.sleep(0.35)  # a quiet interval later the count starts over
+    scheduler.request("3", reason="ANNOTATION_CREATED")
+    assert scheduler.seconds_until_next_start("3") == 0.0
 
 
 def test_a_second_job_defers_while_the_first_one_runs(redis, loop_settings):

@@ -4,6 +4,10 @@ Every request marks the project dirty. A job is enqueued only if none is queued 
 A starting job takes the project's run lock and clears the dirty mark before it reads any label;
 when it finishes it re-queues once if new requests arrived meanwhile. So a burst of submits gives a
 handful of trainings, and the last submit is always read by a training that starts after it.
+
+Trainings of a project start at most once per TRAIN_MIN_INTERVAL_S while requests come in a burst (more than
+`BURST_REQUESTS` within one interval: an import, a bulk relabel, a script); at an annotator's pace the next
+training starts at once, so a label is not kept waiting for the interval.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ EMBED_QUEUE = "headstart-embed"
 QUEUE_NAMES = (TRAIN_QUEUE, EMBED_QUEUE)
 RETRY_INTERVALS_S = [5, 30, 120]
 PASS_PENDING_GRACE_S = 300  # a prediction pass queued this long past its start time and not started: lost
+BURST_REQUESTS = 3  # more requests than this within one TRAIN_MIN_INTERVAL_S: a burst, whose trainings are spaced
 PENDING_MARKER_TTL_S = 30  # how long a request's "enqueueing now" marker may stand before the job id replaces it
 LOST_JOB_GRACE_S = 5.0  # a live worker marks a job it popped as started within milliseconds; after this, it is lost
 FAILED_JOB_TTL_S = 7 * 24 * 3600
@@ -54,14 +59,21 @@ class TrainingScheduler:
         self.redis = redis
         self.settings = settings
 
-    def request(self, project: str, *, reason: str) -> str:
-        """Ask for a training of `project`. Returns "queued" or "coalesced".
+    def request(self, project: str, *, reason: str, new: bool = True) -> str:
+        """Ask for a training of `project`. Returns "queued" or "coalesced". `new`: a request from outside (counted
+        toward a burst, `seconds_until_next_start`); False for one passed on (re-queued after a run, or lost).
 
         While a training of the project runs, nothing is queued: the dirty mark makes the running
         job re-queue once when it finishes (it reads the mark after releasing its lock, and this
         sets the mark before looking at the lock, so no request falls between the two).
         """
-        self.redis.set(_key(project, "dirty"), reason)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(_key(project, "dirty"), reason)
+            if new and self.settings.train_min_interval_s > 0:  # counted per window of one interval
+                window_ms = max(1, int(self.settings.train_min_interval_s * 1000))
+                pipe.set(_key(project, "recent"), 0, nx=True, px=window_ms)
+                pipe.incr(_key(project, "recent"))
+            pipe.execute()
         if self._running_job(project) is not None:
             return "coalesced"
         # "pending" lives only as long as enqueueing can take: a process dying between this SET and the
@@ -95,7 +107,7 @@ class TrainingScheduler:
         if job.enqueued_at is not None and time.time() - job.enqueued_at.timestamp() < LOST_JOB_GRACE_S:
             return False
         self.redis.delete(_key(project, "queued"))
-        self.request(project, reason=f"job {job.id} was lost by a worker killed as it took it")
+        self.request(project, reason=f"job {job.id} was lost by a worker killed as it took it", new=False)
         return True
 
     def _in_queue(self, job_id: str) -> bool:
@@ -119,13 +131,14 @@ class TrainingScheduler:
         return status in (JobStatus.SCHEDULED, JobStatus.DEFERRED)
 
     def seconds_until_next_start(self, project: str) -> float:
-        """How long a starting job waits so trainings of a project start at most once per interval.
+        """How long a starting job waits so that, in a burst of requests (more than `BURST_REQUESTS` within the
+        current interval), the project's trainings start at most once per interval; 0 otherwise.
 
         It waits before taking the run lock, while still counted as queued, so requests arriving
         meanwhile coalesce into it.
         """
-        last = self.redis.get(_key(project, "last_start"))
-        if last is None:
+        last, requests = self.redis.mget(_key(project, "last_start"), _key(project, "recent"))
+        if last is None or int(requests or 0) <= BURST_REQUESTS:
             return 0.0
         return max(0.0, min(self.settings.train_min_interval_s,
                             float(last) + self.settings.train_min_interval_s - time.time()))
@@ -159,7 +172,7 @@ class TrainingScheduler:
         reason = self.redis.get(_key(project, "dirty"))
         if reason is None:
             return False
-        self.request(project, reason=f"changed during training: {reason.decode()}")
+        self.request(project, reason=f"changed during training: {reason.decode()}", new=False)
         return True
 
     def _retry(self) -> Retry | None:

@@ -139,7 +139,8 @@ def project_data(project_id: str) -> tuple[list[str], list[str]]:
 
 def training(project_id: str, what: str) -> str:
     """Per project: `dirty` (a request arrived; its reason), `queued` (the queued job's id),
-    `running` (the run lock: the running job's id), `last_start` (time of the last start)."""
+    `running` (the run lock: the running job's id), `last_start` (time of the last start),
+    `recent` (requests within the current window of TRAIN_MIN_INTERVAL_S)."""
     return f"{PREFIX}:train:{project_id}:{what}"
 
 

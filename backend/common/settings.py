@@ -109,8 +109,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MIN_LABELS_PER_CLASS", "min_labels_per_class", "1", int,
             "Labeled tasks each class needs before a head is trained."),
     Setting("TRAIN_MIN_INTERVAL_S", "train_min_interval_s", "1", float,
-            "Least seconds between the starts of two trainings of one project. The first submit after a "
-            "quiet spell trains at once; a burst of submits coalesces into about one training per interval."),
+            "Least seconds between the starts of two trainings of one project while submits come in a burst "
+            "(more than 3 within one interval); a burst coalesces into about one training per "
+            "interval. At an annotator's pace the next training starts at once."),
     Setting("LABEL_CHECK_S", "label_check_s", "30", float,
             "A training also looks for label changes no webhook announced (one Label Studio request) when "
             "the last look is this many seconds old, and a queue refresh re-reads the project's model version "
