@@ -99,8 +99,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> dict:
         with sections.timed("predict"):
             predict = _predict(services, stack, val, params.predicts)
 
-    worst_k, worst_gap = min(((k, cell["headstart"] - max(cell["ref_logreg"], cell["ref_linear"]))
-                              for k, cell in accuracy.items()), key=lambda pair: pair[1])
+    worst_k, worst_gap = min(((k, gap_of(cell)) for k, cell in accuracy.items()), key=lambda pair: pair[1])
     results = {
         "encoder": encoder.key, "train": len(train), "val": len(val), "accuracy": accuracy,
         "accuracy_features": features_source,
@@ -274,12 +273,17 @@ def _adam_by_steps(x, y, x_val, y_val) -> dict[str, float]:
     return accuracy
 
 
+def gap_of(cell: dict) -> float:
+    """A cell's product accuracy minus the better reference's, in points."""
+    return cell["headstart"] - max(cell["ref_logreg"], cell["ref_linear"])
+
+
 def worst_gap_in_stderrs(accuracy: dict) -> float:
     """The lowest cell's gap to the better reference in units of its standard error (`gap_stderr`); a cell
     below the reference whose gap has no spread to measure counts as infinitely far below."""
     ratios = []
     for cell in accuracy.values():
-        gap = cell["headstart"] - max(cell["ref_logreg"], cell["ref_linear"])
+        gap = gap_of(cell)
         stderr = cell.get("gap_stderr") or 0.0
         ratios.append(gap / stderr if stderr > 0 else (0.0 if gap >= 0 else -math.inf))
     return round(min(ratios), 2)
